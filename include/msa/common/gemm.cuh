@@ -1,0 +1,29 @@
+// One warpgroup-wide WGMMA issue over the whole K extent of a tile (A and B in shared memory).
+#pragma once
+
+#include <cute/tensor.hpp>
+
+namespace msa::common {
+
+// acc = A * B^T (kZeroInit) or acc += A * B^T. Issues every k-slice back to back, commits one
+// batch and waits for it, so the accumulator is ready when this returns.
+template <bool kZeroInit, class TiledMma, class TensorA, class TensorB, class TensorC>
+__device__ __forceinline__ void warpgroup_gemm(TiledMma& tiled_mma, TensorA const& tCrA, TensorB const& tCrB,
+                                               TensorC& tCrC) {
+  using namespace cute;
+  warpgroup_fence_operand(tCrC);
+  warpgroup_arrive();
+  if constexpr (kZeroInit) {
+    tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
+  }
+  CUTLASS_PRAGMA_UNROLL
+  for (int k_block = 0; k_block < size<2>(tCrA); ++k_block) {
+    cute::gemm(tiled_mma, tCrA(_, _, k_block), tCrB(_, _, k_block), tCrC);
+    tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(tCrC);
+}
+
+}  // namespace msa::common

@@ -1,0 +1,21 @@
+// Host entry points of msa_cuda's kernel families. Torch-free: the bindings fill a params struct
+// and call one of these on the caller's stream.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "msa/params.h"
+
+namespace msa {
+
+// Runs the fused SM90 selector. Returns cudaSuccess or the first CUDA error met while
+// configuring or launching; never synchronizes.
+cudaError_t run_select(const SelectParams& params, cudaStream_t stream);
+
+// Whether run_select has an instantiation for this (dtype, Di, topk).
+bool select_is_supported(DType dtype, int head_dim_idx, int topk);
+
+// Human-readable list of the compiled selector variants, e.g. "bf16/di128/topk<=16".
+const char* select_compiled_variants();
+
+}  // namespace msa

@@ -1,0 +1,44 @@
+// Plain parameter structs handed from the bindings to the kernel launchers.
+// Torch-free on purpose: kernels and launchers never see an at::Tensor.
+#pragma once
+
+#include <cstdint>
+
+namespace msa {
+
+enum class DType : int { kBF16 = 0, kFP16 = 1 };
+
+// Block selection (the routing branch), MSA_SPEC section 4.
+//
+// Inputs are viewed as flat row-major matrices:
+//   q_idx  [total_q_rows, Di], total_q_rows = (tokens of all sequences) * Hkv.
+//          Row r of a sequence is (token r / Hkv, index head r % Hkv): the Hkv index heads of one
+//          token are contiguous, so heads and tokens pack into the MMA's M dimension.
+//   k_idx  [total_k, Di]: one index-key head shared by all groups.
+//   block_indices [total_q_rows, topk] int32 (same row order as q_idx).
+// Sequences: padded batches use seqlen_q / seqlen_k and no cu_seqlens; varlen batches pass
+// cu_seqlens_q / cu_seqlens_k (device pointers, [batch + 1]) and max_seqlen_q.
+struct SelectParams {
+  const void* q_idx = nullptr;            // [total_q_rows, Di]
+  const void* k_idx = nullptr;            // [total_k, Di]
+  int32_t* block_indices = nullptr;       // [total_q_rows, topk]
+  const int32_t* cu_seqlens_q = nullptr;  // [batch + 1] or null (padded)
+  const int32_t* cu_seqlens_k = nullptr;  // [batch + 1] or null (padded)
+
+  DType dtype = DType::kBF16;
+  int64_t total_q_rows = 0;
+  int64_t total_k = 0;
+  int batch = 0;
+  int seqlen_q = 0;       // padded: Sq; varlen: unused
+  int seqlen_k = 0;       // padded: Sk; varlen: unused
+  int max_seqlen_q = 0;   // longest query sequence (grid size)
+  int num_idx_heads = 0;  // Hkv
+  int head_dim_idx = 0;   // Di
+  int block_size = 128;
+  int topk = 16;
+  int init_blocks = 0;
+  int local_blocks = 1;   // effective count, already max(1, local_blocks)
+  int num_sms = 0;
+};
+
+}  // namespace msa

@@ -1,0 +1,26 @@
+"""msa_cuda: MiniMax Sparse Attention (MSA) for Hopper (SM90) GPUs.
+
+Public functions: :func:`select_blocks` (routing), :func:`block_sparse_attn` (main branch),
+:func:`indexer_kl_loss` (indexer distillation), :func:`sparse_attn` (select then attend).
+:mod:`msa_cuda.reference` is the pure-PyTorch definition they are tested against.
+
+The compiled extension ``msa_cuda._C`` is optional: without it (or on a GPU other than SM90, or
+with ``MSA_CUDA_FORCE_REFERENCE=1``) every function runs on the reference.
+"""
+
+from . import reference
+from ._kernels import compiled_variants
+from .api import SparseAttnAux, block_sparse_attn, indexer_kl_loss, select_blocks, sparse_attn
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "select_blocks",
+    "block_sparse_attn",
+    "indexer_kl_loss",
+    "sparse_attn",
+    "SparseAttnAux",
+    "reference",
+    "compiled_variants",
+    "__version__",
+]

@@ -1,0 +1,344 @@
+"""torch.library custom ops behind the public msa_cuda functions.
+
+Ops (namespace ``msa_cuda``); every tensor argument has already passed the metadata checks of
+:mod:`msa_cuda._validation`, scales are resolved, and ``k_idx`` has no head dim ([B, Sk, Di] or
+[Tk, Di]). Integer ``max_seqlen_*`` of -1 means "not given" (varlen only); the op computes it.
+
+- ``select_blocks(q_idx, k_idx, cu_seqlens_q?, cu_seqlens_k?, max_seqlen_q, max_seqlen_k,
+  block_size, topk, index_scale, init_blocks, local_blocks) -> block_indices`` (int32, no autograd)
+- ``block_sparse_attn(q, k, v, block_indices, cu_seqlens_q?, cu_seqlens_k?, max_seqlen_q,
+  max_seqlen_k, block_size, softmax_scale, validate) -> (out, lse)``; autograd to q, k, v
+
+lse and the loss are float32, or float64 when an input is float64 (CPU gradcheck use only).
+- ``block_sparse_attn_backward(grad_out, grad_lse?, q, k, v, block_indices, out, lse, cu_seqlens_q?,
+  cu_seqlens_k?, max_seqlen_q, max_seqlen_k, block_size, softmax_scale) -> (dq, dk, dv)``
+- ``indexer_kl_loss(q, k, q_idx, k_idx, block_indices?, lse?, cu_seqlens_q?, cu_seqlens_k?,
+  max_seqlen_q, max_seqlen_k, block_size, softmax_scale, index_scale, dense) -> loss`` (0-dim
+  float32); autograd to q_idx, k_idx only
+- ``indexer_kl_loss_backward(grad_loss, q, k, q_idx, k_idx, block_indices?, lse?, cu_seqlens_q?,
+  cu_seqlens_k?, max_seqlen_q, max_seqlen_k, block_size, softmax_scale, index_scale, dense)
+  -> (dq_idx, dk_idx)``
+
+Dispatch inside every op body: data-dependent validation first (cu_seqlens values, block_indices
+range/uniqueness), then the compiled kernel when :func:`msa_cuda._kernels.has_kernel` allows it,
+else :mod:`msa_cuda.reference` on the inputs' device. Each op has one ``_<op>_kernel`` adapter; to
+switch an op to its kernel, add its name to ``_kernels._KERNEL_OPS`` and fill the adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _kernels, _validation
+from . import reference as _ref
+
+__all__ = [
+    "select_blocks",
+    "block_sparse_attn",
+    "block_sparse_attn_backward",
+    "indexer_kl_loss",
+    "indexer_kl_loss_backward",
+]
+
+_NS = "msa_cuda"
+
+
+def _opt(x: int) -> Optional[int]:
+    """-1 (not given) -> None for the reference's Optional[int] arguments."""
+    return None if x < 0 else x
+
+
+def _seq_checks(q_like: Tensor, k_like: Tensor, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
+                max_seqlen_k: int) -> Tuple[int, int]:
+    """Value checks of cu_seqlens; returns (max_seqlen_q, max_seqlen_k) (true maxima for varlen)."""
+    return _validation.check_cu_seqlens_values(
+        cu_seqlens_q, cu_seqlens_k, q_like.shape[0], k_like.shape[0], max_seqlen_q, max_seqlen_k)
+
+
+@contextlib.contextmanager
+def _autograd_inside_op():
+    """Re-enable autograd inside an op body (for the reference-recompute backward ops).
+
+    The dispatcher runs custom-op bodies below the Autograd keys (they are in the thread-local
+    exclude set), so ``torch.enable_grad()`` alone records no graph there.
+    """
+    keys = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (keys.AutogradFunctionality, keys.AutogradOther, keys.AutogradNestedTensor):
+        exclude = exclude.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude):
+        with torch.enable_grad():
+            yield
+
+
+def _use_kernel(op_name: str, x: Tensor) -> bool:
+    return _kernels.has_kernel(op_name, x.device, x.dtype)
+
+
+# ============================================================================================
+# select_blocks
+# ============================================================================================
+
+
+def _select_blocks_kernel(q_idx, k_idx, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, block_size, topk,
+                          init_blocks, local_blocks):
+    # The kernel reads no index_scale: the selection is invariant to a positive scale.
+    return _kernels.kernel("select_blocks")(
+        q_idx.contiguous(), k_idx.contiguous(), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, block_size, topk,
+        init_blocks, max(1, local_blocks))
+
+
+@torch.library.custom_op(f"{_NS}::select_blocks", mutates_args=())
+def select_blocks(q_idx: Tensor, k_idx: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+                  max_seqlen_q: int, max_seqlen_k: int, block_size: int, topk: int, index_scale: float,
+                  init_blocks: int, local_blocks: int) -> Tensor:
+    max_seqlen_q, max_seqlen_k = _seq_checks(q_idx, k_idx, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if _use_kernel("select_blocks", q_idx):
+        return _select_blocks_kernel(q_idx, k_idx, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, block_size, topk,
+                                     init_blocks, local_blocks)
+    with torch.no_grad():
+        out = _ref.select_blocks(
+            q_idx, k_idx, block_size=block_size, topk=topk, index_scale=index_scale, init_blocks=init_blocks,
+            local_blocks=local_blocks, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+            max_seqlen_q=_opt(max_seqlen_q), max_seqlen_k=_opt(max_seqlen_k))
+    return out.to(torch.int32).contiguous()
+
+
+@select_blocks.register_fake
+def _(q_idx, k_idx, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, topk, index_scale,
+      init_blocks, local_blocks):
+    return q_idx.new_empty((*q_idx.shape[:-1], topk), dtype=torch.int32)
+
+
+# ============================================================================================
+# block_sparse_attn (+ backward)
+# ============================================================================================
+
+
+def _block_sparse_attn_kernel(q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                              block_size, softmax_scale):
+    raise NotImplementedError("no block_sparse_attn kernel yet")  # add to _kernels._KERNEL_OPS when written
+
+
+def _real_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
+    """dtype of lse and of the loss: float64 when an input is float64 (CPU gradcheck), else float32."""
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
+def _lse_shape(q: Tensor, varlen: bool):
+    if varlen:
+        return (q.shape[1], q.shape[0])  # [Hq, Tq]
+    return (q.shape[0], q.shape[2], q.shape[1])  # [B, Hq, Sq]
+
+
+@torch.library.custom_op(f"{_NS}::block_sparse_attn", mutates_args=())
+def block_sparse_attn(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, cu_seqlens_q: Optional[Tensor],
+                      cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, block_size: int,
+                      softmax_scale: float, validate: bool) -> Tuple[Tensor, Tensor]:
+    max_seqlen_q, max_seqlen_k = _seq_checks(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if validate:
+        _validation.check_block_indices_values(
+            block_indices, block_size, k.shape[-3], cu_seqlens_q, cu_seqlens_k)
+    if _use_kernel("block_sparse_attn", q):
+        return _block_sparse_attn_kernel(q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                         max_seqlen_k, block_size, softmax_scale)
+    with torch.no_grad():
+        out, lse = _ref.block_sparse_attn(
+            q, k, v, block_indices, block_size=block_size, softmax_scale=softmax_scale,
+            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=_opt(max_seqlen_q),
+            max_seqlen_k=_opt(max_seqlen_k), return_lse=True)
+    return out.to(q.dtype).contiguous(), lse.to(_real_dtype(q)).contiguous()
+
+
+@block_sparse_attn.register_fake
+def _(q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, softmax_scale,
+      validate):
+    out = q.new_empty(q.shape)
+    lse = q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=_real_dtype(q))
+    return out, lse
+
+
+def _block_sparse_attn_backward_kernel(grad_out, grad_lse, q, k, v, block_indices, out, lse, cu_seqlens_q,
+                                       cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, softmax_scale):
+    raise NotImplementedError("no block_sparse_attn_backward kernel yet")
+
+
+def _block_sparse_attn_backward_reference(grad_out, grad_lse, q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k,
+                                          max_seqlen_q, max_seqlen_k, block_size, softmax_scale):
+    """Recompute the forward with the reference and differentiate it."""
+    with _autograd_inside_op():
+        q_, k_, v_ = (t.detach().requires_grad_(True) for t in (q, k, v))
+        out, lse = _ref.block_sparse_attn(
+            q_, k_, v_, block_indices, block_size=block_size, softmax_scale=softmax_scale,
+            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=_opt(max_seqlen_q),
+            max_seqlen_k=_opt(max_seqlen_k), return_lse=True)
+        outputs, grads = [out], [grad_out.to(out.dtype)]
+        if grad_lse is not None:
+            # Rows with no visible key have lse = -inf and carry no gradient.
+            grad_lse = torch.where(torch.isneginf(lse.detach()), 0.0, grad_lse.to(lse.dtype))
+            outputs.append(lse)
+            grads.append(grad_lse)
+        dq, dk, dv = torch.autograd.grad(outputs, (q_, k_, v_), grads, allow_unused=True)
+    return tuple(torch.zeros_like(t) if g is None else g.to(t.dtype).contiguous()
+                 for g, t in ((dq, q), (dk, k), (dv, v)))
+
+
+@torch.library.custom_op(f"{_NS}::block_sparse_attn_backward", mutates_args=())
+def block_sparse_attn_backward(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
+                               block_indices: Tensor, out: Tensor, lse: Tensor, cu_seqlens_q: Optional[Tensor],
+                               cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
+                               block_size: int, softmax_scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    # Inputs were validated by the forward op.
+    if _use_kernel("block_sparse_attn_backward", q):
+        return _block_sparse_attn_backward_kernel(grad_out, grad_lse, q, k, v, block_indices, out, lse,
+                                                  cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                  block_size, softmax_scale)
+    return _block_sparse_attn_backward_reference(grad_out, grad_lse, q, k, v, block_indices, cu_seqlens_q,
+                                                 cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size,
+                                                 softmax_scale)
+
+
+@block_sparse_attn_backward.register_fake
+def _(grad_out, grad_lse, q, k, v, block_indices, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+      max_seqlen_k, block_size, softmax_scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attn_setup_context(ctx, inputs, output):
+    (q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, softmax_scale,
+     _validate) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, block_indices, out, lse, cu_seqlens_q, cu_seqlens_k)
+    ctx.params = (max_seqlen_q, max_seqlen_k, block_size, softmax_scale)
+
+
+def _attn_backward(ctx, grad_out, grad_lse):
+    q, k, v, block_indices, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    max_seqlen_q, max_seqlen_k, block_size, softmax_scale = ctx.params
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.msa_cuda.block_sparse_attn_backward(
+        grad_out, grad_lse, q, k, v, block_indices, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k, block_size, softmax_scale)
+    needs = ctx.needs_input_grad
+    return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
+            None, None, None, None, None, None, None, None)
+
+
+block_sparse_attn.register_autograd(_attn_backward, setup_context=_attn_setup_context)
+
+
+# ============================================================================================
+# indexer_kl_loss (+ backward)
+# ============================================================================================
+
+
+def _indexer_kl_loss_kernel(q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                            max_seqlen_k, block_size, softmax_scale, index_scale, dense):
+    raise NotImplementedError("no indexer_kl_loss kernel yet")
+
+
+def _kl_reference(q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                  block_size, softmax_scale, index_scale, dense):
+    return _ref.indexer_kl_loss(
+        q, k, q_idx, k_idx, block_indices, block_size=block_size, softmax_scale=softmax_scale,
+        index_scale=index_scale, dense=dense, lse=lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=_opt(max_seqlen_q), max_seqlen_k=_opt(max_seqlen_k))
+
+
+@torch.library.custom_op(f"{_NS}::indexer_kl_loss", mutates_args=())
+def indexer_kl_loss(q: Tensor, k: Tensor, q_idx: Tensor, k_idx: Tensor, block_indices: Optional[Tensor],
+                    lse: Optional[Tensor], cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+                    max_seqlen_q: int, max_seqlen_k: int, block_size: int, softmax_scale: float,
+                    index_scale: float, dense: bool) -> Tensor:
+    max_seqlen_q, max_seqlen_k = _seq_checks(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if dense:
+        block_indices = None
+    else:
+        # A caller-made selection is always validated here (the loss is a training op, not hot).
+        _validation.check_block_indices_values(block_indices, block_size, k.shape[-3], cu_seqlens_q, cu_seqlens_k)
+    if _use_kernel("indexer_kl_loss", q_idx):
+        return _indexer_kl_loss_kernel(q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k,
+                                       max_seqlen_q, max_seqlen_k, block_size, softmax_scale, index_scale, dense)
+    with torch.no_grad():
+        loss = _kl_reference(q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                             max_seqlen_k, block_size, softmax_scale, index_scale, dense)
+    return loss.to(_real_dtype(q, k, q_idx, k_idx)).reshape(()).clone()
+
+
+@indexer_kl_loss.register_fake
+def _(q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size,
+      softmax_scale, index_scale, dense):
+    return q_idx.new_empty((), dtype=_real_dtype(q, k, q_idx, k_idx))
+
+
+def _indexer_kl_loss_backward_kernel(grad_loss, q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k,
+                                     max_seqlen_q, max_seqlen_k, block_size, softmax_scale, index_scale, dense):
+    raise NotImplementedError("no indexer_kl_loss_backward kernel yet")
+
+
+def _indexer_kl_loss_backward_reference(grad_loss, q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q,
+                                        cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, softmax_scale,
+                                        index_scale, dense):
+    with _autograd_inside_op():
+        q_idx_ = q_idx.detach().requires_grad_(True)
+        k_idx_ = k_idx.detach().requires_grad_(True)
+        loss = _kl_reference(q.detach(), k.detach(), q_idx_, k_idx_, block_indices,
+                             None if lse is None else lse.detach(), cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                             max_seqlen_k, block_size, softmax_scale, index_scale, dense)
+        dq_idx, dk_idx = torch.autograd.grad(loss, (q_idx_, k_idx_), grad_loss.to(loss.dtype), allow_unused=True)
+    return tuple(torch.zeros_like(t) if g is None else g.to(t.dtype).contiguous()
+                 for g, t in ((dq_idx, q_idx), (dk_idx, k_idx)))
+
+
+@torch.library.custom_op(f"{_NS}::indexer_kl_loss_backward", mutates_args=())
+def indexer_kl_loss_backward(grad_loss: Tensor, q: Tensor, k: Tensor, q_idx: Tensor, k_idx: Tensor,
+                             block_indices: Optional[Tensor], lse: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
+                             cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, block_size: int,
+                             softmax_scale: float, index_scale: float, dense: bool) -> Tuple[Tensor, Tensor]:
+    # Inputs were validated by the forward op.
+    if dense:
+        block_indices = None
+    if _use_kernel("indexer_kl_loss_backward", q_idx):
+        return _indexer_kl_loss_backward_kernel(grad_loss, q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q,
+                                                cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, softmax_scale,
+                                                index_scale, dense)
+    return _indexer_kl_loss_backward_reference(grad_loss, q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q,
+                                               cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, softmax_scale,
+                                               index_scale, dense)
+
+
+@indexer_kl_loss_backward.register_fake
+def _(grad_loss, q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+      block_size, softmax_scale, index_scale, dense):
+    return q_idx.new_empty(q_idx.shape), k_idx.new_empty(k_idx.shape)
+
+
+def _kl_setup_context(ctx, inputs, output):
+    (q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size,
+     softmax_scale, index_scale, dense) = inputs
+    ctx.save_for_backward(q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k)
+    ctx.params = (max_seqlen_q, max_seqlen_k, block_size, softmax_scale, index_scale, dense)
+
+
+def _kl_backward(ctx, grad_loss):
+    q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    max_seqlen_q, max_seqlen_k, block_size, softmax_scale, index_scale, dense = ctx.params
+    needs = ctx.needs_input_grad
+    dq_idx = dk_idx = None
+    if needs[2] or needs[3]:
+        dq_idx, dk_idx = torch.ops.msa_cuda.indexer_kl_loss_backward(
+            grad_loss, q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+            max_seqlen_k, block_size, softmax_scale, index_scale, dense)
+    # No gradient reaches q, k (the teacher is a constant) or lse.
+    return (None, None, dq_idx if needs[2] else None, dk_idx if needs[3] else None,
+            None, None, None, None, None, None, None, None, None, None)
+
+
+indexer_kl_loss.register_autograd(_kl_backward, setup_context=_kl_setup_context)

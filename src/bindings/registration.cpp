@@ -1,0 +1,36 @@
+// The extension module msa_cuda._C: op schemas (namespace msa_cuda_kernels) and build metadata.
+// The public, traceable ops (namespace msa_cuda) are defined in Python on top of these.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "msa/msa.h"
+
+#ifndef MSA_CUTLASS_VERSION
+#define MSA_CUTLASS_VERSION "unknown"
+#endif
+
+TORCH_LIBRARY(msa_cuda_kernels, m) {
+  m.def(
+      "select_blocks(Tensor q_idx, Tensor k_idx, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, "
+      "int block_size, int topk, int init_blocks, int local_blocks) -> Tensor");
+}
+
+namespace {
+
+PyObject* compiled_variants(PyObject*, PyObject*) {
+  return Py_BuildValue("{s:s}", "select_blocks", msa::select_compiled_variants());
+}
+
+PyObject* cutlass_version(PyObject*, PyObject*) { return PyUnicode_FromString(MSA_CUTLASS_VERSION); }
+
+PyMethodDef methods[] = {
+    {"compiled_variants", compiled_variants, METH_NOARGS, "Kernel variants compiled into this build, per op."},
+    {"cutlass_version", cutlass_version, METH_NOARGS, "CUTLASS version the kernels were built against."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "msa_cuda compiled kernels (SM90).", -1, methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C() { return PyModule_Create(&module_def); }
