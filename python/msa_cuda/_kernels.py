@@ -9,8 +9,8 @@ kernel?* (:func:`has_kernel`), and hands out the kernel callable (:func:`kernel`
 Routing rules
 -------------
 - CPU tensors always use the reference.
-- CUDA tensors use a kernel when: the extension loaded, it registers the op, the op is listed in
-  ``_KERNEL_OPS`` (it has a Python adapter in ``_ops.py``), the device has compute capability 9.0,
+- CUDA tensors use a kernel when: the op is listed in ``_KERNEL_OPS`` (it has a Python adapter
+  in ``_ops.py``), the extension loaded and registers the compiled op, the device has compute capability 9.0,
   the dtype is bf16/fp16, and ``MSA_CUDA_FORCE_REFERENCE`` is not set. Otherwise the reference runs
   on the GPU.
 - When a CUDA call falls back only because the extension is missing or the GPU is not SM90, a
@@ -38,9 +38,11 @@ __all__ = [
     "compiled_variants",
 ]
 
-# Ops with a Python adapter in _ops.py that calls torch.ops.msa_cuda_kernels.<name>. Adding a
-# kernel for another op means adding its name here and filling in its adapter in _ops.py.
-_KERNEL_OPS = frozenset({"select_blocks"})
+# msa_cuda op name -> the compiled op (torch.ops.msa_cuda_kernels.<name>) its adapter in _ops.py
+# calls. Switching another op to its kernel: add it here and fill in its adapter in _ops.py.
+_KERNEL_OPS = {
+    "select_blocks": "select_blocks",
+}
 
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 _REQUIRED_CAPABILITY = (9, 0)
@@ -90,7 +92,7 @@ def _device_capability(index: int):
 def _registered(op_name: str) -> bool:
     if _C is None:
         return False
-    return hasattr(torch.ops.msa_cuda_kernels, op_name)
+    return hasattr(torch.ops.msa_cuda_kernels, _KERNEL_OPS[op_name])
 
 
 def _warn_fallback_once(reason: str) -> None:
@@ -146,5 +148,5 @@ def has_kernel(op_name: str, device, dtype: Optional[torch.dtype] = None) -> boo
 
 
 def kernel(op_name: str) -> Callable:
-    """Return the compiled op ``torch.ops.msa_cuda_kernels.<op_name>`` (call only after has_kernel)."""
-    return getattr(torch.ops.msa_cuda_kernels, op_name)
+    """Return the compiled op behind msa_cuda op ``op_name`` (call only after has_kernel)."""
+    return getattr(torch.ops.msa_cuda_kernels, _KERNEL_OPS[op_name])

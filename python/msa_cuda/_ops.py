@@ -8,8 +8,6 @@ Ops (namespace ``msa_cuda``); every tensor argument has already passed the metad
   block_size, topk, index_scale, init_blocks, local_blocks) -> block_indices`` (int32, no autograd)
 - ``block_sparse_attn(q, k, v, block_indices, cu_seqlens_q?, cu_seqlens_k?, max_seqlen_q,
   max_seqlen_k, block_size, softmax_scale, validate) -> (out, lse)``; autograd to q, k, v
-
-lse and the loss are float32, or float64 when an input is float64 (CPU gradcheck use only).
 - ``block_sparse_attn_backward(grad_out, grad_lse?, q, k, v, block_indices, out, lse, cu_seqlens_q?,
   cu_seqlens_k?, max_seqlen_q, max_seqlen_k, block_size, softmax_scale) -> (dq, dk, dv)``
 - ``indexer_kl_loss(q, k, q_idx, k_idx, block_indices?, lse?, cu_seqlens_q?, cu_seqlens_k?,
@@ -19,10 +17,16 @@ lse and the loss are float32, or float64 when an input is float64 (CPU gradcheck
   cu_seqlens_k?, max_seqlen_q, max_seqlen_k, block_size, softmax_scale, index_scale, dense)
   -> (dq_idx, dk_idx)``
 
+lse and the loss are float32, or float64 when an input is float64 (CPU gradcheck use only).
+
 Dispatch inside every op body: data-dependent validation first (cu_seqlens values, block_indices
 range/uniqueness), then the compiled kernel when :func:`msa_cuda._kernels.has_kernel` allows it,
 else :mod:`msa_cuda.reference` on the inputs' device. Each op has one ``_<op>_kernel`` adapter; to
-switch an op to its kernel, add its name to ``_kernels._KERNEL_OPS`` and fill the adapter.
+switch an op to its kernel, add it to ``_kernels._KERNEL_OPS`` and fill in the adapter. Backward
+ops without a kernel recompute the forward with the reference and differentiate it.
+
+Data-dependent checks need host reads (one sync per call with cu_seqlens or validate=True). They
+are skipped while a CUDA graph is being captured (device memory cannot be read then).
 """
 
 from __future__ import annotations

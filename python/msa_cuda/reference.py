@@ -236,9 +236,8 @@ def _select_from_scores(scores: torch.Tensor, loc: torch.Tensor, topk: int, init
     return F.pad(chosen, (0, topk - chosen.shape[-1]), value=-1).to(torch.int32)
 
 
-def _support(sel: torch.Tensor, pos: torch.Tensor, block_size: int
-             ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Key ids of the selected blocks and which of them a query may see.
+def _support(sel: torch.Tensor, pos: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Which keys of the selected blocks a query may see.
 
     Parameters
     ----------
@@ -247,14 +246,44 @@ def _support(sel: torch.Tensor, pos: torch.Tensor, block_size: int
 
     Returns
     -------
-    key_idx : int64 ``[C, H, topk * block_size]``, 0 where invalid (safe to gather).
-    valid : bool ``[C, H, topk * block_size]``: slot used and ``j <= p(i)`` (hence ``j < Sk``).
+    bool ``[C, H, topk * block_size]``: key ``sel[c, h, t] * block_size + o`` is valid when the
+    slot is used (id >= 0) and the key's position is ``<= p(i)`` (hence also ``< Sk``). The key
+    order matches :func:`_gather_blocks`.
     """
     sel = sel.long()
     key = sel[..., None] * block_size + torch.arange(block_size, device=sel.device)
-    valid = (sel >= 0)[..., None] & (key <= pos[:, None, None, None])
-    key = torch.where(valid, key, 0)
-    return key.flatten(-2), valid.flatten(-2)
+    return ((sel >= 0)[..., None] & (key <= pos[:, None, None, None])).flatten(-2)
+
+
+def _blocked(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Regroup a sequence's keys by head and block for :func:`_gather_blocks`.
+
+    ``x [Sk, H, D]`` -> ``[H * nblk, block_size, D]`` (zero-padded to whole blocks); row
+    ``h * nblk + b`` holds block ``b`` of head ``h``.
+    """
+    sk, h, d = x.shape
+    nblk = num_blocks(sk, block_size)
+    x = F.pad(x, (0, 0, 0, 0, 0, nblk * block_size - sk))
+    return x.view(nblk, block_size, h, d).permute(2, 0, 1, 3).reshape(h * nblk, block_size, d)
+
+
+def _gather_blocks(xb: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+    """Keys of the selected blocks, whole blocks at a time.
+
+    Parameters
+    ----------
+    xb : ``[H * nblk, block_size, D]`` from :func:`_blocked`.
+    sel : integer ``[C, H, topk]``; ids outside ``[0, nblk)`` (such as -1) fetch an arbitrary
+        block, which :func:`_support` marks invalid.
+
+    Returns
+    -------
+    ``[C, H, topk * block_size, D]``.
+    """
+    c, h, topk = sel.shape
+    nblk = xb.shape[0] // h
+    rows = sel.long().clamp(0, nblk - 1) + torch.arange(h, device=sel.device)[:, None] * nblk
+    return xb.index_select(0, rows.flatten()).view(c, h, topk * xb.shape[1], xb.shape[2])
 
 
 def _dense_support(pos: torch.Tensor, sk: int) -> torch.Tensor:
@@ -262,29 +291,24 @@ def _dense_support(pos: torch.Tensor, sk: int) -> torch.Tensor:
     return (torch.arange(sk, device=pos.device) <= pos[:, None])[:, None, :]
 
 
-def _support_dot(qg: torch.Tensor, keys: torch.Tensor, key_idx: Optional[torch.Tensor]
+def _support_dot(qg: torch.Tensor, keys: torch.Tensor, sel: Optional[torch.Tensor]
                  ) -> torch.Tensor:
     """Dot products of grouped queries with their support keys.
 
     Parameters
     ----------
     qg : ``[C, H, G, D]`` queries, grouped by KV head.
-    keys : ``[Sk, H, D]`` keys of the sequence.
-    key_idx : int64 ``[C, H, N]`` gathered key ids, or None for all ``Sk`` keys.
+    keys : ``[H * nblk, block_size, D]`` from :func:`_blocked`, or ``[Sk, H, D]`` when ``sel``
+        is None.
+    sel : integer ``[C, H, topk]`` selected blocks, or None for all ``Sk`` keys (dense).
 
     Returns
     -------
-    ``[C, H, G, N]`` (``N = Sk`` when ``key_idx`` is None).
+    ``[C, H, G, N]`` with ``N = topk * block_size`` (``Sk`` when dense).
     """
-    if key_idx is None:
+    if sel is None:
         return torch.einsum("chgd,khd->chgk", qg, keys)
-    return torch.einsum("chgd,chnd->chgn", qg, _gather_rows(keys, key_idx))
-
-
-def _gather_rows(x: torch.Tensor, key_idx: torch.Tensor) -> torch.Tensor:
-    """``x [Sk, H, D]``, ``key_idx [C, H, N]`` -> ``[C, H, N, D]`` with rows ``x[key_idx, h]``."""
-    heads = torch.arange(x.shape[1], device=x.device)[None, :, None]
-    return x[key_idx, heads]
+    return torch.einsum("chgd,chnd->chgn", qg, _gather_blocks(keys, sel))
 
 
 def _masked_softmax(logits: torch.Tensor, valid: torch.Tensor
@@ -309,14 +333,15 @@ def _masked_softmax(logits: torch.Tensor, valid: torch.Tensor
     return e / denom, m + denom.log(), nonempty
 
 
-def _attn_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel: torch.Tensor,
+def _attn_chunk(q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, sel: torch.Tensor,
                 pos: torch.Tensor, block_size: int, scale: float
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Sparse attention of a chunk of queries of one sequence.
 
     Parameters
     ----------
-    q : ``[C, Hq, D]``; k, v : ``[Sk, Hkv, D]`` (compute dtype).
+    q : ``[C, Hq, D]``; kb, vb : ``[Hkv * nblk, block_size, D]`` (:func:`_blocked`; compute
+        dtype).
     sel : integer ``[C, Hkv, topk]``; pos : int64 ``[C]``.
 
     Returns
@@ -324,24 +349,24 @@ def _attn_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel: torch.Te
     out : ``[C, Hq, D]``; lse : ``[C, Hq]`` (``-inf`` for rows with no visible key).
     """
     c, hq, d = q.shape
-    hkv = k.shape[1]
-    key_idx, valid = _support(sel, pos, block_size)
-    logits = _support_dot(q.view(c, hkv, hq // hkv, d), k, key_idx) * scale
+    hkv = sel.shape[1]
+    valid = _support(sel, pos, block_size)
+    logits = _support_dot(q.view(c, hkv, hq // hkv, d), kb, sel) * scale
     prob, log_norm, nonempty = _masked_softmax(logits, valid[:, :, None, :])
-    out = torch.einsum("chgn,chnd->chgd", prob, _gather_rows(v, key_idx))
+    out = torch.einsum("chgn,chnd->chgd", prob, _gather_blocks(vb, sel))
     lse = torch.where(nonempty, log_norm, -math.inf)
     return out.reshape(c, hq, d), lse.reshape(c, hq)
 
 
-def _kl_teacher(q: torch.Tensor, k: torch.Tensor, key_idx: Optional[torch.Tensor],
+def _kl_teacher(q: torch.Tensor, keys: torch.Tensor, sel: Optional[torch.Tensor],
                 valid: torch.Tensor, lse: Optional[torch.Tensor], scale: float) -> torch.Tensor:
     """Teacher distribution ``P`` of a chunk (no gradient).
 
     Parameters
     ----------
-    q : ``[C, Hq, D]``; k : ``[Sk, Hkv, D]`` (compute dtype).
-    key_idx, valid : the support (see :func:`_support`; ``key_idx`` None = dense,
-        then ``valid`` is ``[C, 1, Sk]``).
+    q : ``[C, Hq, D]`` (compute dtype).
+    keys, sel : as for :func:`_support_dot` (``sel`` None = dense).
+    valid : the support mask, ``[C, Hkv, N]`` (:func:`_support`) or ``[C, 1, Sk]`` when dense.
     lse : ``[C, Hq]`` main-branch logsumexp to use instead of renormalising, or None.
 
     Returns
@@ -349,9 +374,9 @@ def _kl_teacher(q: torch.Tensor, k: torch.Tensor, key_idx: Optional[torch.Tensor
     ``[C, Hkv, N]``: mean over the G heads of each group of the per-head softmax over the support.
     """
     c, hq, d = q.shape
-    hkv = k.shape[1]
+    hkv = keys.shape[1] if sel is None else sel.shape[1]
     with torch.no_grad():
-        logits = _support_dot(q.view(c, hkv, hq // hkv, d), k, key_idx) * scale
+        logits = _support_dot(q.view(c, hkv, hq // hkv, d), keys, sel) * scale
         mask = valid[:, :, None, :]
         if lse is None:
             prob = _masked_softmax(logits, mask)[0]
@@ -361,20 +386,21 @@ def _kl_teacher(q: torch.Tensor, k: torch.Tensor, key_idx: Optional[torch.Tensor
         return prob.mean(2)
 
 
-def _kl_student(qi: torch.Tensor, ki: torch.Tensor, key_idx: Optional[torch.Tensor],
+def _kl_student(qi: torch.Tensor, ki: torch.Tensor, sel: Optional[torch.Tensor],
                 valid: torch.Tensor, teacher: torch.Tensor, scale: float) -> torch.Tensor:
     """Sum over a chunk's (query, group) pairs of ``KL(P || Q)``; differentiable in qi, ki.
 
     Parameters
     ----------
-    qi : ``[C, Hkv, Di]``; ki : ``[Sk, Hkv, Di]`` (index keys expanded over groups).
-    key_idx, valid : the support; teacher : ``[C, Hkv, N]`` (``P``).
+    qi : ``[C, Hkv, Di]``.
+    ki, sel : index keys repeated over the groups, as for :func:`_support_dot`.
+    valid : the support mask; teacher : ``[C, Hkv, N]`` (``P``).
 
     Returns
     -------
     0-dim tensor: ``sum P * (log P - log Q)`` with ``0 * log 0 = 0``.
     """
-    s = _support_dot(qi[:, :, None, :], ki, key_idx)[:, :, 0] * scale
+    s = _support_dot(qi[:, :, None, :], ki, sel)[:, :, 0] * scale
     log_norm = _masked_softmax(s, valid)[1]
     log_q = torch.where(valid, s - log_norm, 0.0)
     return (torch.xlogy(teacher, teacher) - teacher * log_q).sum()
@@ -655,9 +681,10 @@ def block_sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     outs, lses = [], []
     for qs, qe, ks, ke in bounds:
         pos = query_positions(qe - qs, ke - ks, qf.device)
+        kb, vb = _blocked(kf[ks:ke], block_size), _blocked(vf[ks:ke], block_size)
         for c0, c1 in _chunks(qe - qs, rows):
-            o, l = _run(_attn_chunk, qf[qs + c0:qs + c1], kf[ks:ke], vf[ks:ke],
-                        sel[qs + c0:qs + c1], pos[c0:c1], block_size, scale)
+            o, l = _run(_attn_chunk, qf[qs + c0:qs + c1], kb, vb, sel[qs + c0:qs + c1],
+                        pos[c0:c1], block_size, scale)
             outs.append(o)
             lses.append(l)
     out = _cat(outs, 0, qf.new_zeros(0, hq, d)).to(q.dtype)
@@ -725,7 +752,6 @@ def indexer_kl_loss(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx
     sel = None if dense else _flat(block_indices, varlen)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     hq, hkv, d, di = qf.shape[1], kf.shape[1], qf.shape[2], qi.shape[2]
-    ki_heads = ki[:, None, :].expand(-1, hkv, -1)
     pairs = qi.shape[0] * hkv
     total = qi.new_zeros(())
     for qs, qe, ks, ke in bounds:
@@ -735,15 +761,19 @@ def indexer_kl_loss(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx
         rows = _rows(qf.element_size() * (gathered + 4 * hq * n + 4 * hkv * n) + 9 * hkv * n,
                      _GATHER_CHUNK_BYTES)
         pos = query_positions(qe - qs, sk, qf.device)
+        keys, index_keys = kf[ks:ke], ki[ks:ke, None, :].expand(-1, hkv, -1)
+        if not dense:
+            keys, index_keys = _blocked(keys, block_size), _blocked(index_keys, block_size)
         for c0, c1 in _chunks(qe - qs, rows):
             a, b = qs + c0, qs + c1
+            chunk_sel = None if dense else sel[a:b]
             if dense:
-                key_idx, valid = None, _dense_support(pos[c0:c1], sk)
+                valid = _dense_support(pos[c0:c1], sk)
             else:
-                key_idx, valid = _support(sel[a:b], pos[c0:c1], block_size)
-            teacher = _kl_teacher(qf[a:b], kf[ks:ke], key_idx, valid,
+                valid = _support(chunk_sel, pos[c0:c1], block_size)
+            teacher = _kl_teacher(qf[a:b], keys, chunk_sel, valid,
                                   None if lse_f is None else lse_f[:, a:b].t(), scale)
-            total = total + _run(_kl_student, qi[a:b], ki_heads[ks:ke], key_idx, valid, teacher,
+            total = total + _run(_kl_student, qi[a:b], index_keys, chunk_sel, valid, teacher,
                                  iscale)
     return total / max(pairs, 1)
 
