@@ -27,7 +27,6 @@ give a floor time ``max(flops / rate, bytes / bandwidth)`` for each op.
 from __future__ import annotations
 
 import datetime
-import math
 import platform
 import statistics
 import subprocess
@@ -236,6 +235,15 @@ def tensor_bytes(obj: Any) -> int:
     return 0
 
 
+def rep_count(call_ms: float, reps: int, budget_s: float, max_call_s: float) -> int:
+    """Timed repetitions for a call of ``call_ms``: as many as fit ``budget_s``, at most ``reps``,
+    at least 3 (fewer only when three calls would take more than ``max_call_s``)."""
+    n = min(reps, max(3, int(1e3 * budget_s / max(call_ms, 1e-3))))
+    if n * call_ms > 1e3 * max_call_s:
+        n = max(1, int(1e3 * max_call_s / call_ms))
+    return n
+
+
 def time_op(fn: Callable[[Any], Any], flush: L2Flusher, *, setup: Optional[Callable[[], Any]] = None,
             reps: int = 20, warmup: int = 2, budget_s: float = 3.0, max_call_s: float = 60.0,
             compiles: bool = False, keep_output: bool = False) -> Timing:
@@ -302,9 +310,7 @@ def time_op(fn: Callable[[Any], Any], flush: L2Flusher, *, setup: Optional[Calla
         call_ms = start.elapsed_time(end)
         del state
 
-    n = min(reps, max(3, int(1e3 * budget_s / max(call_ms, 1e-3))))
-    if n * call_ms > 1e3 * max_call_s:
-        n = max(1, int(1e3 * max_call_s / call_ms))
+    n = rep_count(call_ms, reps, budget_s, max_call_s)
     events = []
     for _ in range(n):
         state = setup() if setup is not None else None
@@ -336,8 +342,10 @@ def measure_ceilings(flush: L2Flusher) -> Dict[str, float]:
             "copy_gbps": nbytes / (cp.median_ms * 1e-3) / 1e9}
 
 
-def floor_ms(flops: float, nbytes: float, ceilings: Dict[str, float]) -> float:
-    """Lower bound on an op's time from its FLOPs and bytes and the measured ceilings."""
+def floor_ms(flops: float, nbytes: float, ceilings: Dict[str, float]) -> Optional[float]:
+    """Lower bound on an op's time from its FLOPs and bytes and the measured ceilings (None without)."""
+    if not ceilings:
+        return None
     return 1e3 * max(flops / (ceilings["matmul_tflops"] * 1e12), nbytes / (ceilings["copy_gbps"] * 1e9))
 
 
@@ -397,6 +405,3 @@ def run_metadata(dry_run: bool) -> Dict[str, Any]:
     })
     return meta
 
-
-def is_finite_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

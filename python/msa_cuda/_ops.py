@@ -21,9 +21,10 @@ lse and the loss are float32, or float64 when an input is float64 (CPU gradcheck
 
 Dispatch inside every op body: data-dependent validation first (cu_seqlens values, block_indices
 range/uniqueness), then the compiled kernel when :func:`msa_cuda._kernels.has_kernel` allows it,
-else :mod:`msa_cuda.reference` on the inputs' device. Each op has one ``_<op>_kernel`` adapter; to
-switch an op to its kernel, add it to ``_kernels._KERNEL_OPS`` and fill in the adapter. Backward
-ops without a kernel recompute the forward with the reference and differentiate it.
+else :mod:`msa_cuda.reference` on the inputs' device. Today only ``select_blocks`` has a kernel
+(adapter ``_select_blocks_kernel``); an op gains one by listing it in ``_kernels._KERNEL_OPS`` and
+branching to its adapter like ``select_blocks`` does. Backward ops without a kernel recompute the
+forward with the reference and differentiate it.
 
 Data-dependent checks need host reads (one sync per call with cu_seqlens or validate=True). They
 are skipped while a CUDA graph is being captured (device memory cannot be read then).
@@ -123,10 +124,6 @@ def _(q_idx, k_idx, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bloc
 # ============================================================================================
 
 
-def _block_sparse_attn_kernel(q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                              block_size, softmax_scale):
-    raise NotImplementedError("no block_sparse_attn kernel yet")  # add to _kernels._KERNEL_OPS when written
-
 
 def _real_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
     """dtype of lse and of the loss: float64 when an input is float64 (CPU gradcheck), else float32."""
@@ -149,9 +146,6 @@ def block_sparse_attn(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, cu
     if validate:
         _validation.check_block_indices_values(
             block_indices, block_size, k.shape[-3], cu_seqlens_q, cu_seqlens_k)
-    if _use_kernel("block_sparse_attn", q):
-        return _block_sparse_attn_kernel(q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                         max_seqlen_k, block_size, softmax_scale)
     with torch.no_grad():
         out, lse = _ref.block_sparse_attn(
             q, k, v, block_indices, block_size=block_size, softmax_scale=softmax_scale,
@@ -167,10 +161,6 @@ def _(q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     lse = q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=_real_dtype(q))
     return out, lse
 
-
-def _block_sparse_attn_backward_kernel(grad_out, grad_lse, q, k, v, block_indices, out, lse, cu_seqlens_q,
-                                       cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, softmax_scale):
-    raise NotImplementedError("no block_sparse_attn_backward kernel yet")
 
 
 def _block_sparse_attn_backward_reference(grad_out, grad_lse, q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k,
@@ -199,10 +189,6 @@ def block_sparse_attn_backward(grad_out: Tensor, grad_lse: Optional[Tensor], q: 
                                cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
                                block_size: int, softmax_scale: float) -> Tuple[Tensor, Tensor, Tensor]:
     # Inputs were validated by the forward op.
-    if _use_kernel("block_sparse_attn_backward", q):
-        return _block_sparse_attn_backward_kernel(grad_out, grad_lse, q, k, v, block_indices, out, lse,
-                                                  cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                  block_size, softmax_scale)
     return _block_sparse_attn_backward_reference(grad_out, grad_lse, q, k, v, block_indices, cu_seqlens_q,
                                                  cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size,
                                                  softmax_scale)
@@ -243,10 +229,6 @@ block_sparse_attn.register_autograd(_attn_backward, setup_context=_attn_setup_co
 # ============================================================================================
 
 
-def _indexer_kl_loss_kernel(q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                            max_seqlen_k, block_size, softmax_scale, index_scale, dense):
-    raise NotImplementedError("no indexer_kl_loss kernel yet")
-
 
 def _kl_reference(q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                   block_size, softmax_scale, index_scale, dense):
@@ -267,9 +249,6 @@ def indexer_kl_loss(q: Tensor, k: Tensor, q_idx: Tensor, k_idx: Tensor, block_in
     else:
         # A caller-made selection is always validated here (the loss is a training op, not hot).
         _validation.check_block_indices_values(block_indices, block_size, k.shape[-3], cu_seqlens_q, cu_seqlens_k)
-    if _use_kernel("indexer_kl_loss", q_idx):
-        return _indexer_kl_loss_kernel(q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k,
-                                       max_seqlen_q, max_seqlen_k, block_size, softmax_scale, index_scale, dense)
     with torch.no_grad():
         loss = _kl_reference(q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                              max_seqlen_k, block_size, softmax_scale, index_scale, dense)
@@ -281,10 +260,6 @@ def _(q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k, max_se
       softmax_scale, index_scale, dense):
     return q_idx.new_empty((), dtype=_real_dtype(q, k, q_idx, k_idx))
 
-
-def _indexer_kl_loss_backward_kernel(grad_loss, q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k,
-                                     max_seqlen_q, max_seqlen_k, block_size, softmax_scale, index_scale, dense):
-    raise NotImplementedError("no indexer_kl_loss_backward kernel yet")
 
 
 def _indexer_kl_loss_backward_reference(grad_loss, q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q,
@@ -309,10 +284,6 @@ def indexer_kl_loss_backward(grad_loss: Tensor, q: Tensor, k: Tensor, q_idx: Ten
     # Inputs were validated by the forward op.
     if dense:
         block_indices = None
-    if _use_kernel("indexer_kl_loss_backward", q_idx):
-        return _indexer_kl_loss_backward_kernel(grad_loss, q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q,
-                                                cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, softmax_scale,
-                                                index_scale, dense)
     return _indexer_kl_loss_backward_reference(grad_loss, q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q,
                                                cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, softmax_scale,
                                                index_scale, dense)
