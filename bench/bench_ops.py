@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import importlib.util
 import os
 import random
 import sys
@@ -120,14 +121,15 @@ class Runner:
         self.history: Dict[str, Tuple[int, float]] = {}  # op -> (seqlen, median ms) of last success
         self.oom_at: Dict[str, int] = {}  # op -> smallest seqlen that ran out of memory
         self.fake = random.Random(args.seed)
+        # Where the inputs live; meta tensors let the dry run build its closures without memory.
+        self.device = "meta" if args.dry_run else "cuda"
 
     # -- recording --------------------------------------------------------------------------
 
-    def _add(self, row: Row) -> Row:
+    def _add(self, row: Row) -> None:
         self.rows.append(row)
         print(f"[{time.perf_counter() - self.t0:7.1f} s] {format_row(row)}", flush=True)
         self.write_json()
-        return row
 
     def skip(self, op: str, seqlen: int, direction: str, reason: str) -> None:
         self._add(Row(op, seqlen, direction, "skipped", note=reason))
@@ -331,7 +333,7 @@ def write_plot(runner: Runner) -> Optional[Path]:
     for r in runner.rows:
         if r.op not in DENSE.values() and r.speedup_vs_dense is not None:
             series.setdefault(r.op, []).append((r.seqlen, r.speedup_vs_dense))
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    fig, ax = plt.subplots(figsize=(11, 5.5))
     for op, points in sorted(series.items()):
         xs, ys = zip(*sorted(points))
         label = f"{op} (vs dense bwd)" if op.endswith("_bwd") else op
@@ -349,7 +351,7 @@ def write_plot(runner: Runner) -> Optional[Path]:
     ax.set_title(title + (" [DRY RUN: random times]" if runner.args.dry_run else ""))
     ax.grid(True, which="both", alpha=0.3)
     if series:
-        ax.legend(fontsize=8, loc="best")
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     path = Path(runner.args.out) / "speedup.png"
     fig.tight_layout()
     fig.savefig(path, dpi=130)
@@ -370,27 +372,50 @@ def _sdpa(q, k, v, backend, gqa: bool):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
 
 
+def dense_calls(q, k, v, dout, group: int, backend, gqa: bool):
+    """Forward call, backward setup and backward call of the dense baseline on [B, S, H, D] inputs.
+
+    SDPA takes [B, H, S, D]: the inputs are passed as transposed views. Without ``gqa`` k and v
+    are first expanded to Hq heads (here, before any timing).
+    """
+    qt = q.transpose(1, 2)
+    kt, vt = (x.transpose(1, 2) if gqa else x.repeat_interleave(group, dim=2).transpose(1, 2) for x in (k, v))
+
+    def forward(_):
+        return _sdpa(qt, kt, vt, backend, gqa)
+
+    def setup():
+        leaves = _leaves(qt, kt, vt)
+        return _sdpa(*leaves, backend, gqa), leaves
+
+    def backward(state):
+        return torch.autograd.grad(state[0], state[1], dout.transpose(1, 2))
+
+    return forward, setup, backward
+
+
 def choose_dense_variant(shape: Shape, need_backward: bool) -> Tuple[str, Any, bool]:
     """Pick the dense baseline on a small problem: (label, SDPA backend, uses enable_gqa).
 
-    cuDNN with ``enable_gqa`` first; cuDNN on k/v expanded to Hq heads (expanded before timing)
-    if cuDNN refuses GQA; FlashAttention as a last resort (the label says which one ran).
+    cuDNN with ``enable_gqa`` first; cuDNN on k/v expanded to Hq heads if cuDNN refuses GQA;
+    FlashAttention as a last resort (the label says which one ran). The probe makes the same
+    calls as the measurements (:func:`dense_calls`), backward included when it will be timed.
     """
     from torch.nn.attention import SDPBackend
 
     candidates = [("cuDNN SDPA, enable_gqa", SDPBackend.CUDNN_ATTENTION, True),
                   ("cuDNN SDPA, k/v expanded to Hq", SDPBackend.CUDNN_ATTENTION, False),
                   ("FLASH SDPA (cuDNN failed), enable_gqa", SDPBackend.FLASH_ATTENTION, True)]
+    bf16 = dict(dtype=torch.bfloat16, device="cuda")
+    q, dout = torch.randn(2, 1, shape.seqlen, shape.hq, shape.d, **bf16)
+    k, v = torch.randn(2, 1, shape.seqlen, shape.hkv, shape.d, **bf16)
     errors = []
     for label, backend, gqa in candidates:
         try:
-            q = torch.randn(1, 256, shape.hq, shape.d, dtype=torch.bfloat16, device="cuda").transpose(1, 2)
-            kv_heads = shape.hkv if gqa else shape.hq
-            k, v = torch.randn(2, 1, 256, kv_heads, shape.d, dtype=torch.bfloat16, device="cuda").transpose(2, 3)
-            q.requires_grad_(need_backward)
-            out = _sdpa(q, k, v, backend, gqa)
+            forward, setup, backward = dense_calls(q, k, v, dout, shape.group, backend, gqa)
+            forward(None)
             if need_backward:
-                out.sum().backward()
+                backward(setup())
             torch.cuda.synchronize()
             return label, backend, gqa
         except Exception as exc:  # try the next candidate
@@ -484,8 +509,7 @@ def bench_seqlen(runner: Runner, shape: Shape, msa, ref) -> None:
     ops, dry = set(args.ops), args.dry_run
     bwd = "bwd" in ops
     S, bs, topk, G = shape.seqlen, shape.block_size, shape.topk, shape.group
-    dev = "meta" if dry else "cuda"  # meta tensors: the dry run builds its closures without memory
-    bf16 = dict(dtype=torch.bfloat16, device=dev)
+    bf16 = dict(dtype=torch.bfloat16, device=runner.device)
     q = torch.randn(1, S, shape.hq, shape.d, **bf16)
     k = torch.randn(1, S, shape.hkv, shape.d, **bf16)
     v = torch.randn(1, S, shape.hkv, shape.d, **bf16)
@@ -494,21 +518,15 @@ def bench_seqlen(runner: Runner, shape: Shape, msa, ref) -> None:
     dout = torch.randn_like(q) if bwd else None
 
     # (c) dense causal attention, cuDNN SDPA: the baseline.
-    label, backend, gqa = runner.dense
-    qt = q.transpose(1, 2)
-    kt, vt = (x.transpose(1, 2) if gqa else x.repeat_interleave(G, dim=2).transpose(1, 2) for x in (k, v))
+    _, backend, gqa = runner.dense
+    forward, setup, backward = dense_calls(q, k, v, dout, G, backend, gqa)
     dense_flops = dense_fwd_flops(shape)
-    runner.measure("dense_cudnn", shape, lambda _: _sdpa(qt, kt, vt, backend, gqa), flops=dense_flops,
-                   min_bytes=attn_fwd_bytes(shape, sparse=False), fake="dense")
+    runner.measure("dense_cudnn", shape, forward, flops=dense_flops, min_bytes=attn_fwd_bytes(shape, sparse=False),
+                   fake="dense")
     if bwd:
-        def dense_setup():
-            leaves = _leaves(qt, kt, vt)
-            return _sdpa(*leaves, backend, gqa), leaves
-
-        runner.measure("dense_cudnn_bwd", shape, lambda st: torch.autograd.grad(st[0], st[1], dout.transpose(1, 2)),
-                       setup=dense_setup, direction="bwd", flops=BWD_FACTOR * dense_flops,
+        runner.measure("dense_cudnn_bwd", shape, backward, setup=setup, direction="bwd", flops=BWD_FACTOR * dense_flops,
                        min_bytes=attn_bwd_bytes(shape, sparse=False), fake="dense")
-    del qt, kt, vt
+    del forward, setup, backward
 
     # (a, b) selection: public API, raw kernel op, reference.
     sel_kwargs = dict(block_size=bs, topk=topk)
@@ -629,11 +647,12 @@ def bench_seqlen(runner: Runner, shape: Shape, msa, ref) -> None:
 
 
 def import_msa(dry_run: bool):
-    """Import msa_cuda (the source tree unless MSA_BENCH_INSTALLED=1) and its reference.
+    """Import msa_cuda (the installed package, which carries the compiled kernels; the source tree
+    when none is installed or MSA_BENCH_SOURCE=1) and its reference.
 
     In a dry run a failed import is tolerated: nothing from msa_cuda is ever called there.
     """
-    if not os.environ.get("MSA_BENCH_INSTALLED"):
+    if os.environ.get("MSA_BENCH_SOURCE") or importlib.util.find_spec("msa_cuda") is None:
         sys.path.insert(0, str(REPO_ROOT / "python"))
     try:
         import msa_cuda
@@ -682,7 +701,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=20, help="most timed repetitions per measurement")
     p.add_argument("--ref-reps", type=int, default=3, help="timed repetitions of the reference selection")
     p.add_argument("--warmup", type=int, default=2, help="warm-up calls (only the first when a call takes > 1 s)")
-    p.add_argument("--budget-s", type=float, default=3.0, help="time the reps of one measurement may take")
+    p.add_argument("--budget-s", type=float, default=2.0, help="time the reps of one measurement may take")
     p.add_argument("--max-call-s", type=float, default=60.0,
                    help="skip a measurement whose calls are predicted to take longer")
     p.add_argument("--time-limit-s", type=float, default=480.0,
@@ -724,7 +743,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"ceilings not measured: {exc!r}", flush=True)
             ceilings = {}
         free_cuda_memory()
-        dense = choose_dense_variant(Shape(256), need_backward="bwd" in args.ops)
+        dense = choose_dense_variant(Shape(512), need_backward="bwd" in args.ops)
     meta["dense_variant"] = dense[0]
     runner = Runner(args, meta, ceilings, dense, flush)
     print(f"device {meta['device']}; msa_cuda {msa_info}; select backend: {meta['select_backend']}; "

@@ -245,7 +245,7 @@ def rep_count(call_ms: float, reps: int, budget_s: float, max_call_s: float) -> 
 
 
 def time_op(fn: Callable[[Any], Any], flush: L2Flusher, *, setup: Optional[Callable[[], Any]] = None,
-            reps: int = 20, warmup: int = 2, budget_s: float = 3.0, max_call_s: float = 60.0,
+            reps: int = 20, warmup: int = 2, budget_s: float = 2.0, max_call_s: float = 60.0,
             compiles: bool = False, keep_output: bool = False) -> Timing:
     """Time ``fn(setup())`` with CUDA events; only ``fn`` lies between the events.
 
@@ -262,15 +262,16 @@ def time_op(fn: Callable[[Any], Any], flush: L2Flusher, *, setup: Optional[Calla
     reps : int
         Most timed repetitions.
     warmup : int
-        Warm-up calls, the first of them timed to size the run.
+        Warm-up calls (only the first, or the first two with ``compiles``, when a call takes
+        more than a second); timed, to size the run.
     budget_s : float
         Time the repetitions may take: ``reps`` is cut to ``budget_s / call time``, but not below
         3 unless three calls would take more than ``max_call_s``.
     max_call_s : float
-        When the first call takes longer, its time is the only sample.
+        When a warm-up call takes longer, its time is the only sample.
     compiles : bool
-        ``fn`` compiles on its first call: run a second warm-up even when the first was slow, so
-        that the run is sized on a compiled call.
+        ``fn`` compiles on its first call: a second warm-up call, whatever the first took, sizes
+        the run (and is the only sample if it takes longer than ``max_call_s``).
     keep_output : bool
         Return the first call's output in ``Timing.output``.
 
@@ -298,17 +299,20 @@ def time_op(fn: Callable[[Any], Any], flush: L2Flusher, *, setup: Optional[Calla
     extra = max(0, torch.cuda.max_memory_allocated() - base - tensor_bytes(out))
     kept = out if keep_output else None
     del out, state
-    if first_ms > 1e3 * max_call_s:
-        return Timing([first_ms], first_ms, extra, kept)
 
-    call_ms = first_ms
-    extra_warmups = max(warmup - 1, 0) if first_ms < 1e3 else int(compiles)
-    for _ in range(extra_warmups):
+    def warm_call() -> float:
         state = setup() if setup is not None else None
         _, start, end = run_once(state)
         torch.cuda.synchronize()
-        call_ms = start.elapsed_time(end)
-        del state
+        return start.elapsed_time(end)
+
+    # Size the run on a call without compilation in it.
+    call_ms = warm_call() if compiles else first_ms
+    if call_ms > 1e3 * max_call_s:
+        return Timing([call_ms], first_ms, extra, kept)
+    if call_ms < 1e3:
+        for _ in range(warmup - 1 - int(compiles)):
+            call_ms = warm_call()
 
     n = rep_count(call_ms, reps, budget_s, max_call_s)
     events = []

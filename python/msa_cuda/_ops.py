@@ -124,7 +124,6 @@ def _(q_idx, k_idx, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bloc
 # ============================================================================================
 
 
-
 def _real_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
     """dtype of lse and of the loss: float64 when an input is float64 (CPU gradcheck), else float32."""
     if any(t is not None and t.dtype == torch.float64 for t in tensors):
@@ -160,7 +159,6 @@ def _(q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     out = q.new_empty(q.shape)
     lse = q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=_real_dtype(q))
     return out, lse
-
 
 
 def _block_sparse_attn_backward_reference(grad_out, grad_lse, q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k,
@@ -229,7 +227,6 @@ block_sparse_attn.register_autograd(_attn_backward, setup_context=_attn_setup_co
 # ============================================================================================
 
 
-
 def _kl_reference(q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                   block_size, softmax_scale, index_scale, dense):
     return _ref.indexer_kl_loss(
@@ -259,7 +256,6 @@ def indexer_kl_loss(q: Tensor, k: Tensor, q_idx: Tensor, k_idx: Tensor, block_in
 def _(q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size,
       softmax_scale, index_scale, dense):
     return q_idx.new_empty((), dtype=_real_dtype(q, k, q_idx, k_idx))
-
 
 
 def _indexer_kl_loss_backward_reference(grad_loss, q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q,
