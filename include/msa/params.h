@@ -41,4 +41,32 @@ struct SelectParams {
   int num_sms = 0;
 };
 
+// Block-sparse attention forward (the main branch), MSA_SPEC s.5. Tokens are flat across the
+// batch (padded batches are the varlen case with uniform lengths); heads are the last-but-one dim.
+struct FwdParams {
+  const void* q = nullptr;                // [total_q, Hq, D]
+  const void* k = nullptr;                // [total_k, Hkv, D]
+  const void* v = nullptr;                // [total_k, Hkv, D]
+  const int32_t* block_indices = nullptr; // [total_q, Hkv, topk]; -1 = empty slot, any order
+  void* out = nullptr;                    // [total_q, Hq, D]
+  float* lse = nullptr;                   // padded [B, Hq, Sq] or varlen [Hq, total_q]
+  const int32_t* cu_seqlens_q = nullptr;  // [batch + 1] or null (padded)
+  const int32_t* cu_seqlens_k = nullptr;  // [batch + 1] or null (padded)
+
+  DType dtype = DType::kBF16;
+  int64_t total_q = 0;
+  int64_t total_k = 0;
+  int batch = 0;
+  int seqlen_q = 0;      // padded: Sq
+  int seqlen_k = 0;      // padded: Sk
+  int max_seqlen_k = 0;  // longest key sequence (sizes the per-block lists)
+  int num_heads = 0;     // Hq
+  int num_heads_kv = 0;  // Hkv
+  int head_dim = 0;      // D
+  int block_size = 128;
+  int topk = 16;
+  float softmax_scale = 0.f;
+  int num_sms = 0;
+};
+
 }  // namespace msa

@@ -42,6 +42,7 @@ __all__ = [
 # calls. Switching another op to its kernel: add it here and fill in its adapter in _ops.py.
 _KERNEL_OPS = {
     "select_blocks": "select_blocks",
+    "block_sparse_attn": "block_sparse_attn_fwd",
 }
 
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)

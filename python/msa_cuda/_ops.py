@@ -21,9 +21,10 @@ lse and the loss are float32, or float64 when an input is float64 (CPU gradcheck
 
 Dispatch inside every op body: data-dependent validation first (cu_seqlens values, block_indices
 range/uniqueness), then the compiled kernel when :func:`msa_cuda._kernels.has_kernel` allows it,
-else :mod:`msa_cuda.reference` on the inputs' device. Today only ``select_blocks`` has a kernel
-(adapter ``_select_blocks_kernel``); an op gains one by listing it in ``_kernels._KERNEL_OPS`` and
-branching to its adapter like ``select_blocks`` does. Backward ops without a kernel recompute the
+else :mod:`msa_cuda.reference` on the inputs' device. Today ``select_blocks`` and the
+``block_sparse_attn`` forward have kernels (adapters ``_select_blocks_kernel``,
+``_block_sparse_attn_kernel``); an op gains one by listing it in ``_kernels._KERNEL_OPS`` and
+branching to its adapter. Backward ops without a kernel recompute the
 forward with the reference and differentiate it.
 
 Data-dependent checks need host reads (one sync per call with cu_seqlens or validate=True). They
@@ -124,6 +125,14 @@ def _(q_idx, k_idx, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bloc
 # ============================================================================================
 
 
+def _block_sparse_attn_kernel(q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, block_size,
+                              softmax_scale):
+    # Out-of-range ids (possible with validate=False) are skipped by the kernel, like -1.
+    return _kernels.kernel("block_sparse_attn")(
+        q.contiguous(), k.contiguous(), v.contiguous(), block_indices.contiguous(), cu_seqlens_q, cu_seqlens_k,
+        max_seqlen_k, block_size, softmax_scale)
+
+
 def _real_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
     """dtype of lse and of the loss: float64 when an input is float64 (CPU gradcheck), else float32."""
     if any(t is not None and t.dtype == torch.float64 for t in tensors):
@@ -145,6 +154,9 @@ def block_sparse_attn(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, cu
     if validate:
         _validation.check_block_indices_values(
             block_indices, block_size, k.shape[-3], cu_seqlens_q, cu_seqlens_k)
+    if _use_kernel("block_sparse_attn", q):
+        return _block_sparse_attn_kernel(q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, max_seqlen_k,
+                                         block_size, softmax_scale)
     with torch.no_grad():
         out, lse = _ref.block_sparse_attn(
             q, k, v, block_indices, block_size=block_size, softmax_scale=softmax_scale,

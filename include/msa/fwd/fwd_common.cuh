@@ -1,0 +1,68 @@
+// Pieces shared by the forward's plan, main and combine kernels: the plan's parameters, which
+// sequence a query token is in, and which slots take part.
+#pragma once
+
+#include <cstdint>
+
+#include "msa/common/seqlen.cuh"
+
+namespace msa::fwd {
+
+struct PlanParams {
+  const int32_t* block_indices;  // [total_q, Hkv, topk]
+  const int32_t* cu_seqlens_q;
+  const int32_t* cu_seqlens_k;
+  int batch, seqlen_q, seqlen_k;
+  int64_t token_begin, token_end;  // the query chunk being planned: flat tokens [begin, end)
+  int num_heads_kv, topk, block_size, num_blocks_max;
+  int tokens_per_tile;
+  int num_lists;     // batch * Hkv * num_blocks_max
+  int32_t* counts;   // [num_lists], zeroed before count
+  int32_t* offsets;  // [num_lists]
+  int32_t* cursor;   // [num_lists], zeroed before fill
+  int2* entries;     // [(token_end - token_begin) * Hkv * topk]: (flat token, slot)
+  int4* work;        // [max_work]: (list, first entry, number of entries, 0)
+  int32_t* num_work; // [1]
+};
+
+// Sequence holding flat query token `token` (binary search over cu_seqlens_q for varlen).
+__device__ __forceinline__ int sequence_of_query(int64_t token, const int32_t* cu_seqlens_q, int batch,
+                                                 int seqlen_q) {
+  if (cu_seqlens_q == nullptr) {
+    return static_cast<int>(token / seqlen_q);
+  }
+  int lo = 0, hi = batch - 1;  // largest b with cu[b] <= token
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (cu_seqlens_q[mid] <= token) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+// A slot takes part in attention when it names a block of its sequence; -1 and (with validation
+// off) out-of-range ids are skipped by every stage alike, so nothing reads an unwritten partial.
+__device__ __forceinline__ bool slot_is_valid(int block, int num_blocks) { return block >= 0 && block < num_blocks; }
+
+// Calls fn(list, token, slot) for every valid (token, group, slot) of the chunk owned by this thread.
+template <class Fn>
+__device__ __forceinline__ void for_each_valid_slot(const PlanParams& p, Fn&& fn) {
+  const int64_t per_token = static_cast<int64_t>(p.num_heads_kv) * p.topk;
+  const int64_t total = (p.token_end - p.token_begin) * per_token;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t token = p.token_begin + idx / per_token;
+    const int rem = static_cast<int>(idx % per_token);
+    const int group = rem / p.topk;
+    const int slot = rem % p.topk;
+    const int block = p.block_indices[token * per_token + rem];
+    const int b = sequence_of_query(token, p.cu_seqlens_q, p.batch, p.seqlen_q);
+    const common::SeqInfo seq(b, p.cu_seqlens_q, p.cu_seqlens_k, p.seqlen_q, p.seqlen_k);
+    const int num_blocks = (seq.seqlen_k + p.block_size - 1) / p.block_size;
+    if (slot_is_valid(block, num_blocks)) {
+      const int list = (b * p.num_heads_kv + group) * p.num_blocks_max + block;
+      fn(list, static_cast<int32_t>(token), slot);
+    }
+  }
+}
+
+}  // namespace msa::fwd

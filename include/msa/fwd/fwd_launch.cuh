@@ -1,0 +1,163 @@
+// Host side of the forward: workspace layout, query chunking, plan -> main -> combine.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cute/tensor.hpp>
+
+#include "msa/fwd/combine_kernel.cuh"
+#include "msa/fwd/fwd_kernel.cuh"
+#include "msa/fwd/fwd_common.cuh"
+#include "msa/fwd/fwd_traits.cuh"
+#include "msa/params.h"
+
+namespace msa::fwd {
+
+// Partial outputs take Hq x topk x (D x 2 + 4) bytes per query; queries are processed in chunks
+// so that they never exceed this budget (a 1M-token M3 prefill would otherwise need 256 GiB).
+constexpr int64_t kPartialBudgetBytes = int64_t{2} << 30;
+constexpr int kRowsPerTile = 128;
+
+// Byte offsets of the workspace pieces, all 256-byte aligned.
+struct WorkspaceLayout {
+  int64_t chunk_tokens = 0;
+  int num_blocks_max = 0;
+  int num_lists = 0;
+  int64_t max_entries = 0;
+  int64_t max_work = 0;
+  size_t counts = 0, offsets = 0, cursor = 0, entries = 0, work = 0, num_work = 0, part_o = 0, part_lse = 0;
+  size_t total = 0;
+
+  explicit WorkspaceLayout(const FwdParams& p) {
+    const int64_t per_token = static_cast<int64_t>(p.num_heads) * p.topk * (p.head_dim * 2 + 4);
+    chunk_tokens = std::max<int64_t>(1, std::min<int64_t>(p.total_q, kPartialBudgetBytes / per_token));
+    num_blocks_max = (p.max_seqlen_k + p.block_size - 1) / p.block_size;
+    num_lists = p.batch * p.num_heads_kv * num_blocks_max;
+    max_entries = chunk_tokens * p.num_heads_kv * p.topk;
+    const int tokens_per_tile = kRowsPerTile / (p.num_heads / p.num_heads_kv);
+    max_work = max_entries / tokens_per_tile + num_lists + 1;
+    size_t at = 0;
+    auto take = [&](size_t bytes) {
+      const size_t start = at;
+      at = (at + bytes + 255) / 256 * 256;
+      return start;
+    };
+    counts = take(sizeof(int32_t) * num_lists);
+    cursor = take(sizeof(int32_t) * num_lists);
+    offsets = take(sizeof(int32_t) * num_lists);
+    entries = take(sizeof(int2) * max_entries);
+    work = take(sizeof(int4) * max_work);
+    num_work = take(sizeof(int32_t));
+    part_o = take(static_cast<size_t>(chunk_tokens) * p.num_heads * p.topk * p.head_dim * 2);
+    part_lse = take(sizeof(float) * chunk_tokens * p.num_heads * p.topk);
+    total = at;
+  }
+};
+
+// Defined in src/fwd/fwd_plan.cu: zero the counters, count, scan, fill.
+cudaError_t launch_fwd_plan(const PlanParams& plan, cudaStream_t stream);
+
+template <class Element, int kHeadDim, int kBlockN>
+cudaError_t launch_fwd_main(const FwdParams& p, const WorkspaceLayout& ws, char* workspace, int64_t token_begin,
+                            cudaStream_t stream) {
+  using Traits = FwdTraits<Element, kHeadDim, kBlockN>;
+  const int32_t total_k = static_cast<int32_t>(p.total_k);
+  const auto kv_stride = make_stride(static_cast<int64_t>(p.num_heads_kv) * kHeadDim, _1{}, Int<kHeadDim>{});
+  auto gK = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.k)),
+                        make_shape(total_k, Int<kHeadDim>{}, p.num_heads_kv), kv_stride);
+  auto gV = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.v)),
+                        make_shape(total_k, Int<kHeadDim>{}, p.num_heads_kv), kv_stride);
+  auto smem_tile = take<0, 2>(typename Traits::SmemLayoutKV{});
+  FwdKernelParams<Traits> kp{
+      make_tma_copy(SM90_TMA_LOAD{}, gK, smem_tile),
+      make_tma_copy(SM90_TMA_LOAD{}, gV, smem_tile),
+      total_k,
+      static_cast<Element const*>(p.q),
+      reinterpret_cast<const int2*>(workspace + ws.entries),
+      reinterpret_cast<const int4*>(workspace + ws.work),
+      reinterpret_cast<const int32_t*>(workspace + ws.num_work),
+      reinterpret_cast<Element*>(workspace + ws.part_o),
+      reinterpret_cast<float*>(workspace + ws.part_lse),
+      token_begin,
+      p.cu_seqlens_q,
+      p.cu_seqlens_k,
+      p.batch,
+      p.seqlen_q,
+      p.seqlen_k,
+      p.num_heads,
+      p.num_heads_kv,
+      p.num_heads / p.num_heads_kv,
+      ws.num_blocks_max,
+      p.topk,
+      p.softmax_scale * 1.4426950408889634f,
+  };
+  auto kernel = fwd_kernel<Traits>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  // Persistent: one CTA per SM walks the work list (its length is only known on the device).
+  kernel<<<p.num_sms, Traits::kNumThreads, Traits::kSmemBytes, stream>>>(kp);
+  return cudaGetLastError();
+}
+
+template <class Element, int kHeadDim>
+cudaError_t run_fwd_for(const FwdParams& p, void* workspace_ptr, cudaStream_t stream) {
+  const WorkspaceLayout ws(p);
+  char* workspace = static_cast<char*>(workspace_ptr);
+  for (int64_t token_begin = 0; token_begin < p.total_q; token_begin += ws.chunk_tokens) {
+    const int64_t token_end = std::min(p.total_q, token_begin + ws.chunk_tokens);
+    PlanParams plan{
+        p.block_indices,
+        p.cu_seqlens_q,
+        p.cu_seqlens_k,
+        p.batch,
+        p.seqlen_q,
+        p.seqlen_k,
+        token_begin,
+        token_end,
+        p.num_heads_kv,
+        p.topk,
+        p.block_size,
+        ws.num_blocks_max,
+        kRowsPerTile / (p.num_heads / p.num_heads_kv),
+        ws.num_lists,
+        reinterpret_cast<int32_t*>(workspace + ws.counts),
+        reinterpret_cast<int32_t*>(workspace + ws.offsets),
+        reinterpret_cast<int32_t*>(workspace + ws.cursor),
+        reinterpret_cast<int2*>(workspace + ws.entries),
+        reinterpret_cast<int4*>(workspace + ws.work),
+        reinterpret_cast<int32_t*>(workspace + ws.num_work),
+    };
+    cudaError_t err = launch_fwd_plan(plan, stream);
+    if (err != cudaSuccess) return err;
+    err = p.block_size == 128 ? launch_fwd_main<Element, kHeadDim, 128>(p, ws, workspace, token_begin, stream)
+                              : launch_fwd_main<Element, kHeadDim, 64>(p, ws, workspace, token_begin, stream);
+    if (err != cudaSuccess) return err;
+    CombineParams<Element> cp{
+        reinterpret_cast<const Element*>(workspace + ws.part_o),
+        reinterpret_cast<const float*>(workspace + ws.part_lse),
+        p.block_indices,
+        static_cast<Element*>(p.out),
+        p.lse,
+        p.cu_seqlens_q,
+        p.cu_seqlens_k,
+        p.batch,
+        p.seqlen_q,
+        p.seqlen_k,
+        p.total_q,
+        token_begin,
+        token_end,
+        p.num_heads,
+        p.num_heads_kv,
+        p.topk,
+        p.block_size,
+    };
+    const int64_t pairs = (token_end - token_begin) * p.num_heads;
+    combine_kernel<Element, kHeadDim><<<static_cast<unsigned>((pairs + 3) / 4), 128, 0, stream>>>(cp);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace msa::fwd

@@ -1,0 +1,140 @@
+"""The SM90 block-sparse attention forward against the reference (MSA_SPEC s.5).
+
+Outputs are compared with the fp32 reference on the same bf16/fp16 inputs; rows with no visible
+key must give out = 0 and lse = -inf exactly. The kernel's output allocation is poisoned first.
+"""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import msa_cuda
+from msa_cuda import reference as ref
+
+from gpu_utils import poison_allocator, requires_sm90
+
+pytestmark = [pytest.mark.gpu, requires_sm90]
+
+TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def _kernel_fwd(q, k, v, sel, block_size, scale=None, cu_q=None, cu_k=None, max_k=0):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    poison_allocator(q.numel() * q.element_size() + q.numel() // q.shape[-1] * 4)
+    return torch.ops.msa_cuda_kernels.block_sparse_attn_fwd(
+        q, k, v, sel, cu_q, cu_k, max_k if cu_q is not None else k.shape[1], block_size, scale)
+
+
+def _inputs(b, sq, sk, hq, hkv, d, dtype, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, device="cuda", dtype=dtype, generator=g)  # noqa: E731
+    return mk(b, sq, hq, d), mk(b, sk, hkv, d), mk(b, sk, hkv, d)
+
+
+def _assert_close(out, lse, ref_out, ref_lse, dtype):
+    dead = torch.isneginf(ref_lse)
+    assert torch.equal(torch.isneginf(lse), dead), "rows without a visible key differ"
+    assert torch.isfinite(out).all(), "non-finite output"
+    torch.testing.assert_close(lse[~dead], ref_lse[~dead], atol=2e-3, rtol=0)
+    err = (out.float() - ref_out.float()).abs().max().item()
+    assert err <= TOL[dtype], f"max abs error {err:.3e} > {TOL[dtype]:.1e}"
+
+
+def _random_selection(b, sq, sk, hkv, topk, block_size, seed, unsorted=True):
+    """Caller-made selections: random distinct visible blocks, shuffled, -1 padded, some slots
+    naming blocks past the query's position (masked entirely)."""
+    g = torch.Generator().manual_seed(seed)
+    nblk = -(-sk // block_size)
+    sel = torch.full((b, sq, hkv, topk), -1, dtype=torch.int32)
+    for bi, i, h in itertools.product(range(b), range(sq), range(hkv)):
+        n = int(torch.randint(0, min(topk, nblk) + 1, (1,), generator=g))
+        ids = torch.randperm(nblk, generator=g)[:n]
+        if not unsorted:
+            ids = ids.sort().values
+        sel[bi, i, h, :n] = ids.to(torch.int32)
+    return sel.cuda()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("block_size", [64, 128])
+@pytest.mark.parametrize("g_size", [1, 2, 4, 8, 16])
+def test_fwd_selected_by_the_indexer(dtype, d, block_size, g_size):
+    hkv = 2 if g_size < 16 else 1
+    sq, sk = 333, 777
+    q, k, v = _inputs(2, sq, sk, hkv * g_size, hkv, d, dtype, seed=g_size * d + block_size)
+    q_idx = torch.randn(2, sq, hkv, 64, device="cuda", dtype=dtype)
+    k_idx = torch.randn(2, sk, 64, device="cuda", dtype=dtype)
+    sel = msa_cuda.select_blocks(q_idx, k_idx, block_size=block_size, topk=5)
+    out, lse = _kernel_fwd(q, k, v, sel, block_size)
+    ref_out, ref_lse = ref.block_sparse_attn(q, k, v, sel, block_size=block_size, return_lse=True)
+    _assert_close(out, lse, ref_out, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("sq,sk", [(1, 1), (1, 300), (37, 37), (113, 203), (130, 129 + 130), (256, 256)])
+@pytest.mark.parametrize("topk", [1, 3, 16, 32])
+def test_fwd_caller_selections_odd_lengths(sq, sk, topk):
+    dtype, block_size = torch.bfloat16, 64
+    q, k, v = _inputs(2, sq, sk, 8, 2, 128, dtype, seed=sq * 31 + sk + topk)
+    sel = _random_selection(2, sq, sk, 2, topk, block_size, seed=sq + topk)
+    out, lse = _kernel_fwd(q, k, v, sel, block_size)
+    ref_out, ref_lse = ref.block_sparse_attn(q, k, v, sel, block_size=block_size, return_lse=True)
+    _assert_close(out, lse, ref_out, ref_lse, dtype)
+    # order of the slots does not matter
+    out2, lse2 = _kernel_fwd(q, k, v, sel.flip(-1).contiguous(), block_size)
+    torch.testing.assert_close(out2, out, atol=TOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("block_size", [64, 128])
+def test_fwd_full_coverage_equals_dense_causal(block_size):
+    sq, sk, hq, hkv, d = 200, 700, 16, 4, 128
+    q, k, v = _inputs(1, sq, sk, hq, hkv, d, torch.bfloat16, seed=7)
+    nblk = -(-sk // block_size)
+    sel = torch.arange(nblk, device="cuda", dtype=torch.int32).expand(1, sq, hkv, nblk).contiguous()
+    out, lse = _kernel_fwd(q, k, v, sel, block_size)
+    pos = torch.arange(sq, device="cuda")[:, None] + (sk - sq)
+    mask = torch.arange(sk, device="cuda")[None, :] <= pos
+    dense = F.scaled_dot_product_attention(
+        q.float().transpose(1, 2), k.float().repeat_interleave(hq // hkv, 2).transpose(1, 2),
+        v.float().repeat_interleave(hq // hkv, 2).transpose(1, 2), attn_mask=mask).transpose(1, 2)
+    assert (out.float() - dense).abs().max().item() <= TOL[torch.bfloat16]
+
+
+def test_fwd_varlen_matches_padded():
+    torch.manual_seed(3)
+    lens_q, lens_k = [1, 77, 300, 5], [1, 200, 300, 900]
+    hq, hkv, d, bs, topk = 32, 4, 64, 64, 8
+    cu_q = torch.tensor([0] + list(itertools.accumulate(lens_q)), dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0] + list(itertools.accumulate(lens_k)), dtype=torch.int32, device="cuda")
+    q = torch.randn(sum(lens_q), hq, d, device="cuda", dtype=torch.float16)
+    k = torch.randn(sum(lens_k), hkv, d, device="cuda", dtype=torch.float16)
+    v = torch.randn_like(k)
+    q_idx = torch.randn(sum(lens_q), hkv, 64, device="cuda", dtype=torch.float16)
+    k_idx = torch.randn(sum(lens_k), 64, device="cuda", dtype=torch.float16)
+    sel = msa_cuda.select_blocks(q_idx, k_idx, block_size=bs, topk=topk, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    out, lse = _kernel_fwd(q, k, v, sel, bs, cu_q=cu_q, cu_k=cu_k, max_k=max(lens_k))
+    ref_out, ref_lse = ref.block_sparse_attn(q, k, v, sel, block_size=bs, cu_seqlens_q=cu_q,
+                                             cu_seqlens_k=cu_k, return_lse=True)
+    _assert_close(out, lse, ref_out, ref_lse, torch.float16)
+    for b in range(len(lens_q)):
+        qs, ks = cu_q[b].item(), cu_k[b].item()
+        o1, l1 = _kernel_fwd(q[qs:qs + lens_q[b]][None].contiguous(), k[ks:ks + lens_k[b]][None].contiguous(),
+                             v[ks:ks + lens_k[b]][None].contiguous(), sel[qs:qs + lens_q[b]][None].contiguous(), bs)
+        assert torch.equal(o1[0], out[qs:qs + lens_q[b]])
+        assert torch.equal(l1[0], lse[:, qs:qs + lens_q[b]])
+
+
+def test_fwd_m3_shape_several_query_chunks_and_public_api():
+    # 20K queries at M3 shape need 3 query chunks of partial outputs (2 GiB each).
+    s, hq, hkv, d = 20000, 64, 4, 128
+    q, k, v = _inputs(1, s, s, hq, hkv, d, torch.bfloat16, seed=11)
+    q_idx = torch.randn(1, s, hkv, 128, device="cuda", dtype=torch.bfloat16)
+    k_idx = torch.randn(1, s, 128, device="cuda", dtype=torch.bfloat16)
+    out, aux = msa_cuda.sparse_attn(q, k, v, q_idx, k_idx, return_aux=True)
+    ref_out, ref_lse = ref.block_sparse_attn(q, k, v, aux.block_indices, return_lse=True)
+    _assert_close(out, aux.lse, ref_out, ref_lse, torch.bfloat16)
+    again, lse_again = _kernel_fwd(q, k, v, aux.block_indices, 128)
+    assert torch.equal(again, out) and torch.equal(lse_again, aux.lse), "forward is not deterministic"
