@@ -8,11 +8,12 @@
 // written per (query, head, slot); combine_kernel merges the slots of a query by lse.
 //
 // Grid: persistent, one CTA per SM, walking the work list produced by fwd_plan_kernel.cuh.
-// Warp roles: warpgroup 0 = producer (one warp TMA-loads K and V of the tile's block, indexed by
-// the block id, through a 2-stage ring); warpgroups 1-2 = consumers, 64 rows each: they gather
-// the next tile's query rows with cp.async while computing the current one, then run
-// WGMMA S = Q K^T (SS), the softmax in registers, and WGMMA O = P V (P from registers, V^T read
-// MN-major from the TMA tile).
+// Warp roles: warpgroup 0 = producer. For each tile it fills one stage of a 2-stage ring: thread 0
+// TMA-loads K and V of the tile's block (the block id is the TMA coordinate), and all 128 threads
+// gather the tile's query rows and row metadata with cp.async, each signalling the stage's full
+// barrier when its copies land (cp.async.mbarrier.arrive.noinc). Warpgroups 1-2 = consumers, 64
+// rows each: WGMMA S = Q K^T (SS), the softmax in registers, WGMMA O = P V (P from registers, V^T
+// read MN-major from the TMA tile), then the partial output and lse of each row.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -52,16 +53,14 @@ struct FwdKernelParams {
   float scale_log2;  // softmax_scale * log2(e)
 };
 
-// Named barriers of this family (per consumer warpgroup, so ids 0 and 1 are taken by wg 0 / 1).
-enum class FwdBarrier : int { QueryBufferFree = 0, QueryReady = 2 };
-
 __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src) {
   const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src));
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending)); }
+__device__ __forceinline__ void cp_async_8(void* smem_dst, const void* gmem_src) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(gmem_src));
+}
 
 // list id -> (sequence, group, key block)
 struct TileCoord {
@@ -84,77 +83,101 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kThreadsPerWG = common::kThreadsPerWarpGroup;
 
   extern __shared__ char smem_buf[];
   auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_buf);
   const int warp_group = common::warp_group_idx();
   const int lane = threadIdx.x % 32;
+  const int G = params.group_size;
 
+  // Full barrier: the TMA leader's expect-tx arrival plus one cp.async arrival per producer thread.
   typename MainloopPipeline::Params pipeline_params;
   pipeline_params.transaction_bytes = Traits::kTmaBytesKV;
   pipeline_params.role = warp_group == 0 ? MainloopPipeline::ThreadCategory::Producer
                                          : MainloopPipeline::ThreadCategory::Consumer;
   pipeline_params.is_leader = threadIdx.x == 0;
   pipeline_params.num_consumers = Traits::kNumMmaThreads;
+  pipeline_params.num_producers = kThreadsPerWG + 1;
   if (threadIdx.x == 0) {
     cute::prefetch_tma_descriptor(params.tma_k.get_tma_descriptor());
     cute::prefetch_tma_descriptor(params.tma_v.get_tma_descriptor());
   }
-  MainloopPipeline pipeline_kv(smem.pipeline_kv, pipeline_params, Shape<_1, _1, _1>{});
+  MainloopPipeline pipeline(smem.pipeline, pipeline_params, Shape<_1, _1, _1>{});
   __syncthreads();
   const int num_work = *params.num_work;
 
+  Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});
   Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutKV{});
   Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), typename Traits::SmemLayoutKV{});
 
   if (warp_group == 0) {
-    // ---------------- producer: K and V of each tile's block ----------------
+    // ---------------- producer warpgroup ----------------
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
-    if (common::warp_idx_in_warp_group() != 0) {
-      return;
-    }
+    const int tid = threadIdx.x;
     Tensor mK = params.tma_k.get_tma_tensor(make_shape(params.total_k, Int<kHeadDim>{}, params.num_heads_kv));
     Tensor mV = params.tma_v.get_tma_tensor(make_shape(params.total_k, Int<kHeadDim>{}, params.num_heads_kv));
+    constexpr int kChunksPerRow = kHeadDim / 8;                 // 16-byte chunks of a query row
+    constexpr int kRowStep = kThreadsPerWG / kChunksPerRow;      // rows between a thread's chunks
+    const int chunk_col = (tid % kChunksPerRow) * 8;
     PipelineState write_state = cutlass::make_producer_start_state<MainloopPipeline>();
+    int4 item = blockIdx.x < num_work ? params.work[blockIdx.x] : make_int4(0, 0, 0, 0);
     for (int w = blockIdx.x; w < num_work; w += gridDim.x) {
-      const TileCoord tc(params.work[w].x, params.num_heads_kv, params.num_blocks_max);
-      const common::SeqInfo seq(tc.batch_idx, params.cu_seqlens_q, params.cu_seqlens_k, params.seqlen_q,
-                                params.seqlen_k);
-      const int key_row = static_cast<int>(seq.k_token_start) + tc.block * kBlockN;
-      Tensor gK = local_tile(domain_offset(make_coord(key_row, _0{}), mK(_, _, tc.group)),
-                             Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_0{}, _0{}));
-      Tensor gV = local_tile(domain_offset(make_coord(key_row, _0{}), mV(_, _, tc.group)),
-                             Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_0{}, _0{}));
-      auto [tKgK, tKsK] = tma_partition(params.tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK),
-                                        group_modes<0, 2>(gK));
-      auto [tVgV, tVsV] = tma_partition(params.tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV),
-                                        group_modes<0, 2>(gV));
-      pipeline_kv.producer_acquire(write_state);
-      if (lane == 0) {
-        auto* barrier = pipeline_kv.producer_get_barrier(write_state);
-        copy(params.tma_k.with(*barrier, 0), tKgK, tKsK(_, write_state.index()));
-        copy(params.tma_v.with(*barrier, 0), tVgV, tVsV(_, write_state.index()));
+      const int w_next = w + gridDim.x;
+      const int4 next_item = w_next < num_work ? params.work[w_next] : item;  // in flight during this tile
+      const TileCoord tc(item.x, params.num_heads_kv, params.num_blocks_max);
+      pipeline.producer_acquire(write_state);
+      const int stage = write_state.index();
+      if (tid == 0) {
+        const common::SeqInfo seq(tc.batch_idx, params.cu_seqlens_q, params.cu_seqlens_k, params.seqlen_q,
+                                  params.seqlen_k);
+        const int key_row = static_cast<int>(seq.k_token_start) + tc.block * kBlockN;
+        Tensor gK = local_tile(domain_offset(make_coord(key_row, _0{}), mK(_, _, tc.group)),
+                               Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_0{}, _0{}));
+        Tensor gV = local_tile(domain_offset(make_coord(key_row, _0{}), mV(_, _, tc.group)),
+                               Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_0{}, _0{}));
+        auto [tKgK, tKsK] = tma_partition(params.tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK),
+                                          group_modes<0, 2>(gK));
+        auto [tVgV, tVsV] = tma_partition(params.tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV),
+                                          group_modes<0, 2>(gV));
+        auto* barrier = pipeline.producer_get_barrier(write_state);
+        copy(params.tma_k.with(*barrier, 0), tKgK, tKsK(_, stage));
+        copy(params.tma_v.with(*barrier, 0), tVgV, tVsV(_, stage));
+        cp_async_16(&smem.tile[stage], params.work + w);
       }
+      // Row metadata: thread tid owns row tid.
+      if (tid / G < item.z) {
+        cp_async_8(&smem.rows[stage][tid], params.entries + item.y + tid / G);
+      }
+      // Query rows: the G heads of a token are contiguous in q.
+#pragma unroll
+      for (int k = 0; k < kBlockM / kRowStep; ++k) {
+        const int row = tid / kChunksPerRow + k * kRowStep;
+        const int e = row / G;
+        if (e < item.z) {
+          const int64_t token = params.entries[item.y + e].x;
+          const Element* src = params.q + (token * params.num_heads + tc.group * G + row % G) * int64_t{kHeadDim} +
+                               chunk_col;
+          cp_async_16(&sQ(row, chunk_col, stage), src);
+        }
+      }
+      cutlass::arch::cpasync_barrier_arrive_noinc(pipeline.producer_get_barrier(write_state));
       ++write_state;
+      item = next_item;
     }
-    pipeline_kv.producer_tail(write_state);
+    pipeline.producer_tail(write_state);
     return;
   }
 
   // ---------------- consumers ----------------
   cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
-  const int mma_thread = threadIdx.x - common::kThreadsPerWarpGroup;
-  const int mma_wg = mma_thread / common::kThreadsPerWarpGroup;  // 0 or 1: rows [64 * mma_wg, +64)
-  const int thread_in_wg = mma_thread % common::kThreadsPerWarpGroup;
-  const int G = params.group_size;
-
-  Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});
+  const int mma_thread = threadIdx.x - kThreadsPerWG;
   Tensor sVt = make_tensor(make_smem_ptr(smem.v.data()), typename Traits::SmemLayoutVt{});
   typename Traits::TiledMmaQK tiled_mma_qk;
   typename Traits::TiledMmaPV tiled_mma_pv;
   auto thr_mma_qk = tiled_mma_qk.get_thread_slice(mma_thread);
   auto thr_mma_pv = tiled_mma_pv.get_thread_slice(mma_thread);
-  Tensor tSrQ = thr_mma_qk.partition_fragment_A(sQ);    // (MMA, MMA_M, MMA_K, buffers)
+  Tensor tSrQ = thr_mma_qk.partition_fragment_A(sQ);    // (MMA, MMA_M, MMA_K, stages)
   Tensor tSrK = thr_mma_qk.partition_fragment_B(sK);    // (MMA, MMA_N, MMA_K, stages)
   Tensor tOrVt = thr_mma_pv.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stages)
   Tensor tSrS = partition_fragment_C(tiled_mma_qk, Shape<Int<kBlockM>, Int<kBlockN>>{});
@@ -166,62 +189,28 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       Layout<Shape<Shape<_2, _2, _2>, _1, Int<kBlockN / 16>>, Stride<Stride<_1, _2, _4>, _0, _8>>{});
   static_assert(decltype(size(tSrS))::value == kBlockN / 2 && decltype(size(tOrP))::value == kBlockN / 2);
 
-  // Gather this warpgroup's 64 query rows of tile w into buffer buf (16-byte cp.async per chunk).
-  auto gather_queries = [&](int w, int buf) {
-    const int4 item = params.work[w];
-    const TileCoord tc(item.x, params.num_heads_kv, params.num_blocks_max);
-    constexpr int kChunksPerRow = kHeadDim / 8;
-    for (int c = thread_in_wg; c < 64 * kChunksPerRow; c += common::kThreadsPerWarpGroup) {
-      const int row = mma_wg * 64 + c / kChunksPerRow;
-      const int col = (c % kChunksPerRow) * 8;
-      const int e = row / G;
-      if (e < item.z) {
-        const int64_t token = params.entries[item.y + e].x;
-        const Element* src =
-            params.q + (token * params.num_heads + tc.group * G + row % G) * static_cast<int64_t>(kHeadDim) + col;
-        cp_async_16(&sQ(row, col, buf), src);
-      }
-    }
-  };
-
-  const uint32_t barrier_free = static_cast<int>(FwdBarrier::QueryBufferFree) + mma_wg;
-  const uint32_t barrier_ready = static_cast<int>(FwdBarrier::QueryReady) + mma_wg;
-  if (blockIdx.x < num_work) {
-    gather_queries(blockIdx.x, 0);
-  }
-  cp_async_commit();
-
   PipelineState read_state;
   const int quad = lane % 4;
-  const int row_base = mma_wg * 64 + (thread_in_wg / 32) * 16 + lane / 4;  // rows row_base + 8 i
-  int it = 0;
-  for (int w = blockIdx.x; w < num_work; w += gridDim.x, ++it) {
-    const int buf = it & 1;
-    // Everyone is done with the other buffer (last tile's GEMM) before it is refilled.
-    cutlass::arch::NamedBarrier::sync(common::kThreadsPerWarpGroup, barrier_free);
-    if (w + static_cast<int>(gridDim.x) < num_work) {
-      gather_queries(w + gridDim.x, buf ^ 1);
-    }
-    cp_async_commit();
-    cp_async_wait<1>();                      // this thread's rows of buffer buf have landed
-    cutlass::arch::fence_view_async_shared();  // generic-proxy writes -> visible to WGMMA
-    cutlass::arch::NamedBarrier::sync(common::kThreadsPerWarpGroup, barrier_ready);
-
-    const int4 item = params.work[w];
+  // This thread's accumulator rows are row_base and row_base + 8 of the tile.
+  const int row_base = (mma_thread / kThreadsPerWG) * 64 + ((mma_thread % kThreadsPerWG) / 32) * 16 + lane / 4;
+  for (int w = blockIdx.x; w < num_work; w += gridDim.x) {
+    pipeline.consumer_wait(read_state);
+    const int stage = read_state.index();
+    cutlass::arch::fence_view_async_shared();  // cp.async (generic proxy) writes -> WGMMA reads
+    const int4 item = smem.tile[stage];
     const TileCoord tc(item.x, params.num_heads_kv, params.num_blocks_max);
     const common::SeqInfo seq(tc.batch_idx, params.cu_seqlens_q, params.cu_seqlens_k, params.seqlen_q,
                               params.seqlen_k);
-    // Per accumulator row: the entry it belongs to and the last visible key column of the block.
+    // Per accumulator row: its (token, slot) and the last visible key column of the block.
     int token[2], slot[2], last_col[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const int e = (row_base + 8 * i) / G;
-      if (e < item.z) {
-        const int2 entry = params.entries[item.y + e];
+      const int row = row_base + 8 * i;
+      if (row / G < item.z) {
+        const int2 entry = smem.rows[stage][row];
         token[i] = entry.x;
         slot[i] = entry.y;
-        const int position = seq.query_position(static_cast<int>(entry.x - seq.q_token_start));
-        last_col[i] = position - tc.block * kBlockN;
+        last_col[i] = seq.query_position(static_cast<int>(entry.x - seq.q_token_start)) - tc.block * kBlockN;
       } else {
         token[i] = -1;
         slot[i] = 0;
@@ -229,9 +218,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       }
     }
 
-    pipeline_kv.consumer_wait(read_state);
-    const int stage = read_state.index();
-    common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_qk, tSrQ(_, _, _, buf), tSrK(_, _, _, stage), tSrS);
+    common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_qk, tSrQ(_, _, _, stage), tSrK(_, _, _, stage), tSrS);
 
     // Softmax of each row within the block (masked keys -> -inf, fully masked rows -> P = 0).
     float row_max[2], row_sum[2];
@@ -271,7 +258,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     }
     warpgroup_fence_operand(tOrP);
     common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_pv, tOrP, tOrVt(_, _, _, stage), tOrO);
-    pipeline_kv.consumer_release(read_state);
+    pipeline.consumer_release(read_state);
     ++read_state;
 
     // Partial output (normalized) and lse of each valid row, per (query, head, slot).
@@ -282,12 +269,13 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       const int head = tc.group * G + row % G;
       const int64_t part = ((token[i] - params.token_begin) * params.num_heads + head) * params.topk + slot[i];
       const float inv_sum = row_sum[i] > 0.f ? 1.f / row_sum[i] : 0.f;
-      Element* dst = params.part_o + part * kHeadDim;
+      Element* dst = params.part_o + part * kHeadDim + 2 * quad;
 #pragma unroll
       for (int j = 0; j < kHeadDim / 8; ++j) {
-        const int col = 8 * j + 2 * quad;
-        dst[col] = static_cast<Element>(tOrO(4 * j + 2 * i) * inv_sum);
-        dst[col + 1] = static_cast<Element>(tOrO(4 * j + 2 * i + 1) * inv_sum);
+        cutlass::AlignedArray<Element, 2> pair;
+        pair[0] = static_cast<Element>(tOrO(4 * j + 2 * i) * inv_sum);
+        pair[1] = static_cast<Element>(tOrO(4 * j + 2 * i + 1) * inv_sum);
+        *reinterpret_cast<cutlass::AlignedArray<Element, 2>*>(dst + 8 * j) = pair;
       }
       if (quad == 0) {
         params.part_lse[part] =
@@ -295,7 +283,6 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       }
     }
   }
-  cp_async_wait<0>();
 #endif
 }
 

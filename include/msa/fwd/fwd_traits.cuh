@@ -26,9 +26,11 @@ struct FwdTraits {
   static constexpr int kNumMmaWarpGroups = 2;
   static constexpr int kNumMmaThreads = kNumMmaWarpGroups * common::kThreadsPerWarpGroup;
   static constexpr int kNumThreads = kNumMmaThreads + common::kThreadsPerWarpGroup;
-  static constexpr int kStages = 2;  // K/V ring depth
-  static constexpr int kQBuffers = 2;  // the next tile's queries are gathered during this tile
-  static constexpr int kProducerRegs = 40;
+  // Ring depth: a stage holds one tile's gathered queries, K and V of its block, and its metadata.
+  static constexpr int kStages = 2;
+  // The producer warpgroup issues the TMA loads and the cp.async query gather (16 rows in flight
+  // per thread); 48 + 2 x 232 registers x 128 threads fit the 64K register file.
+  static constexpr int kProducerRegs = 48;
   static constexpr int kConsumerRegs = 232;
 
   // S = Q K^T: both operands K-major. O = P V: P from registers, V^T read MN-major from the same
@@ -43,7 +45,7 @@ struct FwdTraits {
 
   using SmemLayoutAtom = GMMA::Layout_K_SW128_Atom<Element>;
   using SmemLayoutQ =
-      decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>, Int<kQBuffers>>{}));
+      decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>, Int<kStages>>{}));
   using SmemLayoutKV =
       decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));
   // (d, key, stage) view of the V tiles.
@@ -66,7 +68,9 @@ struct FwdTraits {
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> q;
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutKV>, 1024> k;
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutKV>, 1024> v;
-    typename MainloopPipeline::SharedStorage pipeline_kv;
+    int4 tile[kStages];             // (list, first entry, entries, 0) of the tile in each stage
+    int2 rows[kStages][kBlockM];    // (flat token, slot) of each gathered row
+    typename MainloopPipeline::SharedStorage pipeline;
   };
   static constexpr int kSmemBytes = sizeof(SharedStorage);
   static_assert(kSmemBytes <= 227 * 1024, "shared memory budget exceeded");
