@@ -29,9 +29,12 @@ struct FwdTraits {
   // Ring depth: a stage holds one tile's gathered queries, K and V of its block, and its metadata.
   static constexpr int kStages = 2;
   // The producer warpgroup issues the TMA loads and the cp.async query gather (16 rows in flight
-  // per thread); 48 + 2 x 232 registers x 128 threads fit the 64K register file.
-  static constexpr int kProducerRegs = 48;
-  static constexpr int kConsumerRegs = 232;
+  // per thread). setmaxnreg only moves registers inside the CTA's launch allocation (168 per
+  // thread at 384 threads), so producer + 2 x consumer must not exceed 3 x 168.
+  static constexpr int kProducerRegs = 56;
+  static constexpr int kConsumerRegs = 224;
+  static_assert(kProducerRegs + kNumMmaWarpGroups * kConsumerRegs <= (kNumMmaWarpGroups + 1) * 168,
+                "register split exceeds the launch allocation: consumers would wait forever in setmaxnreg");
 
   // S = Q K^T: both operands K-major. O = P V: P from registers, V^T read MN-major from the same
   // shared-memory tile the TMA wrote for V (a K-major SW128 tile transposed is an MN-major one).

@@ -34,9 +34,12 @@ struct SelectTraits {
   static constexpr int kStages = kHeadDimIdx == 128 ? 5 : 8;
 
   // The producer only issues TMA; the consumers hold a 64-float accumulator, the running lists
-  // (2 x kTopKCap) and addressing. 40 + 2 x 232 registers per thread x 128 fit the 64K file.
+  // (2 x kTopKCap) and addressing.
   static constexpr int kProducerRegs = 40;
   static constexpr int kConsumerRegs = 232;
+  // setmaxnreg only moves registers inside the launch allocation (168 per thread at 384 threads).
+  static_assert(kProducerRegs + kNumMmaWarpGroups * kConsumerRegs <= (kNumMmaWarpGroups + 1) * 168,
+                "register split exceeds the launch allocation: consumers would wait forever in setmaxnreg");
 
   using TileShapeQK = Shape<Int<kBlockQ>, Int<kBlockKV>, Int<kHeadDimIdx>>;
   using TiledMma = decltype(make_tiled_mma(
