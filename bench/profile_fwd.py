@@ -1,0 +1,46 @@
+"""Where the time of one block_sparse_attn forward goes: per-kernel CUDA time (plan, main,
+combine) from torch.profiler, at M3 shape with the indexer's selection.
+
+    python bench/profile_fwd.py [--seqlen 131072] [--reps 3]
+"""
+
+import argparse
+import collections
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import msa_cuda
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seqlen", type=int, default=131072)
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args()
+    s, hq, hkv, d = args.seqlen, 64, 4, 128
+    mk = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    q, k, v = mk(1, s, hq, d), mk(1, s, hkv, d), mk(1, s, hkv, d)
+    sel = msa_cuda.select_blocks(mk(1, s, hkv, 128), mk(1, s, 128))
+    run = lambda: msa_cuda.block_sparse_attn(q, k, v, sel, validate=False)  # noqa: E731
+    run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.reps):
+            run()
+        torch.cuda.synchronize()
+    totals = collections.Counter()
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            name = event.name
+            kind = ("main (fwd_kernel)" if "fwd_kernel" in name else "combine" if "combine" in name
+                    else "plan" if "plan_" in name else "other (" + name[:40] + ")")
+            totals[kind] += event.device_time_total if hasattr(event, "device_time_total") else event.cuda_time_total
+    whole = sum(totals.values())
+    print(f"block_sparse_attn forward, S={s}, M3 shape, {args.reps} calls, {torch.cuda.get_device_name()}")
+    for kind, us in totals.most_common():
+        print(f"  {kind:40s} {us / args.reps / 1000:9.3f} ms/call  {100 * us / whole:5.1f}%")
+
+
+if __name__ == "__main__":
+    main()
