@@ -3,7 +3,7 @@
 Usage (from anywhere; the command is run as a script)::
 
     python bench/bench_ops.py [--seqlens 8192 16384 32768 65536 131072] [--include-1m]
-                              [--ops select,attn,sparse_attn,kl,flex,bwd] [--out bench/out]
+                              [--ops select,attn,hot,sparse_attn,kl,flex,bwd] [--out bench/out]
                               [--reps N] [--dry-run]
 
 For every sequence length S (B=1, Hq=64, Hkv=4, D=Di=128, block 128, topk 16, bf16, fresh
@@ -51,12 +51,13 @@ import torch
 
 from common import (REPO_ROOT, BWD_FACTOR, L2Flusher, Shape, Timing, attn_bwd_bytes, attn_fwd_bytes,
                     count_triples, dense_fwd_flops, expected_triples, floor_ms, free_cuda_memory,
-                    kl_bwd_bytes, kl_bwd_flops, kl_fwd_bytes, kl_fwd_flops, measure_ceilings, rep_count,
-                    run_metadata, select_bytes, select_flops, sparse_fwd_flops, time_op)
+                    hot_block_selection, kl_bwd_bytes, kl_bwd_flops, kl_fwd_bytes, kl_fwd_flops,
+                    measure_ceilings, rep_count, run_metadata, select_bytes, select_flops, sparse_fwd_flops,
+                    time_op)
 
 DEFAULT_SEQLENS = [8192, 16384, 32768, 65536, 131072]
 SEQLEN_1M = 1 << 20
-OPS = ("select", "attn", "sparse_attn", "kl", "flex", "bwd")
+OPS = ("select", "attn", "hot", "sparse_attn", "kl", "flex", "bwd")
 DENSE = {"fwd": "dense_cudnn", "bwd": "dense_cudnn_bwd"}
 # Measured throughputs the dry run draws its fake times from (TFLOP/s, low and high).
 _DRY_RUN_TFLOPS = {"dense": (380.0, 520.0), "select": (250.0, 600.0), "ref": (2.0, 20.0),
@@ -552,7 +553,7 @@ def bench_seqlen(runner: Runner, shape: Shape, msa, ref) -> None:
         del t
 
     # The selection the main-branch ops run on, and its exact work.
-    if not ops & {"attn", "sparse_attn", "kl", "flex"}:
+    if not ops & {"attn", "hot", "sparse_attn", "kl", "flex"}:
         return
     if dry:
         triples = expected_triples(shape)
@@ -586,6 +587,17 @@ def bench_seqlen(runner: Runner, shape: Shape, msa, ref) -> None:
             runner.measure("block_sparse_attn_bwd", shape, lambda st: torch.autograd.grad(st[0], st[1], dout),
                            setup=attn_setup, direction="bwd", flops=BWD_FACTOR * sparse_flops,
                            min_bytes=attn_bwd_bytes(shape, sparse=True), exponent=1, note=reference_note)
+    if "hot" in ops:
+        # The second selection: hot blocks (0, own, previous, recency-biased others) that
+        # almost every query picks. Same attended triples as any correct selection.
+        hot = None if dry else runner.prepare("hot-block selection", S,
+                                              lambda: hot_block_selection(shape, runner.device, args.seed))
+        if dry or hot is not None:
+            runner.measure("block_sparse_attn_hot", shape,
+                           lambda _: msa.block_sparse_attn(q, k, v, hot, block_size=bs, validate=False),
+                           flops=sparse_flops, min_bytes=attn_fwd_bytes(shape, sparse=True), exponent=1,
+                           note=("hot-block selection; " + reference_note).strip("; "))
+        del hot
     if "sparse_attn" in ops:
         # Linear growth while the attention (reference) dominates; the quadratic selection only
         # takes over once both run on kernels, and then the per-call guard still applies.
