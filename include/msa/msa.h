@@ -12,8 +12,8 @@ namespace msa {
 // configuring or launching; never synchronizes.
 cudaError_t run_select(const SelectParams& params, cudaStream_t stream);
 
-// Whether run_select has an instantiation for this (dtype, Di, topk).
-bool select_is_supported(DType dtype, int head_dim_idx, int topk);
+// Whether run_select has an instantiation for this (Di, topk); both dtypes are always built.
+bool select_is_supported(int head_dim_idx, int topk);
 
 // Human-readable list of the compiled selector variants, e.g. "bf16/di128/topk<=16".
 const char* select_compiled_variants();

@@ -2,6 +2,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <tuple>
 
 #include "msa/msa.h"
@@ -10,7 +11,9 @@
 namespace msa::bindings {
 
 // q [B, Sq, Hq, D] / [Tq, Hq, D]; k, v [B, Sk, Hkv, D] / [Tk, Hkv, D]; block_indices
-// [B, Sq, Hkv, topk] / [Tq, Hkv, topk] (entries -1 or in range: the Python layer validates).
+// [B, Sq, Hkv, topk] / [Tq, Hkv, topk]; entries that are -1 or name no block of the sequence are
+// skipped. cu_seqlens values and max_seqlen_k (>= the longest key sequence) are trusted here: the
+// Python layer checks them on the host.
 // Returns out (q's shape and dtype) and lse (fp32, [B, Hq, Sq] / [Hq, Tq]).
 std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& block_indices,
@@ -46,7 +49,12 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fwd_cuda(
     TORCH_CHECK(k.size(0) == batch && block_indices.size(0) == batch && block_indices.size(1) == q.size(1),
                 "batch and Sq must agree between q, k and block_indices");
     TORCH_CHECK(q.size(1) <= k.size(1), "Sq must not exceed Sk");
+  } else {
+    TORCH_CHECK(block_indices.size(0) == q.size(0), "block_indices must have q's token count");
+    TORCH_CHECK(cu_seqlens_q->get_device() == q.get_device() && cu_seqlens_k->get_device() == q.get_device(),
+                "cu_seqlens_q and cu_seqlens_k must be on q's device");
   }
+  TORCH_CHECK(std::isfinite(softmax_scale) && softmax_scale > 0, "softmax_scale must be finite and > 0");
   check_sm90(q);
 
   at::Tensor out = at::empty_like(q);

@@ -41,12 +41,20 @@ at::Tensor select_blocks_cuda(const at::Tensor& q_idx, const at::Tensor& k_idx,
   if (!varlen) {
     TORCH_CHECK(k_idx.size(0) == batch, "k_idx's batch must equal q_idx's");
     TORCH_CHECK(q_idx.size(1) <= k_idx.size(1), "Sq must not exceed Sk");
+  } else {
+    TORCH_CHECK(cu_seqlens_q->get_device() == q_idx.get_device() && cu_seqlens_k->get_device() == q_idx.get_device(),
+                "cu_seqlens_q and cu_seqlens_k must be on q_idx's device");
+    TORCH_CHECK(max_seqlen_q >= 1 || q_idx.size(0) == 0, "max_seqlen_q must be >= 1 (the longest query sequence)");
   }
   check_sm90(q_idx);
 
   std::vector<int64_t> out_shape(q_idx.sizes().begin(), q_idx.sizes().end() - 1);
   out_shape.push_back(topk);
-  at::Tensor out = at::empty(out_shape, q_idx.options().dtype(at::kInt));
+  // Varlen rows are only reached through max_seqlen_q and cu_seqlens_q, which are trusted here
+  // (checked on the host by the Python layer); start from -1 so a wrong value cannot leave
+  // uninitialized ids behind.
+  at::Tensor out = varlen ? at::full(out_shape, -1, q_idx.options().dtype(at::kInt))
+                          : at::empty(out_shape, q_idx.options().dtype(at::kInt));
   if (out.numel() == 0 || batch == 0) return out;
 
   c10::cuda::CUDAGuard guard(q_idx.device());

@@ -10,8 +10,7 @@ template <class Element, int kHeadDimIdx>
 cudaError_t run_select_for(const SelectParams& p, cudaStream_t stream);
 }  // namespace select
 
-bool select_is_supported(DType dtype, int head_dim_idx, int topk) {
-  (void)dtype;
+bool select_is_supported(int head_dim_idx, int topk) {
   return (head_dim_idx == 64 || head_dim_idx == 128) && topk >= 1 && topk <= 32;
 }
 
@@ -20,7 +19,7 @@ const char* select_compiled_variants() {
 }
 
 cudaError_t run_select(const SelectParams& p, cudaStream_t stream) {
-  if (!select_is_supported(p.dtype, p.head_dim_idx, p.topk)) {
+  if (!select_is_supported(p.head_dim_idx, p.topk)) {
     return cudaErrorInvalidValue;
   }
   const bool bf16 = p.dtype == DType::kBF16;

@@ -19,8 +19,8 @@ __device__ __forceinline__ int warp_idx_in_warp_group() {
 
 }  // namespace msa::common
 
-// Compile the kernel body only for sm_90a: other targets get a trap so a wrong-arch launch fails
-// loudly instead of computing garbage.
+// Compile the kernel bodies only for sm_90a (wgmma, setmaxnreg). Only sm_90a is built (see
+// cmake/nvcc_flags.txt), and the bindings refuse other devices before launching (check_sm90).
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define MSA_SM90_ENABLED 1
 #else

@@ -21,7 +21,6 @@ struct BlockRanges {
 
   __host__ __device__ int num_forced() const { return init_end + (local - local_begin + 1); }
   __host__ __device__ int num_candidates() const { return local_begin - init_end; }
-  __host__ __device__ bool is_candidate(int block) const { return block >= init_end && block < local_begin; }
 };
 
 }  // namespace msa::common

@@ -1,4 +1,5 @@
-// One warpgroup-wide WGMMA issue over the whole K extent of a tile (A and B in shared memory).
+// One warpgroup-wide WGMMA issue over the whole K extent of a tile (B in shared memory; A in
+// shared memory or, for O = P V, in registers).
 #pragma once
 
 #include <cute/tensor.hpp>

@@ -28,8 +28,8 @@ struct FwdTraits {
   static constexpr int kNumThreads = kNumMmaThreads + common::kThreadsPerWarpGroup;
   // Ring depth: a stage holds one tile's gathered queries, K and V of its block, and its metadata.
   static constexpr int kStages = 2;
-  // The producer warpgroup issues the TMA loads and the cp.async query gather (16 rows in flight
-  // per thread). setmaxnreg only moves registers inside the CTA's launch allocation (168 per
+  // The producer warpgroup issues the TMA loads and the cp.async query gather (kBlockM x D / 8
+  // 16-byte chunks over 128 threads: 16 per thread at D = 128, 8 at D = 64). setmaxnreg only moves registers inside the CTA's launch allocation (168 per
   // thread at 384 threads), so producer + 2 x consumer must not exceed 3 x 168.
   static constexpr int kProducerRegs = 56;
   static constexpr int kConsumerRegs = 224;
