@@ -43,16 +43,14 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fwd_cuda(
   const int64_t total_q = q.numel() / (hq * d), total_k = k.numel() / (hkv * d);
   TORCH_CHECK(total_q < (int64_t{1} << 31) && total_k < (int64_t{1} << 31), "token counts must stay below 2^31");
   const int64_t batch = varlen ? cu_seqlens_q->size(0) - 1 : q.size(0);
-  check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", batch);
-  check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", batch);
+  check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", batch, q);
+  check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", batch, q);
   if (!varlen) {
     TORCH_CHECK(k.size(0) == batch && block_indices.size(0) == batch && block_indices.size(1) == q.size(1),
                 "batch and Sq must agree between q, k and block_indices");
     TORCH_CHECK(q.size(1) <= k.size(1), "Sq must not exceed Sk");
   } else {
     TORCH_CHECK(block_indices.size(0) == q.size(0), "block_indices must have q's token count");
-    TORCH_CHECK(cu_seqlens_q->get_device() == q.get_device() && cu_seqlens_k->get_device() == q.get_device(),
-                "cu_seqlens_q and cu_seqlens_k must be on q's device");
   }
   TORCH_CHECK(std::isfinite(softmax_scale) && softmax_scale > 0, "softmax_scale must be finite and > 0");
   check_sm90(q);

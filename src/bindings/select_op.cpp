@@ -36,14 +36,12 @@ at::Tensor select_blocks_cuda(const at::Tensor& q_idx, const at::Tensor& k_idx,
               "the selector indexes rows with 32-bit TMA coordinates: tokens x heads must stay below 2^31");
 
   const int64_t batch = varlen ? cu_seqlens_q->size(0) - 1 : q_idx.size(0);
-  check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", batch);
-  check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", batch);
+  check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", batch, q_idx);
+  check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", batch, q_idx);
   if (!varlen) {
     TORCH_CHECK(k_idx.size(0) == batch, "k_idx's batch must equal q_idx's");
     TORCH_CHECK(q_idx.size(1) <= k_idx.size(1), "Sq must not exceed Sk");
   } else {
-    TORCH_CHECK(cu_seqlens_q->get_device() == q_idx.get_device() && cu_seqlens_k->get_device() == q_idx.get_device(),
-                "cu_seqlens_q and cu_seqlens_k must be on q_idx's device");
     TORCH_CHECK(max_seqlen_q >= 1 || q_idx.size(0) == 0, "max_seqlen_q must be >= 1 (the longest query sequence)");
   }
   check_sm90(q_idx);

@@ -24,9 +24,11 @@ inline void check_cuda_contiguous(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-inline void check_cu_seqlens(const c10::optional<at::Tensor>& t, const char* name, int64_t batch) {
+inline void check_cu_seqlens(const c10::optional<at::Tensor>& t, const char* name, int64_t batch,
+                             const at::Tensor& like) {
   if (!t.has_value()) return;
   check_cuda_contiguous(*t, name);
+  TORCH_CHECK(t->get_device() == like.get_device(), name, " must be on the same device as the inputs");
   TORCH_CHECK_TYPE(t->scalar_type() == at::kInt, name, " must be int32");
   TORCH_CHECK(t->dim() == 1 && t->size(0) == batch + 1, name, " must have shape [batch + 1]");
 }

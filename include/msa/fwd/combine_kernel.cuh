@@ -40,7 +40,7 @@ __global__ void __launch_bounds__(128) combine_kernel(const CombineParams<Elemen
   const int group = head / (p.num_heads / p.num_heads_kv);
   const int b = sequence_of_query(token, p.cu_seqlens_q, p.batch, p.seqlen_q);
   const common::SeqInfo seq(b, p.cu_seqlens_q, p.cu_seqlens_k, p.seqlen_q, p.seqlen_k);
-  const int num_blocks = (seq.seqlen_k + p.block_size - 1) / p.block_size;
+  const int num_blocks = num_key_blocks(seq, p.block_size);
 
   float slot_lse = -CUDART_INF_F;
   if (lane < p.topk) {

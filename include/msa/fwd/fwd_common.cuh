@@ -39,6 +39,11 @@ __device__ __forceinline__ int sequence_of_query(int64_t token, const int32_t* c
   return lo;
 }
 
+// Key blocks of a sequence (the last may be partial).
+__device__ __forceinline__ int num_key_blocks(const common::SeqInfo& seq, int block_size) {
+  return (seq.seqlen_k + block_size - 1) / block_size;
+}
+
 // A slot takes part in attention when it names a block of its sequence; -1 and (with validation
 // off) out-of-range ids are skipped by every stage alike, so nothing reads an unwritten partial.
 __device__ __forceinline__ bool slot_is_valid(int block, int num_blocks) { return block >= 0 && block < num_blocks; }
@@ -57,7 +62,7 @@ __device__ __forceinline__ void for_each_valid_slot(const PlanParams& p, Fn&& fn
     const int block = p.block_indices[token * per_token + rem];
     const int b = sequence_of_query(token, p.cu_seqlens_q, p.batch, p.seqlen_q);
     const common::SeqInfo seq(b, p.cu_seqlens_q, p.cu_seqlens_k, p.seqlen_q, p.seqlen_k);
-    const int num_blocks = (seq.seqlen_k + p.block_size - 1) / p.block_size;
+    const int num_blocks = num_key_blocks(seq, p.block_size);
     if (slot_is_valid(block, num_blocks)) {
       const int list = (b * p.num_heads_kv + group) * p.num_blocks_max + block;
       fn(list, static_cast<int32_t>(token), slot);

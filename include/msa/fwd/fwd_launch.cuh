@@ -22,6 +22,7 @@ constexpr int kRowsPerTile = 128;
 // Byte offsets of the workspace pieces, all 256-byte aligned.
 struct WorkspaceLayout {
   int64_t chunk_tokens = 0;
+  int tokens_per_tile = 0;  // 128 rows = tokens_per_tile tokens x G heads
   int num_blocks_max = 0;
   int num_lists = 0;
   int64_t max_entries = 0;
@@ -35,7 +36,7 @@ struct WorkspaceLayout {
     num_blocks_max = (p.max_seqlen_k + p.block_size - 1) / p.block_size;
     num_lists = p.batch * p.num_heads_kv * num_blocks_max;
     max_entries = chunk_tokens * p.num_heads_kv * p.topk;
-    const int tokens_per_tile = kRowsPerTile / (p.num_heads / p.num_heads_kv);
+    tokens_per_tile = kRowsPerTile / (p.num_heads / p.num_heads_kv);
     max_work = max_entries / tokens_per_tile + num_lists + 1;
     size_t at = 0;
     auto take = [&](size_t bytes) {
@@ -119,7 +120,7 @@ cudaError_t run_fwd_for(const FwdParams& p, void* workspace_ptr, cudaStream_t st
         p.topk,
         p.block_size,
         ws.num_blocks_max,
-        kRowsPerTile / (p.num_heads / p.num_heads_kv),
+        ws.tokens_per_tile,
         ws.num_lists,
         reinterpret_cast<int32_t*>(workspace + ws.counts),
         reinterpret_cast<int32_t*>(workspace + ws.offsets),
