@@ -1,7 +1,7 @@
 """Where the time of one block_sparse_attn forward goes: per-kernel CUDA time (plan, main,
 combine) from torch.profiler, at M3 shape with the indexer's selection.
 
-    python bench/profile_fwd.py [--seqlen 131072] [--reps 3]
+    python bench/profile_fwd.py [--seqlen 131072] [--reps 3] [--selection indexer|hot]
 """
 
 import argparse
@@ -11,17 +11,23 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import msa_cuda
+from common import Shape, hot_block_selection
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqlen", type=int, default=131072)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--selection", choices=("indexer", "hot"), default="indexer",
+                        help="the indexer's selection (random index keys) or bench/common.py's hot-block one")
     args = parser.parse_args()
     s, hq, hkv, d = args.seqlen, 64, 4, 128
     mk = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16)  # noqa: E731
     q, k, v = mk(1, s, hq, d), mk(1, s, hkv, d), mk(1, s, hkv, d)
-    sel = msa_cuda.select_blocks(mk(1, s, hkv, 128), mk(1, s, 128))
+    if args.selection == "hot":
+        sel = hot_block_selection(Shape(batch=1, seqlen=s), torch.device("cuda"))
+    else:
+        sel = msa_cuda.select_blocks(mk(1, s, hkv, 128), mk(1, s, 128))
     run = lambda: msa_cuda.block_sparse_attn(q, k, v, sel, validate=False)  # noqa: E731
     run()
     torch.cuda.synchronize()
@@ -37,7 +43,7 @@ def main() -> None:
                     else "plan" if "plan_" in name else "other (" + name[:40] + ")")
             totals[kind] += event.device_time_total if hasattr(event, "device_time_total") else event.cuda_time_total
     whole = sum(totals.values())
-    print(f"block_sparse_attn forward, S={s}, M3 shape, {args.reps} calls, {torch.cuda.get_device_name()}")
+    print(f"block_sparse_attn forward, S={s}, M3 shape, {args.selection} selection, {args.reps} calls, {torch.cuda.get_device_name()}")
     for kind, us in totals.most_common():
         print(f"  {kind:40s} {us / args.reps / 1000:9.3f} ms/call  {100 * us / whole:5.1f}%")
 

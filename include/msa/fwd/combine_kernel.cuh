@@ -1,12 +1,17 @@
 // Merge the per-slot partial outputs of each (query, head) by their lse (MSA_SPEC s.5):
 //   lse = log sum_s exp(lse_s),  out = sum_s exp(lse_s - lse) * O_s.
-// One warp per (query, head); lane s reads slot s's lse, every lane owns D/32 output columns.
+// One warp per (query, head). The combine only streams partials (about as many bytes as the main
+// kernel writes), so it is organised for memory-level parallelism: lane s learns from
+// block_indices whether slot s is valid, then every valid partial row is requested at once with
+// 16-byte loads (D/8 lanes per row, 32/(D/8) rows per warp-wide load) together with the lse.
 // A (query, head) with no visible key gets out = 0 and lse = -inf.
 #pragma once
 
 #include <math_constants.h>
 
 #include <cstdint>
+
+#include <cutlass/array.h>
 
 #include "msa/common/seqlen.cuh"
 #include "msa/fwd/fwd_common.cuh"
@@ -25,12 +30,26 @@ struct CombineParams {
   int batch, seqlen_q, seqlen_k;
   int64_t total_q;
   int64_t token_begin, token_end;
-  int num_heads, num_heads_kv, topk, block_size;
+  int num_heads, num_heads_kv, topk, block_size, num_blocks_max;
 };
+
+// 16-byte streaming load when `pred`, zeros otherwise. Volatile asm keeps the loads of a warp
+// together (the compiler otherwise sinks each to its use and leaves two in flight).
+__device__ __forceinline__ uint4 load_streaming_16(const void* ptr, bool pred) {
+  uint4 r = make_uint4(0, 0, 0, 0);
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n"
+      " @p ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
+      : "+r"(r.x), "+r"(r.y), "+r"(r.z), "+r"(r.w)
+      : "l"(ptr), "r"(static_cast<int>(pred)));
+  return r;
+}
 
 template <class Element, int kHeadDim>
 __global__ void __launch_bounds__(128) combine_kernel(const CombineParams<Element> p) {
-  constexpr int kPerLane = kHeadDim / 32;
+  constexpr int kLanesPerRow = kHeadDim / 8;            // 16-byte chunks of a partial row
+  constexpr int kRowsPerLoad = 32 / kLanesPerRow;       // slots one warp-wide load covers
+  constexpr int kMaxLoads = 32 / kRowsPerLoad;          // topk <= 32
   const int64_t pair = blockIdx.x * 4LL + threadIdx.x / 32;  // (chunk token, head)
   const int lane = threadIdx.x % 32;
   if (pair >= (p.token_end - p.token_begin) * p.num_heads) return;
@@ -40,33 +59,53 @@ __global__ void __launch_bounds__(128) combine_kernel(const CombineParams<Elemen
   const int group = head / (p.num_heads / p.num_heads_kv);
   const int b = sequence_of_query(token, p.cu_seqlens_q, p.batch, p.seqlen_q);
   const common::SeqInfo seq(b, p.cu_seqlens_q, p.cu_seqlens_k, p.seqlen_q, p.seqlen_k);
-  const int num_blocks = num_key_blocks(seq, p.block_size);
+  const int num_blocks = min(num_key_blocks(seq, p.block_size), p.num_blocks_max);
 
-  float slot_lse = -CUDART_INF_F;
-  if (lane < p.topk) {
-    const int block = p.block_indices[(token * p.num_heads_kv + group) * p.topk + lane];
-    if (slot_is_valid(block, num_blocks)) slot_lse = p.part_lse[pair * p.topk + lane];
+  const bool valid =
+      lane < p.topk && slot_is_valid(p.block_indices[(token * p.num_heads_kv + group) * p.topk + lane], num_blocks);
+  const unsigned valid_mask = __ballot_sync(0xffffffff, valid);
+  const float slot_lse = valid ? p.part_lse[pair * p.topk + lane] : -CUDART_INF_F;
+  // Lane l reads chunk l % kLanesPerRow of slots l / kLanesPerRow + kRowsPerLoad * k.
+  const int chunk = lane % kLanesPerRow;
+  const int slot_in_load = lane / kLanesPerRow;
+  const uint4* part = reinterpret_cast<const uint4*>(p.part_o + pair * p.topk * kHeadDim) + chunk;
+  uint4 rows[kMaxLoads];
+#pragma unroll
+  for (int k = 0; k < kMaxLoads; ++k) {
+    const int s = slot_in_load + kRowsPerLoad * k;
+    rows[k] = load_streaming_16(part + s * kLanesPerRow, (valid_mask >> s) & 1u);
   }
+
   float m = slot_lse;
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
-  const float weight = slot_lse == -CUDART_INF_F ? 0.f : __expf(slot_lse - m);
+  const float weight = slot_lse == -CUDART_INF_F ? 0.f : __expf(slot_lse - m);  // -inf: invalid or fully masked
   float total = weight;
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffff, total, o);
 
-  float acc[kPerLane] = {};
-  const Element* part = p.part_o + pair * p.topk * kHeadDim + lane * kPerLane;
-  for (int s = 0; s < p.topk; ++s) {
-    const float w = __shfl_sync(0xffffffff, weight, s);
-    if (w == 0.f) continue;
+  float acc[8] = {};
 #pragma unroll
-    for (int d = 0; d < kPerLane; ++d) acc[d] += w * static_cast<float>(part[s * kHeadDim + d]);
+  for (int k = 0; k < kMaxLoads; ++k) {
+    const int s = slot_in_load + kRowsPerLoad * k;
+    const float w = __shfl_sync(0xffffffff, weight, s % 32);
+    const Element* v = reinterpret_cast<const Element*>(&rows[k]);
+#pragma unroll
+    for (int d = 0; d < 8; ++d) acc[d] += w * static_cast<float>(v[d]);
+  }
+  // Lanes with the same chunk hold different slots: sum them.
+#pragma unroll
+  for (int o = kLanesPerRow; o < 32; o <<= 1) {
+#pragma unroll
+    for (int d = 0; d < 8; ++d) acc[d] += __shfl_xor_sync(0xffffffff, acc[d], o);
   }
   const float inv_total = total > 0.f ? 1.f / total : 0.f;
-  Element* out = p.out + (token * p.num_heads + head) * kHeadDim + lane * kPerLane;
+  if (lane < kLanesPerRow) {
+    cutlass::Array<Element, 8> out;
 #pragma unroll
-  for (int d = 0; d < kPerLane; ++d) out[d] = static_cast<Element>(acc[d] * inv_total);
+    for (int d = 0; d < 8; ++d) out[d] = static_cast<Element>(acc[d] * inv_total);
+    *reinterpret_cast<cutlass::Array<Element, 8>*>(p.out + (token * p.num_heads + head) * kHeadDim + chunk * 8) = out;
+  }
   if (lane == 0) {
     const float lse = total > 0.f ? m + __logf(total) : -CUDART_INF_F;
     const int64_t idx = p.cu_seqlens_q != nullptr

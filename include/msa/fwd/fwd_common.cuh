@@ -21,8 +21,9 @@ struct PlanParams {
   int32_t* offsets;  // [num_lists]
   int32_t* cursor;   // [num_lists], zeroed before fill
   int2* entries;     // [(token_end - token_begin) * Hkv * topk]: (flat token, slot)
-  int4* work;        // [max_work]: (list, first entry, number of entries, 0)
+  int4* work;        // [max_work]: (list, first entry, number of entries, 0), then a sentinel
   int32_t* num_work; // [1]
+  int32_t* work_counter;  // [1]: the main kernel's dynamic scheduler, zeroed by the scan
 };
 
 // Sequence holding flat query token `token` (binary search over cu_seqlens_q for varlen).
@@ -62,7 +63,9 @@ __device__ __forceinline__ void for_each_valid_slot(const PlanParams& p, Fn&& fn
     const int block = p.block_indices[token * per_token + rem];
     const int b = sequence_of_query(token, p.cu_seqlens_q, p.batch, p.seqlen_q);
     const common::SeqInfo seq(b, p.cu_seqlens_q, p.cu_seqlens_k, p.seqlen_q, p.seqlen_k);
-    const int num_blocks = num_key_blocks(seq, p.block_size);
+    // Clamped to the list numbering: a max_seqlen_k below a sequence's true length (possible only
+    // through a direct op call that skipped the host checks) must not index past the lists.
+    const int num_blocks = min(num_key_blocks(seq, p.block_size), p.num_blocks_max);
     if (slot_is_valid(block, num_blocks)) {
       const int list = (b * p.num_heads_kv + group) * p.num_blocks_max + block;
       fn(list, static_cast<int32_t>(token), slot);

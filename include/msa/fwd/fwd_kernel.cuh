@@ -7,13 +7,17 @@
 //   lse_part = max + log(sum(P)),
 // written per (query, head, slot); combine_kernel merges the slots of a query by lse.
 //
-// Grid: persistent, one CTA per SM, walking the work list produced by fwd_plan_kernel.cuh.
-// Warp roles: warpgroup 0 = producer. For each tile it fills one stage of a 2-stage ring: thread 0
-// TMA-loads K and V of the tile's block (the block id is the TMA coordinate), and all 128 threads
-// gather the tile's query rows and row metadata with cp.async, each signalling the stage's full
-// barrier when its copies land (cp.async.mbarrier.arrive.noinc). Warpgroups 1-2 = consumers, 64
-// rows each: WGMMA S = Q K^T (SS), the softmax in registers, WGMMA O = P V (P from registers, V^T
-// read MN-major from the TMA tile), then the partial output and lse of each row.
+// Grid: persistent, one CTA per SM; CTAs take runs of consecutive tiles of the work list
+// fwd_plan_kernel.cuh produced (sorted by list, i.e. by key block) from a global counter
+// (fwd_scheduler.cuh), so K/V of a block is loaded once per run of tiles and the SMs stay balanced.
+// Warp roles: warpgroup 0 = producer. Thread 0 TMA-loads K and V into the K/V ring whenever the
+// block changes; all 128 threads gather each tile's query rows and row metadata into the query
+// ring with cp.async, each signalling the stage's full barrier when its copies land
+// (cp.async.mbarrier.arrive.noinc). Warpgroups 1-2 = consumers, 64 rows of every tile each:
+// WGMMA S = Q K^T (SS), the softmax in registers, WGMMA O = P V (P from registers, V^T read
+// MN-major from the TMA tile), then the partial output through shared memory and the lse. The two
+// consumers take turns issuing GEMMs (named barriers), so one warpgroup's softmax and stores run
+// while the other's GEMMs occupy the tensor cores.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -27,6 +31,7 @@
 #include "msa/common/gemm.cuh"
 #include "msa/common/seqlen.cuh"
 #include "msa/fwd/fwd_common.cuh"
+#include "msa/fwd/fwd_scheduler.cuh"
 #include "msa/fwd/fwd_traits.cuh"
 
 namespace msa::fwd {
@@ -43,6 +48,7 @@ struct FwdKernelParams {
   const int2* entries;       // (flat token, slot) per list entry
   const int4* work;          // (list, first entry, entries, 0) per tile
   const int32_t* num_work;   // [1]
+  int32_t* work_counter;     // [1], zeroed by the plan: the dynamic scheduler's next free tile
   Element* part_o;           // [chunk tokens, Hq, topk, D], normalized partial outputs
   float* part_lse;           // [chunk tokens, Hq, topk]
   int64_t token_begin;       // first flat query token of the chunk
@@ -51,11 +57,11 @@ struct FwdKernelParams {
   int batch, seqlen_q, seqlen_k;
   int num_heads, num_heads_kv, group_size, num_blocks_max, topk;
   float scale_log2;  // softmax_scale * log2(e)
+  int group_shift;  // log2(G): G is a power of two, so row / G and row % G are a shift and a mask
 };
 
-__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src) {
-  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src));
+__device__ __forceinline__ void cp_async_16(uint32_t smem_dst, const void* gmem_src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_dst), "l"(gmem_src));
 }
 __device__ __forceinline__ void cp_async_8(void* smem_dst, const void* gmem_src) {
   const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
@@ -73,38 +79,73 @@ struct TileCoord {
   }
 };
 
+// Packs two fp32 values into one 32-bit register of two Elements (low half = first).
+template <class Element>
+__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
+  cutlass::Array<Element, 2> pair;
+  pair[0] = static_cast<Element>(lo);
+  pair[1] = static_cast<Element>(hi);
+  return reinterpret_cast<uint32_t const&>(pair);
+}
+
+// Four 8x8 16-bit matrices from registers to shared memory; lane l gives the row address of row
+// l % 8 of matrix l / 8. The WGMMA accumulator layout (row lane / 4, columns 2 (lane % 4) + {0, 1}
+// of each 8-column slice) is exactly the stmatrix fragment layout.
+__device__ __forceinline__ void stmatrix_x4(uint32_t smem_addr, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3) {
+  asm volatile("stmatrix.sync.aligned.x4.m8n8.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(smem_addr), "r"(a0),
+               "r"(a1), "r"(a2), "r"(a3));
+}
+
+// Byte offset of 16-byte chunk `chunk` of staged row `row`: chunks are XOR-swizzled by row % 8 so
+// both the stmatrix writes (8 rows, one chunk) and the row-wise reads are bank-conflict free.
+template <int kRowBytes>
+__device__ __forceinline__ int out_stage_offset(int row, int chunk) {
+  return row * kRowBytes + ((chunk ^ (row % 8)) * 16);
+}
+
 template <class Traits>
 __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     fwd_kernel(CUTE_GRID_CONSTANT FwdKernelParams<Traits> const params) {
 #if MSA_SM90_ENABLED
   using Element = typename Traits::Element;
-  using MainloopPipeline = typename Traits::MainloopPipeline;
-  using PipelineState = typename Traits::PipelineState;
+  using QPipeline = typename Traits::QPipeline;
+  using KVPipeline = typename Traits::KVPipeline;
+  using QState = typename QPipeline::PipelineState;
+  using KVState = typename KVPipeline::PipelineState;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kHeadDim = Traits::kHeadDim;
   constexpr int kThreadsPerWG = common::kThreadsPerWarpGroup;
+  constexpr int kRowsPerWG = Traits::kRowsPerWarpGroup;
 
   extern __shared__ char smem_buf[];
   auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_buf);
   const int warp_group = common::warp_group_idx();
   const int lane = threadIdx.x % 32;
   const int G = params.group_size;
+  const int g_shift = params.group_shift;
 
-  // Full barrier: the TMA leader's expect-tx arrival plus one cp.async arrival per producer thread.
-  typename MainloopPipeline::Params pipeline_params;
-  pipeline_params.transaction_bytes = Traits::kTmaBytesKV;
-  pipeline_params.role = warp_group == 0 ? MainloopPipeline::ThreadCategory::Producer
-                                         : MainloopPipeline::ThreadCategory::Consumer;
-  pipeline_params.is_leader = threadIdx.x == 0;
-  pipeline_params.num_consumers = Traits::kNumMmaThreads;
-  pipeline_params.num_producers = kThreadsPerWG + 1;
+  // Query ring: 128 cp.async arrivals (one per producer thread) fill a stage; every consumer
+  // thread releases it once its S = Q K^T is done.
+  typename QPipeline::Params q_params;
+  q_params.role = warp_group == 0 ? QPipeline::ThreadCategory::Producer : QPipeline::ThreadCategory::Consumer;
+  q_params.producer_arv_count = kThreadsPerWG;
+  q_params.consumer_arv_count = Traits::kNumMmaThreads;
+  QPipeline q_pipeline(smem.q_pipeline, q_params);
+  // K/V ring: thread 0's expect-tx arrival plus the TMA bytes fill a stage.
+  typename KVPipeline::Params kv_params;
+  kv_params.transaction_bytes = Traits::kTmaBytesKV;
+  kv_params.role = warp_group == 0 ? KVPipeline::ThreadCategory::Producer : KVPipeline::ThreadCategory::Consumer;
+  kv_params.is_leader = threadIdx.x == 0;
+  kv_params.num_consumers = Traits::kNumMmaThreads;
+  kv_params.num_producers = 1;
+  KVPipeline kv_pipeline(smem.kv_pipeline, kv_params, Shape<_1, _1, _1>{});
   if (threadIdx.x == 0) {
     cute::prefetch_tma_descriptor(params.tma_k.get_tma_descriptor());
     cute::prefetch_tma_descriptor(params.tma_v.get_tma_descriptor());
   }
-  MainloopPipeline pipeline(smem.pipeline, pipeline_params, Shape<_1, _1, _1>{});
   __syncthreads();
+
   const int num_work = *params.num_work;
 
   Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});
@@ -119,67 +160,111 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     Tensor mV = params.tma_v.get_tma_tensor(make_shape(params.total_k, Int<kHeadDim>{}, params.num_heads_kv));
     constexpr int kChunksPerRow = kHeadDim / 8;                 // 16-byte chunks of a query row
     constexpr int kRowStep = kThreadsPerWG / kChunksPerRow;      // rows between a thread's chunks
+    static_assert(kBlockM / kRowStep == kChunksPerRow && 32 % kChunksPerRow == 0);
     const int chunk_col = (tid % kChunksPerRow) * 8;
-    PipelineState write_state = cutlass::make_producer_start_state<MainloopPipeline>();
-    int4 item = blockIdx.x < num_work ? params.work[blockIdx.x] : make_int4(0, 0, 0, 0);
-    for (int w = blockIdx.x; w < num_work; w += gridDim.x) {
-      const int w_next = w + gridDim.x;
-      const int4 next_item = w_next < num_work ? params.work[w_next] : item;  // in flight during this tile
+    // Thread tid copies chunk tid % C of rows tid / C + k * kRowStep, k < C (C = kChunksPerRow).
+    // The row -> token lookups of a warp are 32 distinct rows: lane L loads the token of the row
+    // (L / C, k = L % C) stands for, one load per lane per tile issued a tile ahead, and each
+    // thread takes its tokens with shuffles, so no global load sits between acquire and cp.async.
+    const int loader_row = (tid / 32) * (32 / kChunksPerRow) + lane / kChunksPerRow + (lane % kChunksPerRow) * kRowStep;
+    const int shuffle_base = lane & ~(kChunksPerRow - 1);
+    // Element offset in q of the loader row's query row (token, head), -1 for padding rows.
+    auto row_offset = [&](const int4& tile) -> int64_t {
+      const int e = loader_row >> g_shift;
+      if (e >= tile.z) return -1;
+      const int token = params.entries[tile.y + e].x;
+      const int group = (tile.x / params.num_blocks_max) % params.num_heads_kv;
+      return (int64_t{token} * params.num_heads + group * G + (loader_row & (G - 1))) * kHeadDim;
+    };
+    // Shared-memory byte address of this thread's first chunk in stage 0. In the SW128 K-major
+    // tile a row is 128 bytes inside its 64-column half and the XOR pattern repeats every 8 rows;
+    // kRowStep is a multiple of 8, so the thread's k-th chunk sits k * kRowStep * 128 bytes later.
+    static_assert(kRowStep % 8 == 0);
+    constexpr uint32_t kQStageBytes = kBlockM * kHeadDim * sizeof(Element);
+    const uint32_t q_smem_thread =
+        static_cast<uint32_t>(__cvta_generic_to_shared(&sQ(tid / kChunksPerRow, chunk_col, 0)));
+    QState q_state = cutlass::make_producer_start_state<QPipeline>();
+    KVState kv_state = cutlass::make_producer_start_state<KVPipeline>();
+    int loaded_list = -1;
+    DynamicTileScheduler scheduler(params.work_counter, num_work, &smem.grab_slot,
+                                   static_cast<int>(FwdBarrier::ProducerGrab));
+    // params.work[num_work] is the plan's sentinel (list -1, no entries): producing it tells the
+    // consumers to stop.
+    int4 item = params.work[scheduler.tile()];
+    int64_t offset = row_offset(item);
+    for (;;) {
+      const int w = scheduler.tile();
+      const bool last = scheduler.done();
+      // In flight while this tile waits for its stage: the next work item and its row offsets.
+      int4 next_item = item;
+      int64_t next_offset = -1;
+      if (!last) {
+        next_item = params.work[scheduler.peek_next()];
+        next_offset = row_offset(next_item);
+      }
       const TileCoord tc(item.x, params.num_heads_kv, params.num_blocks_max);
-      pipeline.producer_acquire(write_state);
-      const int stage = write_state.index();
+      if (!last && item.x != loaded_list) {
+        // A new key block: K and V into the next K/V stage (thread 0 only; the other threads go on
+        // gathering queries, the consumers wait on both rings).
+        if (tid == 0) {
+          kv_pipeline.producer_acquire(kv_state);
+          const common::SeqInfo seq(tc.batch_idx, params.cu_seqlens_q, params.cu_seqlens_k, params.seqlen_q,
+                                    params.seqlen_k);
+          const int key_row = static_cast<int>(seq.k_token_start) + tc.block * kBlockN;
+          Tensor gK = local_tile(domain_offset(make_coord(key_row, _0{}), mK(_, _, tc.group)),
+                                 Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_0{}, _0{}));
+          Tensor gV = local_tile(domain_offset(make_coord(key_row, _0{}), mV(_, _, tc.group)),
+                                 Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_0{}, _0{}));
+          auto [tKgK, tKsK] = tma_partition(params.tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK),
+                                            group_modes<0, 2>(gK));
+          auto [tVgV, tVsV] = tma_partition(params.tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV),
+                                            group_modes<0, 2>(gV));
+          auto* barrier = kv_pipeline.producer_get_barrier(kv_state);
+          copy(params.tma_k.with(*barrier, 0), tKgK, tKsK(_, kv_state.index()));
+          copy(params.tma_v.with(*barrier, 0), tVgV, tVsV(_, kv_state.index()));
+        }
+        ++kv_state;
+        loaded_list = item.x;
+      }
+      q_pipeline.producer_acquire(q_state);
+      const int stage = q_state.index();
       if (tid == 0) {
-        const common::SeqInfo seq(tc.batch_idx, params.cu_seqlens_q, params.cu_seqlens_k, params.seqlen_q,
-                                  params.seqlen_k);
-        const int key_row = static_cast<int>(seq.k_token_start) + tc.block * kBlockN;
-        Tensor gK = local_tile(domain_offset(make_coord(key_row, _0{}), mK(_, _, tc.group)),
-                               Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_0{}, _0{}));
-        Tensor gV = local_tile(domain_offset(make_coord(key_row, _0{}), mV(_, _, tc.group)),
-                               Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_0{}, _0{}));
-        auto [tKgK, tKsK] = tma_partition(params.tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK),
-                                          group_modes<0, 2>(gK));
-        auto [tVgV, tVsV] = tma_partition(params.tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV),
-                                          group_modes<0, 2>(gV));
-        auto* barrier = pipeline.producer_get_barrier(write_state);
-        copy(params.tma_k.with(*barrier, 0), tKgK, tKsK(_, stage));
-        copy(params.tma_v.with(*barrier, 0), tVgV, tVsV(_, stage));
-        cp_async_16(&smem.tile[stage], params.work + w);
+        cp_async_16(static_cast<uint32_t>(__cvta_generic_to_shared(&smem.tile[stage])), params.work + w);
       }
       // Row metadata: thread tid owns row tid.
-      if (tid / G < item.z) {
-        cp_async_8(&smem.rows[stage][tid], params.entries + item.y + tid / G);
+      if ((tid >> g_shift) < item.z) {
+        cp_async_8(&smem.rows[stage][tid], params.entries + item.y + (tid >> g_shift));
       }
       // Query rows: the G heads of a token are contiguous in q.
+      const uint32_t q_smem = q_smem_thread + stage * kQStageBytes;
 #pragma unroll
-      for (int k = 0; k < kBlockM / kRowStep; ++k) {
-        const int row = tid / kChunksPerRow + k * kRowStep;
-        const int e = row / G;
-        if (e < item.z) {
-          const int64_t token = params.entries[item.y + e].x;
-          const Element* src = params.q + (token * params.num_heads + tc.group * G + row % G) * int64_t{kHeadDim} +
-                               chunk_col;
-          cp_async_16(&sQ(row, chunk_col, stage), src);
-        }
+      for (int k = 0; k < kChunksPerRow; ++k) {
+        const int64_t src = __shfl_sync(0xffffffff, offset, shuffle_base + k);
+        if (src >= 0) cp_async_16(q_smem + k * kRowStep * 128, params.q + src + chunk_col);
       }
-      cutlass::arch::cpasync_barrier_arrive_noinc(pipeline.producer_get_barrier(write_state));
-      ++write_state;
+      cutlass::arch::cpasync_barrier_arrive_noinc(q_pipeline.producer_get_barrier(q_state));
+      ++q_state;
+      if (last) break;
       item = next_item;
+      offset = next_offset;
+      scheduler.advance();
     }
-    pipeline.producer_tail(write_state);
     return;
   }
 
   // ---------------- consumers ----------------
   cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
   const int mma_thread = threadIdx.x - kThreadsPerWG;
+  const int mma_wg = warp_group - 1;             // 0 or 1: rows [64 mma_wg, 64 mma_wg + 64) of each tile
+  const int wg_thread = mma_thread % kThreadsPerWG;
   Tensor sVt = make_tensor(make_smem_ptr(smem.v.data()), typename Traits::SmemLayoutVt{});
   typename Traits::TiledMmaQK tiled_mma_qk;
   typename Traits::TiledMmaPV tiled_mma_pv;
   auto thr_mma_qk = tiled_mma_qk.get_thread_slice(mma_thread);
   auto thr_mma_pv = tiled_mma_pv.get_thread_slice(mma_thread);
-  Tensor tSrQ = thr_mma_qk.partition_fragment_A(sQ);    // (MMA, MMA_M, MMA_K, stages)
-  Tensor tSrK = thr_mma_qk.partition_fragment_B(sK);    // (MMA, MMA_N, MMA_K, stages)
-  Tensor tOrVt = thr_mma_pv.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stages)
+  Tensor tSrQ = thr_mma_qk.partition_fragment_A(sQ);    // (MMA, MMA_M, MMA_K, q stages)
+  Tensor tSrK = thr_mma_qk.partition_fragment_B(sK);    // (MMA, MMA_N, MMA_K, kv stages)
+  Tensor tOrVt = thr_mma_pv.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, kv stages)
   Tensor tSrS = partition_fragment_C(tiled_mma_qk, Shape<Int<kBlockM>, Int<kBlockN>>{});
   Tensor tOrO = partition_fragment_C(tiled_mma_pv, Shape<Int<kBlockM>, Int<kHeadDim>>{});
   // P as the A operand of O = P V: the fp32 accumulator of S, in its own register order, is the
@@ -188,37 +273,77 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   Tensor tOrP = make_tensor<Element>(
       Layout<Shape<Shape<_2, _2, _2>, _1, Int<kBlockN / 16>>, Stride<Stride<_1, _2, _4>, _0, _8>>{});
   static_assert(decltype(size(tSrS))::value == kBlockN / 2 && decltype(size(tOrP))::value == kBlockN / 2);
+  static_assert(decltype(size(tOrO))::value == kHeadDim / 2);
 
-  PipelineState read_state;
+  // Ping-pong: each consumer waits for its turn before issuing a GEMM and hands the turn over right
+  // after issuing it, so the tensor cores see QK0 QK1 PV0 PV1 QK0 ... and one warpgroup's softmax
+  // and stores hide under the other's GEMMs. Warpgroup 0 starts.
+  const int my_turn = static_cast<int>(mma_wg == 0 ? FwdBarrier::MmaTurn0 : FwdBarrier::MmaTurn1);
+  const int other_turn = static_cast<int>(mma_wg == 0 ? FwdBarrier::MmaTurn1 : FwdBarrier::MmaTurn0);
+  const int epilogue_barrier = static_cast<int>(mma_wg == 0 ? FwdBarrier::Epilogue0 : FwdBarrier::Epilogue1);
+  if (mma_wg == 1) cutlass::arch::NamedBarrier::arrive(Traits::kNumMmaThreads, other_turn);
+
+  char* out_stage = smem.out.data() + mma_wg * Traits::kOutStageBytes;
+  const uint32_t out_stage_addr = static_cast<uint32_t>(__cvta_generic_to_shared(out_stage));
+  int32_t* out_rows = smem.out_rows[mma_wg];
+
+  QState q_state;
+  KVState kv_state;
+  int current_list = -1;
   const int quad = lane % 4;
-  // This thread's accumulator rows are row_base and row_base + 8 of the tile.
-  const int row_base = (mma_thread / kThreadsPerWG) * 64 + ((mma_thread % kThreadsPerWG) / 32) * 16 + lane / 4;
-  for (int w = blockIdx.x; w < num_work; w += gridDim.x) {
-    pipeline.consumer_wait(read_state);
-    const int stage = read_state.index();
+  const int warp_in_wg = wg_thread / 32;
+  // This thread's accumulator rows are row_base and row_base + 8 of the warpgroup's 64 rows.
+  const int row_base = warp_in_wg * 16 + lane / 4;
+  for (;;) {
+    q_pipeline.consumer_wait(q_state);
+    const int stage = q_state.index();
     cutlass::arch::fence_view_async_shared();  // cp.async (generic proxy) writes -> WGMMA reads
     const int4 item = smem.tile[stage];
+    if (item.x < 0) break;  // the sentinel: no more tiles
     const TileCoord tc(item.x, params.num_heads_kv, params.num_blocks_max);
     const common::SeqInfo seq(tc.batch_idx, params.cu_seqlens_q, params.cu_seqlens_k, params.seqlen_q,
                               params.seqlen_k);
-    // Per accumulator row: its (token, slot) and the last visible key column of the block.
-    int token[2], slot[2], last_col[2];
+    // Per accumulator row: where its partial goes (-1: padding row) and the last visible key column.
+    int part[2], last_col[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const int row = row_base + 8 * i;
-      if (row / G < item.z) {
+      const int row = mma_wg * kRowsPerWG + row_base + 8 * i;
+      if ((row >> g_shift) < item.z) {
         const int2 entry = smem.rows[stage][row];
-        token[i] = entry.x;
-        slot[i] = entry.y;
+        const int head = tc.group * G + (row & (G - 1));
+        part[i] = static_cast<int>(((entry.x - params.token_begin) * params.num_heads + head) * params.topk + entry.y);
         last_col[i] = seq.query_position(static_cast<int>(entry.x - seq.q_token_start)) - tc.block * kBlockN;
       } else {
-        token[i] = -1;
-        slot[i] = 0;
+        part[i] = -1;
         last_col[i] = -1;
       }
     }
+    if (item.x != current_list) {
+      // Every tile of the previous block is done (its P V waited below): hand its stage back.
+      if (current_list >= 0) {
+        kv_pipeline.consumer_release(kv_state);
+        ++kv_state;
+      }
+      kv_pipeline.consumer_wait(kv_state);
+      current_list = item.x;
+    }
+    const int kv_stage = kv_state.index();
 
-    common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_qk, tSrQ(_, _, _, stage), tSrK(_, _, _, stage), tSrS);
+    cutlass::arch::NamedBarrier::sync(Traits::kNumMmaThreads, my_turn);
+    warpgroup_fence_operand(tSrS);
+    warpgroup_arrive();
+    tiled_mma_qk.accumulate_ = GMMA::ScaleOut::Zero;
+    CUTLASS_PRAGMA_UNROLL
+    for (int k = 0; k < size<2>(tSrQ); ++k) {
+      cute::gemm(tiled_mma_qk, tSrQ(_, _, k, stage), tSrK(_, _, k, kv_stage), tSrS);
+      tiled_mma_qk.accumulate_ = GMMA::ScaleOut::One;
+    }
+    warpgroup_commit_batch();
+    cutlass::arch::NamedBarrier::arrive(Traits::kNumMmaThreads, other_turn);
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tSrS);
+    q_pipeline.consumer_release(q_state);  // the gathered queries are no longer needed
+    ++q_state;
 
     // Softmax of each row within the block (masked keys -> -inf, fully masked rows -> P = 0).
     float row_max[2], row_sum[2];
@@ -256,32 +381,64 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     for (int v = 0; v < size(tSrS); ++v) {
       tOrP(v) = static_cast<Element>(tSrS(v));
     }
-    warpgroup_fence_operand(tOrP);
-    common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_pv, tOrP, tOrVt(_, _, _, stage), tOrO);
-    pipeline.consumer_release(read_state);
-    ++read_state;
 
-    // Partial output (normalized) and lse of each valid row, per (query, head, slot).
+    cutlass::arch::NamedBarrier::sync(Traits::kNumMmaThreads, my_turn);
+    warpgroup_fence_operand(tOrP);
+    warpgroup_fence_operand(tOrO);
+    warpgroup_arrive();
+    tiled_mma_pv.accumulate_ = GMMA::ScaleOut::Zero;
+    CUTLASS_PRAGMA_UNROLL
+    for (int k = 0; k < size<2>(tOrP); ++k) {
+      cute::gemm(tiled_mma_pv, tOrP(_, _, k), tOrVt(_, _, k, kv_stage), tOrO);
+      tiled_mma_pv.accumulate_ = GMMA::ScaleOut::One;
+    }
+    warpgroup_commit_batch();
+    cutlass::arch::NamedBarrier::arrive(Traits::kNumMmaThreads, other_turn);
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tOrO);
+
+    // Epilogue: normalized partial rows -> shared memory (stmatrix) -> 16-byte global stores; the
+    // lse of each row straight to global.
+    float inv_sum[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      if (token[i] < 0) continue;
-      const int row = row_base + 8 * i;
-      const int head = tc.group * G + row % G;
-      const int64_t part = ((token[i] - params.token_begin) * params.num_heads + head) * params.topk + slot[i];
-      const float inv_sum = row_sum[i] > 0.f ? 1.f / row_sum[i] : 0.f;
-      Element* dst = params.part_o + part * kHeadDim + 2 * quad;
-#pragma unroll
-      for (int j = 0; j < kHeadDim / 8; ++j) {
-        cutlass::AlignedArray<Element, 2> pair;
-        pair[0] = static_cast<Element>(tOrO(4 * j + 2 * i) * inv_sum);
-        pair[1] = static_cast<Element>(tOrO(4 * j + 2 * i + 1) * inv_sum);
-        *reinterpret_cast<cutlass::AlignedArray<Element, 2>*>(dst + 8 * j) = pair;
-      }
+      inv_sum[i] = row_sum[i] > 0.f ? 1.f / row_sum[i] : 0.f;
       if (quad == 0) {
-        params.part_lse[part] =
-            row_sum[i] > 0.f ? (row_max[i] + __log2f(row_sum[i])) * 0.69314718055994531f : -CUDART_INF_F;
+        out_rows[row_base + 8 * i] = part[i];
+        if (part[i] >= 0) {
+          params.part_lse[part[i]] =
+              row_sum[i] > 0.f ? (row_max[i] + __log2f(row_sum[i])) * 0.69314718055994531f : -CUDART_INF_F;
+        }
       }
     }
+    {
+      // Matrix m of each x4 store: rows row_base - lane/4 + 8 (m % 2) + (lane % 8), 16-byte chunk
+      // j + m / 2 (two 8-column slices per store).
+      const int m = lane / 8;
+      const int st_row = warp_in_wg * 16 + 8 * (m % 2) + lane % 8;
+#pragma unroll
+      for (int j = 0; j < kHeadDim / 8; j += 2) {
+        const uint32_t r0 = pack_pair<Element>(tOrO(4 * j) * inv_sum[0], tOrO(4 * j + 1) * inv_sum[0]);
+        const uint32_t r1 = pack_pair<Element>(tOrO(4 * j + 2) * inv_sum[1], tOrO(4 * j + 3) * inv_sum[1]);
+        const uint32_t r2 = pack_pair<Element>(tOrO(4 * j + 4) * inv_sum[0], tOrO(4 * j + 5) * inv_sum[0]);
+        const uint32_t r3 = pack_pair<Element>(tOrO(4 * j + 6) * inv_sum[1], tOrO(4 * j + 7) * inv_sum[1]);
+        stmatrix_x4(out_stage_addr + out_stage_offset<Traits::kOutRowBytes>(st_row, j + m / 2), r0, r1, r2, r3);
+      }
+    }
+    cutlass::arch::NamedBarrier::sync(kThreadsPerWG, epilogue_barrier);
+    constexpr int kChunksPerRow = kHeadDim / 8;
+#pragma unroll
+    for (int k = 0; k < kRowsPerWG * kChunksPerRow / kThreadsPerWG; ++k) {
+      const int c = wg_thread + k * kThreadsPerWG;
+      const int row = c / kChunksPerRow;
+      const int chunk = c % kChunksPerRow;
+      const int dst = out_rows[row];
+      if (dst >= 0) {
+        const uint4 v = *reinterpret_cast<const uint4*>(out_stage + out_stage_offset<Traits::kOutRowBytes>(row, chunk));
+        *reinterpret_cast<uint4*>(params.part_o + static_cast<int64_t>(dst) * kHeadDim + chunk * 8) = v;
+      }
+    }
+    cutlass::arch::NamedBarrier::sync(kThreadsPerWG, epilogue_barrier);  // staging free for the next tile
   }
 #endif
 }

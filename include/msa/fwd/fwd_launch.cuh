@@ -27,7 +27,8 @@ struct WorkspaceLayout {
   int num_lists = 0;
   int64_t max_entries = 0;
   int64_t max_work = 0;
-  size_t counts = 0, offsets = 0, cursor = 0, entries = 0, work = 0, num_work = 0, part_o = 0, part_lse = 0;
+  size_t counts = 0, offsets = 0, cursor = 0, entries = 0, work = 0, num_work = 0, work_counter = 0, part_o = 0,
+         part_lse = 0;
   size_t total = 0;
 
   explicit WorkspaceLayout(const FwdParams& p) {
@@ -50,6 +51,7 @@ struct WorkspaceLayout {
     entries = take(sizeof(int2) * max_entries);
     work = take(sizeof(int4) * max_work);
     num_work = take(sizeof(int32_t));
+    work_counter = take(sizeof(int32_t));
     part_o = take(static_cast<size_t>(chunk_tokens) * p.num_heads * p.topk * p.head_dim * 2);
     part_lse = take(sizeof(float) * chunk_tokens * p.num_heads * p.topk);
     total = at;
@@ -78,6 +80,7 @@ cudaError_t launch_fwd_main(const FwdParams& p, const WorkspaceLayout& ws, char*
       reinterpret_cast<const int2*>(workspace + ws.entries),
       reinterpret_cast<const int4*>(workspace + ws.work),
       reinterpret_cast<const int32_t*>(workspace + ws.num_work),
+      reinterpret_cast<int32_t*>(workspace + ws.work_counter),
       reinterpret_cast<Element*>(workspace + ws.part_o),
       reinterpret_cast<float*>(workspace + ws.part_lse),
       token_begin,
@@ -92,6 +95,7 @@ cudaError_t launch_fwd_main(const FwdParams& p, const WorkspaceLayout& ws, char*
       ws.num_blocks_max,
       p.topk,
       p.softmax_scale * 1.4426950408889634f,
+      __builtin_ctz(static_cast<unsigned>(p.num_heads / p.num_heads_kv)),
   };
   auto kernel = fwd_kernel<Traits>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
@@ -128,6 +132,7 @@ cudaError_t run_fwd_for(const FwdParams& p, void* workspace_ptr, cudaStream_t st
         reinterpret_cast<int2*>(workspace + ws.entries),
         reinterpret_cast<int4*>(workspace + ws.work),
         reinterpret_cast<int32_t*>(workspace + ws.num_work),
+        reinterpret_cast<int32_t*>(workspace + ws.work_counter),
     };
     cudaError_t err = launch_fwd_plan(plan, stream);
     if (err != cudaSuccess) return err;
@@ -152,6 +157,7 @@ cudaError_t run_fwd_for(const FwdParams& p, void* workspace_ptr, cudaStream_t st
         p.num_heads_kv,
         p.topk,
         p.block_size,
+        ws.num_blocks_max,
     };
     const int64_t pairs = (token_end - token_begin) * p.num_heads;
     combine_kernel<Element, kHeadDim><<<static_cast<unsigned>((pairs + 3) / 4), 128, 0, stream>>>(cp);

@@ -53,7 +53,11 @@ __global__ void __launch_bounds__(kThreads) plan_scan_kernel(const PlanParams p)
     if (threadIdx.x == 0) carry = add(carry, total);
     __syncthreads();
   }
-  if (threadIdx.x == 0) *p.num_work = carry.y;
+  if (threadIdx.x == 0) {
+    *p.num_work = carry.y;
+    p.work[carry.y] = make_int4(-1, 0, 0, 0);  // sentinel: the main kernel's consumers stop here
+    *p.work_counter = 0;
+  }
 }
 
 }  // namespace msa::fwd

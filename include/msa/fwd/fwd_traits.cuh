@@ -11,6 +11,15 @@ namespace msa::fwd {
 
 using namespace cute;
 
+// Named barriers of the forward (cutlass::arch::NamedBarrier adds CUTLASS's reserved count).
+enum class FwdBarrier : int {
+  MmaTurn0 = 0,    // consumer warpgroup 0 may issue its next GEMM (ping-pong)
+  MmaTurn1 = 1,    // consumer warpgroup 1 may issue its next GEMM
+  Epilogue0 = 2,   // warpgroup 0's partial-output tile is complete in shared memory
+  Epilogue1 = 3,
+  ProducerGrab = 4,  // the producer warpgroup has published the scheduler's next run
+};
+
 // Element: cutlass::bfloat16_t or cutlass::half_t; kHeadDim = D in {64, 128};
 // kBlockN = block_size in {64, 128}: one work tile is exactly one selected key block.
 template <class Element_, int kHeadDim_, int kBlockN_>
@@ -21,18 +30,23 @@ struct FwdTraits {
   static_assert(kHeadDim == 64 || kHeadDim == 128, "D must be 64 or 128");
   static_assert(kBlockN == 64 || kBlockN == 128, "block_size must be 64 or 128");
 
-  // 128 gathered query rows per tile: ceil(128 / G) tokens x G heads of one group.
+  // 128 gathered query rows per tile: ceil(128 / G) tokens x G heads of one group; consumer
+  // warpgroup w owns rows [64w, 64w + 64).
   static constexpr int kBlockM = 128;
+  static constexpr int kRowsPerWarpGroup = 64;
   static constexpr int kNumMmaWarpGroups = 2;
   static constexpr int kNumMmaThreads = kNumMmaWarpGroups * common::kThreadsPerWarpGroup;
   static constexpr int kNumThreads = kNumMmaThreads + common::kThreadsPerWarpGroup;
-  // Ring depth: a stage holds one tile's gathered queries, K and V of its block, and its metadata.
-  static constexpr int kStages = 2;
-  // The producer warpgroup issues the TMA loads and the cp.async query gather (kBlockM x D / 8
-  // 16-byte chunks over 128 threads: 16 per thread at D = 128, 8 at D = 64). setmaxnreg only moves registers inside the CTA's launch allocation (168 per
-  // thread at 384 threads), so producer + 2 x consumer must not exceed 3 x 168.
-  static constexpr int kProducerRegs = 56;
-  static constexpr int kConsumerRegs = 224;
+  // Two rings: gathered queries (one stage per tile) and K/V (one stage per key block). A CTA walks
+  // a contiguous range of the block-sorted work list, so consecutive tiles mostly share their
+  // block and K/V is loaded once per run of tiles, not once per tile.
+  static constexpr int kKVStages = 2;
+  static constexpr int kQStages = (kHeadDim == 128 && kBlockN == 128) ? 2 : 3;
+  // The producer warpgroup issues the TMA loads and the cp.async query gather. setmaxnreg only
+  // moves registers inside the CTA's launch allocation (168 per thread at 384 threads), so
+  // producer + 2 x consumer must not exceed 3 x 168.
+  static constexpr int kProducerRegs = 72;
+  static constexpr int kConsumerRegs = 216;
   static_assert(kProducerRegs + kNumMmaWarpGroups * kConsumerRegs <= (kNumMmaWarpGroups + 1) * 168,
                 "register split exceeds the launch allocation: consumers would wait forever in setmaxnreg");
 
@@ -48,17 +62,22 @@ struct FwdTraits {
 
   using SmemLayoutAtom = GMMA::Layout_K_SW128_Atom<Element>;
   using SmemLayoutQ =
-      decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>, Int<kStages>>{}));
+      decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>, Int<kQStages>>{}));
   using SmemLayoutKV =
-      decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));
+      decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>, Int<kKVStages>>{}));
   // (d, key, stage) view of the V tiles.
   using SmemLayoutVt = decltype(composition(
       SmemLayoutKV{},
-      make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{}, Step<_2, _1, _3>{})));
+      make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockN>, Int<kKVStages>>{}, Step<_2, _1, _3>{})));
 
-  using MainloopPipeline = cutlass::PipelineTmaAsync<kStages>;
-  using PipelineState = typename MainloopPipeline::PipelineState;
+  using QPipeline = cutlass::PipelineAsync<kQStages>;
+  using KVPipeline = cutlass::PipelineTmaAsync<kKVStages>;
   static constexpr uint32_t kTmaBytesKV = 2 * kBlockN * kHeadDim * sizeof(Element);
+
+  // Epilogue staging: each consumer warpgroup's 64 x D partial output goes through shared memory
+  // (16-byte chunks XOR-swizzled by row) so that global stores are whole 16-byte vectors.
+  static constexpr int kOutRowBytes = kHeadDim * static_cast<int>(sizeof(Element));
+  static constexpr int kOutStageBytes = kRowsPerWarpGroup * kOutRowBytes;
 
   // K and V in gmem: (token, d, kv head), token stride Hkv * D; the head is a coordinate.
   using GmemShapeKV = Shape<int32_t, Int<kHeadDim>, int32_t>;
@@ -71,9 +90,13 @@ struct FwdTraits {
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> q;
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutKV>, 1024> k;
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutKV>, 1024> v;
-    int4 tile[kStages];             // (list, first entry, entries, 0) of the tile in each stage
-    int2 rows[kStages][kBlockM];    // (flat token, slot) of each gathered row
-    typename MainloopPipeline::SharedStorage pipeline;
+    cute::array_aligned<char, kNumMmaWarpGroups * kOutStageBytes, 128> out;
+    int4 tile[kQStages];                          // (list, first entry, entries, 0) of each stage's tile
+    int2 rows[kQStages][kBlockM];                 // (flat token, slot) of each gathered row
+    int32_t out_rows[kNumMmaWarpGroups][kRowsPerWarpGroup];  // partial index of each staged row, -1 = none
+    int grab_slot;                                // DynamicTileScheduler's hand-over
+    typename QPipeline::SharedStorage q_pipeline;
+    typename KVPipeline::SharedStorage kv_pipeline;
   };
   static constexpr int kSmemBytes = sizeof(SharedStorage);
   static_assert(kSmemBytes <= 227 * 1024, "shared memory budget exceeded");
