@@ -42,6 +42,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fwd_cuda(
   TORCH_CHECK(block_size == 64 || block_size == 128, "block_size must be 64 or 128");
   const int64_t total_q = q.numel() / (hq * d), total_k = k.numel() / (hkv * d);
   TORCH_CHECK(total_q < (int64_t{1} << 31) && total_k < (int64_t{1} << 31), "token counts must stay below 2^31");
+  TORCH_CHECK(total_q * hq < (int64_t{1} << 31), "total query tokens x Hq must stay below 2^31 (32-bit q row index)");
   const int64_t batch = varlen ? cu_seqlens_q->size(0) - 1 : q.size(0);
   check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", batch, q);
   check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", batch, q);

@@ -20,11 +20,20 @@ struct PlanParams {
   int32_t* counts;   // [num_lists], zeroed before count
   int32_t* offsets;  // [num_lists]
   int32_t* cursor;   // [num_lists], zeroed before fill
-  int2* entries;     // [(token_end - token_begin) * Hkv * topk]: (flat token, slot)
+  int32_t* entries;  // [(token_end - token_begin) * Hkv * topk]: pack_entry(token - token_begin, slot)
   int4* work;        // [max_work]: (list, first entry, number of entries, 0), then a sentinel
   int32_t* num_work; // [1]
   int32_t* work_counter;  // [1]: the main kernel's dynamic scheduler, zeroed by the scan
 };
+
+// A list entry in 32 bits: the query token relative to the chunk (< 2^26, see kMaxChunkTokens)
+// and the slot (< 32). Halves the entry traffic and the per-stage metadata in shared memory.
+constexpr int64_t kMaxChunkTokens = int64_t{1} << 26;
+__host__ __device__ __forceinline__ int32_t pack_entry(int64_t local_token, int slot) {
+  return static_cast<int32_t>((local_token << 5) | slot);
+}
+__host__ __device__ __forceinline__ int entry_token(int32_t entry) { return entry >> 5; }
+__host__ __device__ __forceinline__ int entry_slot(int32_t entry) { return entry & 31; }
 
 // Sequence holding flat query token `token` (binary search over cu_seqlens_q for varlen).
 __device__ __forceinline__ int sequence_of_query(int64_t token, const int32_t* cu_seqlens_q, int batch,

@@ -15,14 +15,14 @@
 // ring with cp.async, each signalling the stage's full barrier when its copies land
 // (cp.async.mbarrier.arrive.noinc). Warpgroups 1-2 = consumers, 64 rows of every tile each:
 // WGMMA S = Q K^T (SS), the softmax in registers, WGMMA O = P V (P from registers, V^T read
-// MN-major from the TMA tile), then the partial output through shared memory and the lse. The two
-// consumers take turns issuing GEMMs (named barriers), so one warpgroup's softmax and stores run
-// while the other's GEMMs occupy the tensor cores.
+// MN-major from the TMA tile), then the partial output through shared memory and the lse. Each
+// consumer pipelines its own tiles: the next tile's S = Q K^T runs during this tile's stores.
 #pragma once
 
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/fast_math.h>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
 #include <math_constants.h>
@@ -45,7 +45,7 @@ struct FwdKernelParams {
   typename Traits::TmaKV tma_v;
   int32_t total_k;
   const Element* q;          // [total_q, Hq, D]
-  const int2* entries;       // (flat token, slot) per list entry
+  const int32_t* entries;    // pack_entry(token - token_begin, slot) per list entry
   const int4* work;          // (list, first entry, entries, 0) per tile
   const int32_t* num_work;   // [1]
   int32_t* work_counter;     // [1], zeroed by the plan: the dynamic scheduler's next free tile
@@ -56,6 +56,7 @@ struct FwdKernelParams {
   const int32_t* cu_seqlens_k;
   int batch, seqlen_q, seqlen_k;
   int num_heads, num_heads_kv, group_size, num_blocks_max, topk;
+  cutlass::FastDivmod num_blocks_max_div, num_heads_kv_div;
   float scale_log2;  // softmax_scale * log2(e)
   int group_shift;  // log2(G): G is a power of two, so row / G and row % G are a shift and a mask
 };
@@ -63,19 +64,22 @@ struct FwdKernelParams {
 __device__ __forceinline__ void cp_async_16(uint32_t smem_dst, const void* gmem_src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_dst), "l"(gmem_src));
 }
-__device__ __forceinline__ void cp_async_8(void* smem_dst, const void* gmem_src) {
+__device__ __forceinline__ void prefetch_l2(const void* ptr) {
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(ptr));
+}
+__device__ __forceinline__ void cp_async_4(void* smem_dst, const void* gmem_src) {
   const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(gmem_src));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(gmem_src));
 }
 
-// list id -> (sequence, group, key block)
+// list id -> (sequence, group, key block); the divisors are kernel constants (FastDivmod:
+// multiply-shift instead of a runtime division in every tile of every warp).
 struct TileCoord {
   int batch_idx, group, block;
-  __device__ TileCoord(int list, int num_heads_kv, int num_blocks_max) {
-    block = list % num_blocks_max;
-    const int bg = list / num_blocks_max;
-    group = bg % num_heads_kv;
-    batch_idx = bg / num_heads_kv;
+  __device__ TileCoord(int list, const cutlass::FastDivmod& blocks_div, const cutlass::FastDivmod& heads_kv_div) {
+    int bg;
+    blocks_div(bg, block, list);
+    heads_kv_div(batch_idx, group, bg);
   }
 };
 
@@ -96,13 +100,6 @@ __device__ __forceinline__ void stmatrix_x4(uint32_t smem_addr, uint32_t a0, uin
                "r"(a1), "r"(a2), "r"(a3));
 }
 
-// Byte offset of 16-byte chunk `chunk` of staged row `row`: chunks are XOR-swizzled by row % 8 so
-// both the stmatrix writes (8 rows, one chunk) and the row-wise reads are bank-conflict free.
-template <int kRowBytes>
-__device__ __forceinline__ int out_stage_offset(int row, int chunk) {
-  return row * kRowBytes + ((chunk ^ (row % 8)) * 16);
-}
-
 template <class Traits>
 __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     fwd_kernel(CUTE_GRID_CONSTANT FwdKernelParams<Traits> const params) {
@@ -117,6 +114,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   constexpr int kHeadDim = Traits::kHeadDim;
   constexpr int kThreadsPerWG = common::kThreadsPerWarpGroup;
   constexpr int kRowsPerWG = Traits::kRowsPerWarpGroup;
+  constexpr uint32_t kQStageBytes = kBlockM * kHeadDim * sizeof(Element);
 
   extern __shared__ char smem_buf[];
   auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_buf);
@@ -168,19 +166,20 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     // thread takes its tokens with shuffles, so no global load sits between acquire and cp.async.
     const int loader_row = (tid / 32) * (32 / kChunksPerRow) + lane / kChunksPerRow + (lane % kChunksPerRow) * kRowStep;
     const int shuffle_base = lane & ~(kChunksPerRow - 1);
-    // Element offset in q of the loader row's query row (token, head), -1 for padding rows.
-    auto row_offset = [&](const int4& tile) -> int64_t {
+    // Row of q ([total_q * Hq, D]; < 2^31, checked on the host) holding the loader row's query
+    // (token, head), -1 for padding rows.
+    auto row_offset = [&](const int4& tile) -> int {
       const int e = loader_row >> g_shift;
       if (e >= tile.z) return -1;
-      const int token = params.entries[tile.y + e].x;
-      const int group = (tile.x / params.num_blocks_max) % params.num_heads_kv;
-      return (int64_t{token} * params.num_heads + group * G + (loader_row & (G - 1))) * kHeadDim;
+      const int token = static_cast<int>(params.token_begin) + entry_token(params.entries[tile.y + e]);
+      const TileCoord tc(tile.x, params.num_blocks_max_div, params.num_heads_kv_div);
+      return token * params.num_heads + tc.group * G + (loader_row & (G - 1));
     };
     // Shared-memory byte address of this thread's first chunk in stage 0. In the SW128 K-major
     // tile a row is 128 bytes inside its 64-column half and the XOR pattern repeats every 8 rows;
     // kRowStep is a multiple of 8, so the thread's k-th chunk sits k * kRowStep * 128 bytes later.
     static_assert(kRowStep % 8 == 0);
-    constexpr uint32_t kQStageBytes = kBlockM * kHeadDim * sizeof(Element);
+    const Element* q_chunk = params.q + chunk_col;
     const uint32_t q_smem_thread =
         static_cast<uint32_t>(__cvta_generic_to_shared(&sQ(tid / kChunksPerRow, chunk_col, 0)));
     QState q_state = cutlass::make_producer_start_state<QPipeline>();
@@ -191,18 +190,30 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     // params.work[num_work] is the plan's sentinel (list -1, no entries): producing it tells the
     // consumers to stop.
     int4 item = params.work[scheduler.tile()];
-    int64_t offset = row_offset(item);
+    int4 next_item = params.work[scheduler.peek_next()];
+    int offset = row_offset(item);
     for (;;) {
       const int w = scheduler.tile();
       const bool last = scheduler.done();
-      // In flight while this tile waits for its stage: the next work item and its row offsets.
-      int4 next_item = item;
-      int64_t next_offset = -1;
+      // In flight while this tile is produced: the work item after next, and the row offsets of
+      // the next one (its work item arrived during the previous tile, so nothing waits here).
+      int4 after_next_item = next_item;
+      int after_next = -1;
+      int next_offset = -1;
       if (!last) {
-        next_item = params.work[scheduler.peek_next()];
+        after_next = scheduler.peek_after_next();
+        if (after_next >= 0) after_next_item = params.work[after_next];
         next_offset = row_offset(next_item);
+        // Pull the next tile's query rows into L2 now: its cp.async gather then waits on an L2 hit,
+        // not on HBM (the consumers otherwise stall on the gather's latency; ncu at 32K).
+        if (next_offset >= 0) {
+#pragma unroll
+          for (int line = 0; line < kHeadDim * int(sizeof(Element)) / 128; ++line) {
+            prefetch_l2(params.q + int64_t{next_offset} * kHeadDim + line * (128 / sizeof(Element)));
+          }
+        }
       }
-      const TileCoord tc(item.x, params.num_heads_kv, params.num_blocks_max);
+      const TileCoord tc(item.x, params.num_blocks_max_div, params.num_heads_kv_div);
       if (!last && item.x != loaded_list) {
         // A new key block: K and V into the next K/V stage (thread 0 only; the other threads go on
         // gathering queries, the consumers wait on both rings).
@@ -233,14 +244,15 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       }
       // Row metadata: thread tid owns row tid.
       if ((tid >> g_shift) < item.z) {
-        cp_async_8(&smem.rows[stage][tid], params.entries + item.y + (tid >> g_shift));
+        cp_async_4(&smem.rows[stage][tid], params.entries + item.y + (tid >> g_shift));
       }
+      __syncwarp();  // thread 0 may have branched off for the K/V load; the shuffles need the warp
       // Query rows: the G heads of a token are contiguous in q.
       const uint32_t q_smem = q_smem_thread + stage * kQStageBytes;
 #pragma unroll
       for (int k = 0; k < kChunksPerRow; ++k) {
-        const int64_t src = __shfl_sync(0xffffffff, offset, shuffle_base + k);
-        if (src >= 0) cp_async_16(q_smem + k * kRowStep * 128, params.q + src + chunk_col);
+        const int src_row = __shfl_sync(0xffffffff, offset, shuffle_base + k);
+        if (src_row >= 0) cp_async_16(q_smem + k * kRowStep * 128, q_chunk + int64_t{src_row} * kHeadDim);
       }
       cutlass::arch::cpasync_barrier_arrive_noinc(q_pipeline.producer_get_barrier(q_state));
       ++q_state;
@@ -248,6 +260,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       item = next_item;
       offset = next_offset;
       scheduler.advance();
+      next_item = after_next >= 0 ? after_next_item : params.work[scheduler.peek_next()];
     }
     return;
   }
@@ -275,77 +288,119 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   static_assert(decltype(size(tSrS))::value == kBlockN / 2 && decltype(size(tOrP))::value == kBlockN / 2);
   static_assert(decltype(size(tOrO))::value == kHeadDim / 2);
 
-  // Ping-pong: each consumer waits for its turn before issuing a GEMM and hands the turn over right
-  // after issuing it, so the tensor cores see QK0 QK1 PV0 PV1 QK0 ... and one warpgroup's softmax
-  // and stores hide under the other's GEMMs. Warpgroup 0 starts.
-  const int my_turn = static_cast<int>(mma_wg == 0 ? FwdBarrier::MmaTurn0 : FwdBarrier::MmaTurn1);
-  const int other_turn = static_cast<int>(mma_wg == 0 ? FwdBarrier::MmaTurn1 : FwdBarrier::MmaTurn0);
+  // Each consumer warpgroup is its own software pipeline over the tiles (both take every tile,
+  // 64 rows each): while the tensor cores run S = Q K^T of the next tile, the warpgroup stores the
+  // current tile's partial output, and its softmax overlaps the other warpgroup's GEMMs.
+  //   wait S(t) -> softmax(t) -> issue P V(t) -> [load tile t+1] issue Q K^T(t+1)
+  //   -> wait P V(t) (Q K^T(t+1) still running) -> epilogue(t) -> wait S(t+1) -> ...
   const int epilogue_barrier = static_cast<int>(mma_wg == 0 ? FwdBarrier::Epilogue0 : FwdBarrier::Epilogue1);
-  if (mma_wg == 1) cutlass::arch::NamedBarrier::arrive(Traits::kNumMmaThreads, other_turn);
-
-  char* out_stage = smem.out.data() + mma_wg * Traits::kOutStageBytes;
-  const uint32_t out_stage_addr = static_cast<uint32_t>(__cvta_generic_to_shared(out_stage));
   int32_t* out_rows = smem.out_rows[mma_wg];
+  // The epilogue stages a warpgroup's partial rows in its own rows of the tile's query stage, in
+  // the query tile's SW128 layout (conflict free for the stmatrix writes and the 16-byte row reads):
+  // 16-byte chunk c of row r sits in 64-column half c / 8, at r * 128 + ((c % 8) ^ (r % 8)) * 16.
+  // Both sides are written so that per tile only one base address per thread is live (the XOR
+  // touches address bits 4-6 only, the row and stage parts never do).
+  const uint32_t q_smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem.q.data()));
+  constexpr int kHalfBytes = kBlockM * 128;  // one 64-column half of the query tile
 
   QState q_state;
+  QState loaded_q_state;
   KVState kv_state;
   int current_list = -1;
+  bool release_kv = false;  // the previous block's K/V stage is freed once its last P V is done
+  KVState old_kv_state;
   const int quad = lane % 4;
   const int warp_in_wg = wg_thread / 32;
   // This thread's accumulator rows are row_base and row_base + 8 of the warpgroup's 64 rows.
   const int row_base = warp_in_wg * 16 + lane / 4;
-  for (;;) {
+
+  // The tile being computed: its K/V stage, and per accumulator row where its partial goes
+  // (-1: padding row) and the last visible key column of the block.
+  int kv_stage = 0, part[2], last_col[2];
+
+  // Waits for the next tile's queries (and K/V when its block changes) and reads its metadata;
+  // false at the sentinel.
+  int q_stage = 0;
+  auto load_tile = [&]() -> bool {
     q_pipeline.consumer_wait(q_state);
-    const int stage = q_state.index();
+    q_stage = q_state.index();
+    loaded_q_state = q_state;
+    ++q_state;
+    const int stage = q_stage;
     cutlass::arch::fence_view_async_shared();  // cp.async (generic proxy) writes -> WGMMA reads
     const int4 item = smem.tile[stage];
-    if (item.x < 0) break;  // the sentinel: no more tiles
-    const TileCoord tc(item.x, params.num_heads_kv, params.num_blocks_max);
+    if (item.x < 0) return false;
+    const TileCoord tc(item.x, params.num_blocks_max_div, params.num_heads_kv_div);
     const common::SeqInfo seq(tc.batch_idx, params.cu_seqlens_q, params.cu_seqlens_k, params.seqlen_q,
                               params.seqlen_k);
-    // Per accumulator row: where its partial goes (-1: padding row) and the last visible key column.
-    int part[2], last_col[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int row = mma_wg * kRowsPerWG + row_base + 8 * i;
       if ((row >> g_shift) < item.z) {
-        const int2 entry = smem.rows[stage][row];
+        const int32_t entry = smem.rows[stage][row];
+        const int local_token = entry_token(entry);
         const int head = tc.group * G + (row & (G - 1));
-        part[i] = static_cast<int>(((entry.x - params.token_begin) * params.num_heads + head) * params.topk + entry.y);
-        last_col[i] = seq.query_position(static_cast<int>(entry.x - seq.q_token_start)) - tc.block * kBlockN;
+        part[i] = (local_token * params.num_heads + head) * params.topk + entry_slot(entry);
+        last_col[i] = seq.query_position(static_cast<int>(params.token_begin + local_token - seq.q_token_start)) -
+                      tc.block * kBlockN;
       } else {
         part[i] = -1;
         last_col[i] = -1;
       }
     }
     if (item.x != current_list) {
-      // Every tile of the previous block is done (its P V waited below): hand its stage back.
-      if (current_list >= 0) {
-        kv_pipeline.consumer_release(kv_state);
+      if (current_list >= 0) {  // the previous block's last P V may still run: release it later
+        old_kv_state = kv_state;
+        release_kv = true;
         ++kv_state;
       }
       kv_pipeline.consumer_wait(kv_state);
       current_list = item.x;
     }
-    const int kv_stage = kv_state.index();
-
-    cutlass::arch::NamedBarrier::sync(Traits::kNumMmaThreads, my_turn);
+    kv_stage = kv_state.index();
+    return true;
+  };
+  // S = Q K^T of the loaded tile. Issued on every path, also after the sentinel (a discarded
+  // product of stale shared memory): a WGMMA issued under a branch makes ptxas serialize them all.
+  auto issue_qk = [&]() {
     warpgroup_fence_operand(tSrS);
     warpgroup_arrive();
     tiled_mma_qk.accumulate_ = GMMA::ScaleOut::Zero;
     CUTLASS_PRAGMA_UNROLL
     for (int k = 0; k < size<2>(tSrQ); ++k) {
-      cute::gemm(tiled_mma_qk, tSrQ(_, _, k, stage), tSrK(_, _, k, kv_stage), tSrS);
+      cute::gemm(tiled_mma_qk, tSrQ(_, _, k, q_stage), tSrK(_, _, k, kv_stage), tSrS);
       tiled_mma_qk.accumulate_ = GMMA::ScaleOut::One;
     }
     warpgroup_commit_batch();
-    cutlass::arch::NamedBarrier::arrive(Traits::kNumMmaThreads, other_turn);
+  };
+
+  bool have_tile = load_tile();
+  issue_qk();
+  while (have_tile) {
     warpgroup_wait<0>();
     warpgroup_fence_operand(tSrS);
-    q_pipeline.consumer_release(q_state);  // the gathered queries are no longer needed
-    ++q_state;
+    const QState tile_q_state = loaded_q_state;  // released once the partial output has left
+    const int tile_q_stage = q_stage;
+    const int pv_kv_stage = kv_stage;
+    const int tile_part[2] = {part[0], part[1]};
 
-    // Softmax of each row within the block (masked keys -> -inf, fully masked rows -> P = 0).
+    // Softmax of each row within the block (masked keys -> -inf, fully masked rows -> P = 0). Only
+    // a query's own block (and blocks past it) needs the causal mask: skip it when no row of the
+    // warp does (warp-uniform branch).
+    if (__any_sync(0xffffffff, min(last_col[0], last_col[1]) < kBlockN - 1)) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+#pragma unroll
+        for (int j = 0; j < kBlockN / 8; ++j) {
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int col = 8 * j + 2 * quad + c;
+            float& s = tSrS(4 * j + 2 * i + c);
+            s = col <= last_col[i] ? s : -CUDART_INF_F;
+          }
+        }
+      }
+    }
     float row_max[2], row_sum[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -354,10 +409,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
-          const int col = 8 * j + 2 * quad + c;
-          float& s = tSrS(4 * j + 2 * i + c);
-          s = col <= last_col[i] ? s : -CUDART_INF_F;
-          m = fmaxf(m, s);
+          m = fmaxf(m, tSrS(4 * j + 2 * i + c));
         }
       }
       m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 1));
@@ -382,20 +434,25 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       tOrP(v) = static_cast<Element>(tSrS(v));
     }
 
-    cutlass::arch::NamedBarrier::sync(Traits::kNumMmaThreads, my_turn);
+    // O = P V, then (overlapping it) the next tile's S = Q K^T.
     warpgroup_fence_operand(tOrP);
     warpgroup_fence_operand(tOrO);
     warpgroup_arrive();
     tiled_mma_pv.accumulate_ = GMMA::ScaleOut::Zero;
     CUTLASS_PRAGMA_UNROLL
     for (int k = 0; k < size<2>(tOrP); ++k) {
-      cute::gemm(tiled_mma_pv, tOrP(_, _, k), tOrVt(_, _, k, kv_stage), tOrO);
+      cute::gemm(tiled_mma_pv, tOrP(_, _, k), tOrVt(_, _, k, pv_kv_stage), tOrO);
       tiled_mma_pv.accumulate_ = GMMA::ScaleOut::One;
     }
     warpgroup_commit_batch();
-    cutlass::arch::NamedBarrier::arrive(Traits::kNumMmaThreads, other_turn);
-    warpgroup_wait<0>();
+    have_tile = load_tile();
+    issue_qk();
+    warpgroup_wait<1>();  // P V done; Q K^T of the next tile may still run
     warpgroup_fence_operand(tOrO);
+    if (release_kv) {
+      kv_pipeline.consumer_release(old_kv_state);
+      release_kv = false;
+    }
 
     // Epilogue: normalized partial rows -> shared memory (stmatrix) -> 16-byte global stores; the
     // lse of each row straight to global.
@@ -404,9 +461,9 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     for (int i = 0; i < 2; ++i) {
       inv_sum[i] = row_sum[i] > 0.f ? 1.f / row_sum[i] : 0.f;
       if (quad == 0) {
-        out_rows[row_base + 8 * i] = part[i];
-        if (part[i] >= 0) {
-          params.part_lse[part[i]] =
+        out_rows[row_base + 8 * i] = tile_part[i];
+        if (tile_part[i] >= 0) {
+          params.part_lse[tile_part[i]] =
               row_sum[i] > 0.f ? (row_max[i] + __log2f(row_sum[i])) * 0.69314718055994531f : -CUDART_INF_F;
         }
       }
@@ -414,32 +471,45 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     {
       // Matrix m of each x4 store: rows row_base - lane/4 + 8 (m % 2) + (lane % 8), 16-byte chunk
       // j + m / 2 (two 8-column slices per store).
+      // Chunk j + m / 2 of row st_row (j even): ((j % 8) | m/2) ^ (row % 8) = (j % 8) ^ (m/2 ^ row % 8).
       const int m = lane / 8;
-      const int st_row = warp_in_wg * 16 + 8 * (m % 2) + lane % 8;
+      const int st_row = mma_wg * kRowsPerWG + warp_in_wg * 16 + 8 * (m % 2) + lane % 8;
+      const uint32_t st_base = q_smem_base + tile_q_stage * kQStageBytes + st_row * 128 + (((m / 2) ^ (st_row % 8)) * 16);
 #pragma unroll
       for (int j = 0; j < kHeadDim / 8; j += 2) {
         const uint32_t r0 = pack_pair<Element>(tOrO(4 * j) * inv_sum[0], tOrO(4 * j + 1) * inv_sum[0]);
         const uint32_t r1 = pack_pair<Element>(tOrO(4 * j + 2) * inv_sum[1], tOrO(4 * j + 3) * inv_sum[1]);
         const uint32_t r2 = pack_pair<Element>(tOrO(4 * j + 4) * inv_sum[0], tOrO(4 * j + 5) * inv_sum[0]);
         const uint32_t r3 = pack_pair<Element>(tOrO(4 * j + 6) * inv_sum[1], tOrO(4 * j + 7) * inv_sum[1]);
-        stmatrix_x4(out_stage_addr + out_stage_offset<Traits::kOutRowBytes>(st_row, j + m / 2), r0, r1, r2, r3);
+        stmatrix_x4((st_base ^ ((j % 8) * 16)) + (j / 8) * kHalfBytes, r0, r1, r2, r3);
       }
     }
     cutlass::arch::NamedBarrier::sync(kThreadsPerWG, epilogue_barrier);
+    // Thread t copies chunk t % C of rows t / C + k * (128 / C): rows 8 apart keep the XOR pattern.
     constexpr int kChunksPerRow = kHeadDim / 8;
+    constexpr int kReadRowStep = kThreadsPerWG / kChunksPerRow;
+    static_assert(kReadRowStep % 8 == 0);
+    const int rd_row = wg_thread / kChunksPerRow;
+    const int chunk = wg_thread % kChunksPerRow;
+    const int rd_row_abs = mma_wg * kRowsPerWG + rd_row;
+    const uint32_t rd_base = q_smem_base + tile_q_stage * kQStageBytes + (chunk / 8) * kHalfBytes + rd_row_abs * 128 +
+                             (((chunk % 8) ^ (rd_row_abs % 8)) * 16);
 #pragma unroll
-    for (int k = 0; k < kRowsPerWG * kChunksPerRow / kThreadsPerWG; ++k) {
-      const int c = wg_thread + k * kThreadsPerWG;
-      const int row = c / kChunksPerRow;
-      const int chunk = c % kChunksPerRow;
+    for (int k = 0; k < kRowsPerWG / kReadRowStep; ++k) {
+      const int row = rd_row + k * kReadRowStep;
       const int dst = out_rows[row];
       if (dst >= 0) {
-        const uint4 v = *reinterpret_cast<const uint4*>(out_stage + out_stage_offset<Traits::kOutRowBytes>(row, chunk));
+        uint4 v;
+        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                     : "r"(rd_base + k * kReadRowStep * 128));
         *reinterpret_cast<uint4*>(params.part_o + static_cast<int64_t>(dst) * kHeadDim + chunk * 8) = v;
       }
     }
-    cutlass::arch::NamedBarrier::sync(kThreadsPerWG, epilogue_barrier);  // staging free for the next tile
+    cutlass::arch::NamedBarrier::sync(kThreadsPerWG, epilogue_barrier);  // out_rows free for the next tile
+    q_pipeline.consumer_release(tile_q_state);
   }
+  warpgroup_wait<0>();  // the discarded product issued after the sentinel
 #endif
 }
 

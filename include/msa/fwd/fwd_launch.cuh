@@ -33,7 +33,7 @@ struct WorkspaceLayout {
 
   explicit WorkspaceLayout(const FwdParams& p) {
     const int64_t per_token = static_cast<int64_t>(p.num_heads) * p.topk * (p.head_dim * 2 + 4);
-    chunk_tokens = std::max<int64_t>(1, std::min<int64_t>(p.total_q, kPartialBudgetBytes / per_token));
+    chunk_tokens = std::max<int64_t>(1, std::min({p.total_q, kPartialBudgetBytes / per_token, kMaxChunkTokens}));
     num_blocks_max = (p.max_seqlen_k + p.block_size - 1) / p.block_size;
     num_lists = p.batch * p.num_heads_kv * num_blocks_max;
     max_entries = chunk_tokens * p.num_heads_kv * p.topk;
@@ -48,7 +48,7 @@ struct WorkspaceLayout {
     counts = take(sizeof(int32_t) * num_lists);
     cursor = take(sizeof(int32_t) * num_lists);
     offsets = take(sizeof(int32_t) * num_lists);
-    entries = take(sizeof(int2) * max_entries);
+    entries = take(sizeof(int32_t) * max_entries);
     work = take(sizeof(int4) * max_work);
     num_work = take(sizeof(int32_t));
     work_counter = take(sizeof(int32_t));
@@ -77,7 +77,7 @@ cudaError_t launch_fwd_main(const FwdParams& p, const WorkspaceLayout& ws, char*
       make_tma_copy(SM90_TMA_LOAD{}, gV, smem_tile),
       total_k,
       static_cast<Element const*>(p.q),
-      reinterpret_cast<const int2*>(workspace + ws.entries),
+      reinterpret_cast<const int32_t*>(workspace + ws.entries),
       reinterpret_cast<const int4*>(workspace + ws.work),
       reinterpret_cast<const int32_t*>(workspace + ws.num_work),
       reinterpret_cast<int32_t*>(workspace + ws.work_counter),
@@ -94,6 +94,8 @@ cudaError_t launch_fwd_main(const FwdParams& p, const WorkspaceLayout& ws, char*
       p.num_heads / p.num_heads_kv,
       ws.num_blocks_max,
       p.topk,
+      cutlass::FastDivmod(ws.num_blocks_max),
+      cutlass::FastDivmod(p.num_heads_kv),
       p.softmax_scale * 1.4426950408889634f,
       __builtin_ctz(static_cast<unsigned>(p.num_heads / p.num_heads_kv)),
   };
@@ -129,7 +131,7 @@ cudaError_t run_fwd_for(const FwdParams& p, void* workspace_ptr, cudaStream_t st
         reinterpret_cast<int32_t*>(workspace + ws.counts),
         reinterpret_cast<int32_t*>(workspace + ws.offsets),
         reinterpret_cast<int32_t*>(workspace + ws.cursor),
-        reinterpret_cast<int2*>(workspace + ws.entries),
+        reinterpret_cast<int32_t*>(workspace + ws.entries),
         reinterpret_cast<int4*>(workspace + ws.work),
         reinterpret_cast<int32_t*>(workspace + ws.num_work),
         reinterpret_cast<int32_t*>(workspace + ws.work_counter),

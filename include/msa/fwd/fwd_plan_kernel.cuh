@@ -4,7 +4,7 @@
 //
 //   count:  counts[list] = number of (token, slot) pairs that chose the list's block
 //   scan:   offsets = exclusive_scan(counts); tiles = ceil(counts / tokens_per_tile); work list
-//   fill:   entries[offsets[list] + k] = (token, slot), k from an atomic cursor
+//   fill:   entries[offsets[list] + k] = pack_entry(token - token_begin, slot), k from an atomic cursor
 // The order of entries within a list depends on atomics; each row's result does not.
 // Included by src/fwd/fwd_plan.cu only (non-template kernels).
 #pragma once
@@ -22,7 +22,7 @@ __global__ void plan_count_kernel(const PlanParams p) {
 __global__ void plan_fill_kernel(const PlanParams p) {
   for_each_valid_slot(p, [&](int list, int32_t token, int slot) {
     const int pos = p.offsets[list] + atomicAdd(p.cursor + list, 1);
-    p.entries[pos] = make_int2(token, slot);
+    p.entries[pos] = pack_entry(token - p.token_begin, slot);
   });
 }
 

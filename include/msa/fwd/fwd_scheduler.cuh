@@ -35,6 +35,13 @@ class DynamicTileScheduler {
   __device__ int tile() const { return min(tile_, num_work_); }
   // The tile after the current one (for prefetching), or num_work.
   __device__ int peek_next() const { return tile_ + 1 < end_ ? tile_ + 1 : min(next_, num_work_); }
+  // The tile after that, or -1 when it is not known yet (only when runs are one tile long).
+  __device__ int peek_after_next() const {
+    if (tile_ + 2 < end_) return tile_ + 2;
+    if (tile_ + 1 < end_) return min(next_, num_work_);
+    if (next_ + 1 >= num_work_) return num_work_;
+    return next_ + 1 < next_ + grab_ ? next_ + 1 : -1;
+  }
   __device__ bool done() const { return tile_ >= num_work_; }
 
   // Every producer thread calls this once per tile.

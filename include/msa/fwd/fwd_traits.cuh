@@ -13,11 +13,9 @@ using namespace cute;
 
 // Named barriers of the forward (cutlass::arch::NamedBarrier adds CUTLASS's reserved count).
 enum class FwdBarrier : int {
-  MmaTurn0 = 0,    // consumer warpgroup 0 may issue its next GEMM (ping-pong)
-  MmaTurn1 = 1,    // consumer warpgroup 1 may issue its next GEMM
-  Epilogue0 = 2,   // warpgroup 0's partial-output tile is complete in shared memory
-  Epilogue1 = 3,
-  ProducerGrab = 4,  // the producer warpgroup has published the scheduler's next run
+  Epilogue0 = 0,     // consumer warpgroup 0's partial-output tile is complete in shared memory
+  Epilogue1 = 1,
+  ProducerGrab = 2,  // the producer warpgroup has published the scheduler's next run
 };
 
 // Element: cutlass::bfloat16_t or cutlass::half_t; kHeadDim = D in {64, 128};
@@ -41,12 +39,14 @@ struct FwdTraits {
   // a contiguous range of the block-sorted work list, so consecutive tiles mostly share their
   // block and K/V is loaded once per run of tiles, not once per tile.
   static constexpr int kKVStages = 2;
-  static constexpr int kQStages = (kHeadDim == 128 && kBlockN == 128) ? 2 : 3;
+  // A query stage is held until the tile's partial output has left: the epilogue stages each
+  // warpgroup's 64 output rows in that warpgroup's own (already consumed) query rows.
+  static constexpr int kQStages = (kHeadDim == 128 && kBlockN == 128) ? 3 : 4;
   // The producer warpgroup issues the TMA loads and the cp.async query gather. setmaxnreg only
   // moves registers inside the CTA's launch allocation (168 per thread at 384 threads), so
   // producer + 2 x consumer must not exceed 3 x 168.
-  static constexpr int kProducerRegs = 72;
-  static constexpr int kConsumerRegs = 216;
+  static constexpr int kProducerRegs = 56;
+  static constexpr int kConsumerRegs = 224;
   static_assert(kProducerRegs + kNumMmaWarpGroups * kConsumerRegs <= (kNumMmaWarpGroups + 1) * 168,
                 "register split exceeds the launch allocation: consumers would wait forever in setmaxnreg");
 
@@ -63,6 +63,13 @@ struct FwdTraits {
   using SmemLayoutAtom = GMMA::Layout_K_SW128_Atom<Element>;
   using SmemLayoutQ =
       decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>, Int<kQStages>>{}));
+  // The producer's gather and the epilogue's staging address the query tile directly: a row is
+  // 128 bytes inside its 64-column half, halves are kBlockM rows apart, stages follow each other.
+  // (The 128-byte swizzle acts on the byte address: chunk bits 4-6 ^= row bits 7-9.)
+  static_assert(get_nonswizzle_portion(SmemLayoutQ{})(8, 0, 0) == 8 * 64 &&
+                    get_nonswizzle_portion(SmemLayoutQ{})(0, 0, 1) == kBlockM * kHeadDim &&
+                    (kHeadDim == 64 || get_nonswizzle_portion(SmemLayoutQ{})(0, 64, 0) == kBlockM * 64),
+                "unexpected query tile layout");
   using SmemLayoutKV =
       decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>, Int<kKVStages>>{}));
   // (d, key, stage) view of the V tiles.
@@ -73,11 +80,6 @@ struct FwdTraits {
   using QPipeline = cutlass::PipelineAsync<kQStages>;
   using KVPipeline = cutlass::PipelineTmaAsync<kKVStages>;
   static constexpr uint32_t kTmaBytesKV = 2 * kBlockN * kHeadDim * sizeof(Element);
-
-  // Epilogue staging: each consumer warpgroup's 64 x D partial output goes through shared memory
-  // (16-byte chunks XOR-swizzled by row) so that global stores are whole 16-byte vectors.
-  static constexpr int kOutRowBytes = kHeadDim * static_cast<int>(sizeof(Element));
-  static constexpr int kOutStageBytes = kRowsPerWarpGroup * kOutRowBytes;
 
   // K and V in gmem: (token, d, kv head), token stride Hkv * D; the head is a coordinate.
   using GmemShapeKV = Shape<int32_t, Int<kHeadDim>, int32_t>;
@@ -90,9 +92,8 @@ struct FwdTraits {
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> q;
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutKV>, 1024> k;
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutKV>, 1024> v;
-    cute::array_aligned<char, kNumMmaWarpGroups * kOutStageBytes, 128> out;
     int4 tile[kQStages];                          // (list, first entry, entries, 0) of each stage's tile
-    int2 rows[kQStages][kBlockM];                 // (flat token, slot) of each gathered row
+    int32_t rows[kQStages][kBlockM];              // pack_entry(local token, slot) of each gathered row
     int32_t out_rows[kNumMmaWarpGroups][kRowsPerWarpGroup];  // partial index of each staged row, -1 = none
     int grab_slot;                                // DynamicTileScheduler's hand-over
     typename QPipeline::SharedStorage q_pipeline;
