@@ -1,5 +1,7 @@
 // Merge the per-slot partial outputs of each (query, head) by their lse (MSA_SPEC s.5):
-//   lse = log sum_s exp(lse_s),  out = sum_s exp(lse_s - lse) * O_s.
+//   lse = log sum_s exp(lse_s),  out = sum_s exp(lse_s - lse) * O_s,
+// where the main kernel stores O_s unnormalized (P V, P = exp(S - max_s)) with (max_s, lse_s) in
+// log2 units, so the weight of slot s is 2^(max_s - LSE) (exp(lse_s - lse) / sum_s P = that).
 // One warp per (query, head). The combine only streams partials (about as many bytes as the main
 // kernel writes), so it is organised for memory-level parallelism: lane s learns from
 // block_indices whether slot s is valid, then every valid partial row is requested at once with
@@ -21,7 +23,7 @@ namespace msa::fwd {
 template <class Element>
 struct CombineParams {
   const Element* part_o;        // [chunk tokens, Hq, topk, D]
-  const float* part_lse;        // [chunk tokens, Hq, topk]
+  const float2* part_stats;     // [chunk tokens, Hq, topk]: (max, lse) per partial, log2 units
   const int32_t* block_indices; // [total_q, Hkv, topk]
   Element* out;                 // [total_q, Hq, D]
   float* lse;                   // padded [B, Hq, Sq] or varlen [Hq, total_q]
@@ -64,7 +66,8 @@ __global__ void __launch_bounds__(128) combine_kernel(const CombineParams<Elemen
   const bool valid =
       lane < p.topk && slot_is_valid(p.block_indices[(token * p.num_heads_kv + group) * p.topk + lane], num_blocks);
   const unsigned valid_mask = __ballot_sync(0xffffffff, valid);
-  const float slot_lse = valid ? p.part_lse[pair * p.topk + lane] : -CUDART_INF_F;
+  const float2 stats = valid ? p.part_stats[pair * p.topk + lane] : make_float2(0.f, -CUDART_INF_F);
+  const float slot_lse = stats.y;
   // Lane l reads chunk l % kLanesPerRow of slots l / kLanesPerRow + kRowsPerLoad * k.
   const int chunk = lane % kLanesPerRow;
   const int slot_in_load = lane / kLanesPerRow;
@@ -79,8 +82,9 @@ __global__ void __launch_bounds__(128) combine_kernel(const CombineParams<Elemen
   float m = slot_lse;
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
-  const float weight = slot_lse == -CUDART_INF_F ? 0.f : __expf(slot_lse - m);  // -inf: invalid or fully masked
-  float total = weight;
+  // -inf: invalid slot or a row with no visible key in the block.
+  float total = slot_lse == -CUDART_INF_F ? 0.f : exp2f(slot_lse - m);
+  const float weight = slot_lse == -CUDART_INF_F ? 0.f : exp2f(stats.x - m);
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffff, total, o);
 
@@ -107,7 +111,7 @@ __global__ void __launch_bounds__(128) combine_kernel(const CombineParams<Elemen
     *reinterpret_cast<cutlass::Array<Element, 8>*>(p.out + (token * p.num_heads + head) * kHeadDim + chunk * 8) = out;
   }
   if (lane == 0) {
-    const float lse = total > 0.f ? m + __logf(total) : -CUDART_INF_F;
+    const float lse = total > 0.f ? (m + __log2f(total)) * 0.69314718055994531f : -CUDART_INF_F;
     const int64_t idx = p.cu_seqlens_q != nullptr
                             ? head * p.total_q + token
                             : (static_cast<int64_t>(b) * p.num_heads + head) * p.seqlen_q + (token - seq.q_token_start);

@@ -3,8 +3,8 @@
 // Math: a work tile is (sequence b, group g, key block kb, up to 128/G query tokens that selected
 // kb for g). Its 128 rows are those tokens x the G query heads of g (the heads of a token are
 // contiguous in q, so a row gather is 16-byte vector copies). For each row:
-//   S = scale * q K_kb^T (keys j > p(i) masked), P = exp(S - max), O_part = P V_kb / sum(P),
-//   lse_part = max + log(sum(P)),
+//   S = scale * q K_kb^T (keys j > p(i) masked), P = exp(S - max), O_part = P V_kb (bf16:
+//   unnormalized; fp16: / sum(P)), with (max, lse_part = max + log(sum(P))) kept next to it,
 // written per (query, head, slot); combine_kernel merges the slots of a query by lse.
 //
 // Grid: persistent, one CTA per SM; CTAs take runs of consecutive tiles of the work list
@@ -49,8 +49,8 @@ struct FwdKernelParams {
   const int4* work;          // (list, first entry, entries, 0) per tile
   const int32_t* num_work;   // [1]
   int32_t* work_counter;     // [1], zeroed by the plan: the dynamic scheduler's next free tile
-  Element* part_o;           // [chunk tokens, Hq, topk, D], normalized partial outputs
-  float* part_lse;           // [chunk tokens, Hq, topk]
+  Element* part_o;           // [chunk tokens, Hq, topk, D], unnormalized partial outputs P V
+  float2* part_stats;        // [chunk tokens, Hq, topk]: (row max, lse) of each partial, log2 units
   int64_t token_begin;       // first flat query token of the chunk
   const int32_t* cu_seqlens_q;
   const int32_t* cu_seqlens_k;
@@ -401,30 +401,34 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         }
       }
     }
+    // Row max and sum over 4 independent partial chains each (2 consumer warps per scheduler
+    // leave little to hide a 32-deep dependent chain behind).
     float row_max[2], row_sum[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      float m = -CUDART_INF_F;
+      float mp[4] = {-CUDART_INF_F, -CUDART_INF_F, -CUDART_INF_F, -CUDART_INF_F};
 #pragma unroll
       for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
-          m = fmaxf(m, tSrS(4 * j + 2 * i + c));
+          mp[(2 * j + c) % 4] = fmaxf(mp[(2 * j + c) % 4], tSrS(4 * j + 2 * i + c));
         }
       }
+      float m = fmaxf(fmaxf(mp[0], mp[1]), fmaxf(mp[2], mp[3]));
       m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 1));
       m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 2));
       row_max[i] = m == -CUDART_INF_F ? 0.f : m * params.scale_log2;
-      float l = 0.f;
+      float lp[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           float& s = tSrS(4 * j + 2 * i + c);
           s = exp2f(s * params.scale_log2 - row_max[i]);
-          l += s;
+          lp[(2 * j + c) % 4] += s;
         }
       }
+      float l = (lp[0] + lp[1]) + (lp[2] + lp[3]);
       l += __shfl_xor_sync(0xffffffff, l, 1);
       l += __shfl_xor_sync(0xffffffff, l, 2);
       row_sum[i] = l;
@@ -454,18 +458,19 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       release_kv = false;
     }
 
-    // Epilogue: normalized partial rows -> shared memory (stmatrix) -> 16-byte global stores; the
-    // lse of each row straight to global.
-    float inv_sum[2];
+    // Epilogue: partial rows -> shared memory (stmatrix) -> 16-byte global stores; each row's
+    // (max, lse) in log2 units straight to global. The combine weighs slot s by 2^(max_s - LSE),
+    // which normalizes P V, so bf16 partials skip the division. fp16 partials are normalized here
+    // (P V can exceed fp16's range) and record max = lse, which makes the same weight exact.
+    constexpr bool kNormalize = cute::is_same_v<Element, cutlass::half_t>;
+    float out_scale[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      inv_sum[i] = row_sum[i] > 0.f ? 1.f / row_sum[i] : 0.f;
+      const float lse2 = row_sum[i] > 0.f ? row_max[i] + __log2f(row_sum[i]) : -CUDART_INF_F;
+      out_scale[i] = kNormalize ? (row_sum[i] > 0.f ? 1.f / row_sum[i] : 0.f) : 1.f;
       if (quad == 0) {
         out_rows[row_base + 8 * i] = tile_part[i];
-        if (tile_part[i] >= 0) {
-          params.part_lse[tile_part[i]] =
-              row_sum[i] > 0.f ? (row_max[i] + __log2f(row_sum[i])) * 0.69314718055994531f : -CUDART_INF_F;
-        }
+        if (tile_part[i] >= 0) params.part_stats[tile_part[i]] = make_float2(kNormalize ? lse2 : row_max[i], lse2);
       }
     }
     {
@@ -477,10 +482,10 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       const uint32_t st_base = q_smem_base + tile_q_stage * kQStageBytes + st_row * 128 + (((m / 2) ^ (st_row % 8)) * 16);
 #pragma unroll
       for (int j = 0; j < kHeadDim / 8; j += 2) {
-        const uint32_t r0 = pack_pair<Element>(tOrO(4 * j) * inv_sum[0], tOrO(4 * j + 1) * inv_sum[0]);
-        const uint32_t r1 = pack_pair<Element>(tOrO(4 * j + 2) * inv_sum[1], tOrO(4 * j + 3) * inv_sum[1]);
-        const uint32_t r2 = pack_pair<Element>(tOrO(4 * j + 4) * inv_sum[0], tOrO(4 * j + 5) * inv_sum[0]);
-        const uint32_t r3 = pack_pair<Element>(tOrO(4 * j + 6) * inv_sum[1], tOrO(4 * j + 7) * inv_sum[1]);
+        const uint32_t r0 = pack_pair<Element>(tOrO(4 * j) * out_scale[0], tOrO(4 * j + 1) * out_scale[0]);
+        const uint32_t r1 = pack_pair<Element>(tOrO(4 * j + 2) * out_scale[1], tOrO(4 * j + 3) * out_scale[1]);
+        const uint32_t r2 = pack_pair<Element>(tOrO(4 * j + 4) * out_scale[0], tOrO(4 * j + 5) * out_scale[0]);
+        const uint32_t r3 = pack_pair<Element>(tOrO(4 * j + 6) * out_scale[1], tOrO(4 * j + 7) * out_scale[1]);
         stmatrix_x4((st_base ^ ((j % 8) * 16)) + (j / 8) * kHalfBytes, r0, r1, r2, r3);
       }
     }

@@ -14,7 +14,7 @@
 
 namespace msa::fwd {
 
-// Partial outputs take Hq x topk x (D x 2 + 4) bytes per query; queries are processed in chunks
+// Partial outputs take Hq x topk x (D x 2 + 8) bytes per query; queries are processed in chunks
 // so that they never exceed this budget (a 1M-token M3 prefill would otherwise need 256 GiB).
 constexpr int64_t kPartialBudgetBytes = int64_t{2} << 30;
 constexpr int kRowsPerTile = 128;
@@ -28,11 +28,11 @@ struct WorkspaceLayout {
   int64_t max_entries = 0;
   int64_t max_work = 0;
   size_t counts = 0, offsets = 0, cursor = 0, entries = 0, work = 0, num_work = 0, work_counter = 0, part_o = 0,
-         part_lse = 0;
+         part_stats = 0;
   size_t total = 0;
 
   explicit WorkspaceLayout(const FwdParams& p) {
-    const int64_t per_token = static_cast<int64_t>(p.num_heads) * p.topk * (p.head_dim * 2 + 4);
+    const int64_t per_token = static_cast<int64_t>(p.num_heads) * p.topk * (p.head_dim * 2 + 8);
     chunk_tokens = std::max<int64_t>(1, std::min({p.total_q, kPartialBudgetBytes / per_token, kMaxChunkTokens}));
     num_blocks_max = (p.max_seqlen_k + p.block_size - 1) / p.block_size;
     num_lists = p.batch * p.num_heads_kv * num_blocks_max;
@@ -53,7 +53,7 @@ struct WorkspaceLayout {
     num_work = take(sizeof(int32_t));
     work_counter = take(sizeof(int32_t));
     part_o = take(static_cast<size_t>(chunk_tokens) * p.num_heads * p.topk * p.head_dim * 2);
-    part_lse = take(sizeof(float) * chunk_tokens * p.num_heads * p.topk);
+    part_stats = take(sizeof(float2) * chunk_tokens * p.num_heads * p.topk);
     total = at;
   }
 };
@@ -82,7 +82,7 @@ cudaError_t launch_fwd_main(const FwdParams& p, const WorkspaceLayout& ws, char*
       reinterpret_cast<const int32_t*>(workspace + ws.num_work),
       reinterpret_cast<int32_t*>(workspace + ws.work_counter),
       reinterpret_cast<Element*>(workspace + ws.part_o),
-      reinterpret_cast<float*>(workspace + ws.part_lse),
+      reinterpret_cast<float2*>(workspace + ws.part_stats),
       token_begin,
       p.cu_seqlens_q,
       p.cu_seqlens_k,
@@ -143,7 +143,7 @@ cudaError_t run_fwd_for(const FwdParams& p, void* workspace_ptr, cudaStream_t st
     if (err != cudaSuccess) return err;
     CombineParams<Element> cp{
         reinterpret_cast<const Element*>(workspace + ws.part_o),
-        reinterpret_cast<const float*>(workspace + ws.part_lse),
+        reinterpret_cast<const float2*>(workspace + ws.part_stats),
         p.block_indices,
         static_cast<Element*>(p.out),
         p.lse,
