@@ -43,6 +43,7 @@ struct FwdKernelParams {
   using Element = typename Traits::Element;
   typename Traits::TmaKV tma_k;
   typename Traits::TmaKV tma_v;
+  cute::TmaDescriptor tma_q;  // q as [total_q * Hq, D], 8 x 64 SW128 boxes (used when G >= 8)
   int32_t total_k;
   const Element* q;          // [total_q, Hq, D]
   const int32_t* entries;    // pack_entry(token - token_begin, slot) per list entry
@@ -63,9 +64,6 @@ struct FwdKernelParams {
 
 __device__ __forceinline__ void cp_async_16(uint32_t smem_dst, const void* gmem_src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_dst), "l"(gmem_src));
-}
-__device__ __forceinline__ void prefetch_l2(const void* ptr) {
-  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(ptr));
 }
 __device__ __forceinline__ void cp_async_4(void* smem_dst, const void* gmem_src) {
   const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
@@ -139,6 +137,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   kv_params.num_producers = 1;
   KVPipeline kv_pipeline(smem.kv_pipeline, kv_params, Shape<_1, _1, _1>{});
   if (threadIdx.x == 0) {
+    if (G >= 8) cute::prefetch_tma_descriptor(&params.tma_q);
     cute::prefetch_tma_descriptor(params.tma_k.get_tma_descriptor());
     cute::prefetch_tma_descriptor(params.tma_v.get_tma_descriptor());
   }
@@ -166,15 +165,6 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     // thread takes its tokens with shuffles, so no global load sits between acquire and cp.async.
     const int loader_row = (tid / 32) * (32 / kChunksPerRow) + lane / kChunksPerRow + (lane % kChunksPerRow) * kRowStep;
     const int shuffle_base = lane & ~(kChunksPerRow - 1);
-    // Row of q ([total_q * Hq, D]; < 2^31, checked on the host) holding the loader row's query
-    // (token, head), -1 for padding rows.
-    auto row_offset = [&](const int4& tile) -> int {
-      const int e = loader_row >> g_shift;
-      if (e >= tile.z) return -1;
-      const int token = static_cast<int>(params.token_begin) + entry_token(params.entries[tile.y + e]);
-      const TileCoord tc(tile.x, params.num_blocks_max_div, params.num_heads_kv_div);
-      return token * params.num_heads + tc.group * G + (loader_row & (G - 1));
-    };
     // Shared-memory byte address of this thread's first chunk in stage 0. In the SW128 K-major
     // tile a row is 128 bytes inside its 64-column half and the XOR pattern repeats every 8 rows;
     // kRowStep is a multiple of 8, so the thread's k-th chunk sits k * kRowStep * 128 bytes later.
@@ -182,6 +172,27 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     const Element* q_chunk = params.q + chunk_col;
     const uint32_t q_smem_thread =
         static_cast<uint32_t>(__cvta_generic_to_shared(&sQ(tid / kChunksPerRow, chunk_col, 0)));
+
+    // G >= 8: each token's G heads are G whole 8-row SW128 boxes, so the queries arrive by TMA
+    // (lane L of warp 0 copies box L: token L / (G/8 * D/64), rows 8 ((L / (D/64)) % (G/8)),
+    // half L % (D/64)); the 128 threads only copy the row metadata. G < 8: cp.async gather.
+    constexpr int kHalves = kHeadDim / 64;
+    const bool use_tma = G >= 8;
+    const int boxes_per_token = (G / 8) * kHalves;
+    const int tma_token = use_tma ? lane / boxes_per_token : 0;
+    const int tma_rows = use_tma ? 8 * ((lane / kHalves) % (G / 8)) : 0;
+    const int tma_half = lane % kHalves;
+    // The entry (pack_entry) this lane needs for a tile, -1 if none: loaded a tile ahead and only
+    // decoded when the tile is produced, so no load result is waited for in the loop.
+    auto entry_index = [&](const int4& tile) -> int {
+      const int e = use_tma ? tma_token : (loader_row >> g_shift);
+      return e < tile.z ? tile.y + e : -1;
+    };
+    auto load_entry = [&](const int4& tile) -> int32_t {
+      const int idx = entry_index(tile);
+      return idx >= 0 ? params.entries[idx] : -1;
+    };
+
     QState q_state = cutlass::make_producer_start_state<QPipeline>();
     KVState kv_state = cutlass::make_producer_start_state<KVPipeline>();
     int loaded_list = -1;
@@ -191,27 +202,19 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     // consumers to stop.
     int4 item = params.work[scheduler.tile()];
     int4 next_item = params.work[scheduler.peek_next()];
-    int offset = row_offset(item);
+    int32_t entry = load_entry(item);
     for (;;) {
       const int w = scheduler.tile();
       const bool last = scheduler.done();
-      // In flight while this tile is produced: the work item after next, and the row offsets of
-      // the next one (its work item arrived during the previous tile, so nothing waits here).
+      // In flight while this tile is produced: the work item after next and the next tile's
+      // entries (its work item arrived during the previous tile).
       int4 after_next_item = next_item;
       int after_next = -1;
-      int next_offset = -1;
+      int32_t next_entry = -1;
       if (!last) {
         after_next = scheduler.peek_after_next();
         if (after_next >= 0) after_next_item = params.work[after_next];
-        next_offset = row_offset(next_item);
-        // Pull the next tile's query rows into L2 now: its cp.async gather then waits on an L2 hit,
-        // not on HBM (the consumers otherwise stall on the gather's latency; ncu at 32K).
-        if (next_offset >= 0) {
-#pragma unroll
-          for (int line = 0; line < kHeadDim * int(sizeof(Element)) / 128; ++line) {
-            prefetch_l2(params.q + int64_t{next_offset} * kHeadDim + line * (128 / sizeof(Element)));
-          }
-        }
+        next_entry = load_entry(next_item);
       }
       const TileCoord tc(item.x, params.num_blocks_max_div, params.num_heads_kv_div);
       if (!last && item.x != loaded_list) {
@@ -237,8 +240,13 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         ++kv_state;
         loaded_list = item.x;
       }
+      // Row of q ([total_q * Hq, D]; < 2^31, checked on the host) of this lane's entry.
+      const int q_row = entry >= 0 ? (static_cast<int>(params.token_begin) + entry_token(entry)) * params.num_heads +
+                                         tc.group * G + (use_tma ? tma_rows : (loader_row & (G - 1)))
+                                   : -1;
       q_pipeline.producer_acquire(q_state);
       const int stage = q_state.index();
+      auto* full_barrier = q_pipeline.producer_get_barrier(q_state);
       if (tid == 0) {
         cp_async_16(static_cast<uint32_t>(__cvta_generic_to_shared(&smem.tile[stage])), params.work + w);
       }
@@ -247,18 +255,34 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         cp_async_4(&smem.rows[stage][tid], params.entries + item.y + (tid >> g_shift));
       }
       __syncwarp();  // thread 0 may have branched off for the K/V load; the shuffles need the warp
-      // Query rows: the G heads of a token are contiguous in q.
-      const uint32_t q_smem = q_smem_thread + stage * kQStageBytes;
+      if (use_tma) {
+        if (tid < 32) {
+          if (lane == 0 && item.z > 0) {
+            cutlass::arch::ClusterTransactionBarrier::expect_transaction(full_barrier,
+                                                                         item.z * G * kHeadDim * sizeof(Element));
+          }
+          __syncwarp();
+          if (q_row >= 0) {
+            char* dst = reinterpret_cast<char*>(smem.q.data()) + stage * kQStageBytes + tma_half * (kBlockM * 128) +
+                        (tma_token * G + tma_rows) * 128;
+            SM90_TMA_LOAD_2D::copy(&params.tma_q, full_barrier, static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL),
+                                   dst, tma_half * 64, q_row);
+          }
+        }
+      } else {
+        // Query rows: the G heads of a token are contiguous in q.
+        const uint32_t q_smem = q_smem_thread + stage * kQStageBytes;
 #pragma unroll
-      for (int k = 0; k < kChunksPerRow; ++k) {
-        const int src_row = __shfl_sync(0xffffffff, offset, shuffle_base + k);
-        if (src_row >= 0) cp_async_16(q_smem + k * kRowStep * 128, q_chunk + int64_t{src_row} * kHeadDim);
+        for (int k = 0; k < kChunksPerRow; ++k) {
+          const int src_row = __shfl_sync(0xffffffff, q_row, shuffle_base + k);
+          if (src_row >= 0) cp_async_16(q_smem + k * kRowStep * 128, q_chunk + int64_t{src_row} * kHeadDim);
+        }
       }
-      cutlass::arch::cpasync_barrier_arrive_noinc(q_pipeline.producer_get_barrier(q_state));
+      cutlass::arch::cpasync_barrier_arrive_noinc(full_barrier);
       ++q_state;
       if (last) break;
       item = next_item;
-      offset = next_offset;
+      entry = next_entry;
       scheduler.advance();
       next_item = after_next >= 0 ? after_next_item : params.work[scheduler.peek_next()];
     }

@@ -1,10 +1,13 @@
 // Host side of the forward: workspace layout, query chunking, plan -> main -> combine.
 #pragma once
 
+#include <cuda.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cute/tensor.hpp>
+#include <cutlass/cuda_host_adapter.hpp>
+#include <cutlass/fast_math.h>
 
 #include "msa/fwd/combine_kernel.cuh"
 #include "msa/fwd/fwd_kernel.cuh"
@@ -61,6 +64,22 @@ struct WorkspaceLayout {
 // Defined in src/fwd/fwd_plan.cu: zero the counters, count, scan, fill.
 cudaError_t launch_fwd_plan(const PlanParams& plan, cudaStream_t stream);
 
+// q viewed as [total_q * Hq, D] with 8-row x 64-column boxes in the 128-byte swizzle of the
+// query tile: one box is 8 heads of one token in one half of D (fwd_kernel's G >= 8 path).
+template <class Element, int kHeadDim>
+cudaError_t make_query_box_descriptor(const FwdParams& p, cute::TmaDescriptor* desc) {
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(kHeadDim), static_cast<cuuint64_t>(p.total_q * p.num_heads)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(kHeadDim * sizeof(Element))};
+  const cuuint32_t box[2] = {64, 8};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  const CUtensorMapDataType type =
+      cute::is_same_v<Element, cutlass::half_t> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  const CUresult result = CUTLASS_CUDA_DRIVER_WRAPPER_CALL(cuTensorMapEncodeTiled)(
+      desc, type, 2, const_cast<void*>(p.q), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
 template <class Element, int kHeadDim, int kBlockN>
 cudaError_t launch_fwd_main(const FwdParams& p, const WorkspaceLayout& ws, char* workspace, int64_t token_begin,
                             cudaStream_t stream) {
@@ -72,9 +91,15 @@ cudaError_t launch_fwd_main(const FwdParams& p, const WorkspaceLayout& ws, char*
   auto gV = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.v)),
                         make_shape(total_k, Int<kHeadDim>{}, p.num_heads_kv), kv_stride);
   auto smem_tile = take<0, 2>(typename Traits::SmemLayoutKV{});
+  cute::TmaDescriptor tma_q{};
+  if (p.num_heads / p.num_heads_kv >= 8) {
+    cudaError_t err = make_query_box_descriptor<Element, kHeadDim>(p, &tma_q);
+    if (err != cudaSuccess) return err;
+  }
   FwdKernelParams<Traits> kp{
       make_tma_copy(SM90_TMA_LOAD{}, gK, smem_tile),
       make_tma_copy(SM90_TMA_LOAD{}, gV, smem_tile),
+      tma_q,
       total_k,
       static_cast<Element const*>(p.q),
       reinterpret_cast<const int32_t*>(workspace + ws.entries),
