@@ -11,9 +11,10 @@
 // fwd_plan_kernel.cuh produced (sorted by list, i.e. by key block) from a global counter
 // (fwd_scheduler.cuh), so K/V of a block is loaded once per run of tiles and the SMs stay balanced.
 // Warp roles: warpgroup 0 = producer. Thread 0 TMA-loads K and V into the K/V ring whenever the
-// block changes; all 128 threads gather each tile's query rows and row metadata into the query
-// ring with cp.async, each signalling the stage's full barrier when its copies land
-// (cp.async.mbarrier.arrive.noinc). Warpgroups 1-2 = consumers, 64 rows of every tile each:
+// block changes. Each tile's query rows go into the query ring by TMA (8-head boxes, G >= 8) or by
+// a cp.async gather over all 128 threads (G < 8); the 128 threads also copy the row metadata and
+// each signals the stage's full barrier when its copies land (cp.async.mbarrier.arrive.noinc; the
+// TMA bytes are expected on the same barrier). Warpgroups 1-2 = consumers, 64 rows of every tile each:
 // WGMMA S = Q K^T (SS), the softmax in registers, WGMMA O = P V (P from registers, V^T read
 // MN-major from the TMA tile), then the partial output through shared memory and the lse. Each
 // consumer pipelines its own tiles: the next tile's S = Q K^T runs during this tile's stores.
@@ -318,7 +319,9 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   //   wait S(t) -> softmax(t) -> issue P V(t) -> [load tile t+1] issue Q K^T(t+1)
   //   -> wait P V(t) (Q K^T(t+1) still running) -> epilogue(t) -> wait S(t+1) -> ...
   const int epilogue_barrier = static_cast<int>(mma_wg == 0 ? FwdBarrier::Epilogue0 : FwdBarrier::Epilogue1);
-  int32_t* out_rows = smem.out_rows[mma_wg];
+  // Double-buffered by tile parity: a thread writing tile k+2's rows has passed tile k+1's epilogue
+  // barrier, which every thread reaches only after its tile-k stores, so no second barrier.
+  int out_parity = 0;
   // The epilogue stages a warpgroup's partial rows in its own rows of the tile's query stage, in
   // the query tile's SW128 layout (conflict free for the stmatrix writes and the 16-byte row reads):
   // 16-byte chunk c of row r sits in 64-column half c / 8, at r * 128 + ((c % 8) ^ (r % 8)) * 16.
@@ -493,7 +496,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       const float lse2 = row_sum[i] > 0.f ? row_max[i] + __log2f(row_sum[i]) : -CUDART_INF_F;
       out_scale[i] = kNormalize ? (row_sum[i] > 0.f ? 1.f / row_sum[i] : 0.f) : 1.f;
       if (quad == 0) {
-        out_rows[row_base + 8 * i] = tile_part[i];
+        smem.out_rows[mma_wg][out_parity][row_base + 8 * i] = tile_part[i];
         if (tile_part[i] >= 0) params.part_stats[tile_part[i]] = make_float2(kNormalize ? lse2 : row_max[i], lse2);
       }
     }
@@ -526,7 +529,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
 #pragma unroll
     for (int k = 0; k < kRowsPerWG / kReadRowStep; ++k) {
       const int row = rd_row + k * kReadRowStep;
-      const int dst = out_rows[row];
+      const int dst = smem.out_rows[mma_wg][out_parity][row];
       if (dst >= 0) {
         uint4 v;
         asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
@@ -535,8 +538,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         *reinterpret_cast<uint4*>(params.part_o + static_cast<int64_t>(dst) * kHeadDim + chunk * 8) = v;
       }
     }
-    cutlass::arch::NamedBarrier::sync(kThreadsPerWG, epilogue_barrier);  // out_rows free for the next tile
-    q_pipeline.consumer_release(tile_q_state);
+    q_pipeline.consumer_release(tile_q_state);  // this thread's reads of the staged rows are done
+    out_parity ^= 1;
   }
   warpgroup_wait<0>();  // the discarded product issued after the sentinel
 #endif

@@ -35,9 +35,9 @@ struct FwdTraits {
   static constexpr int kNumMmaWarpGroups = 2;
   static constexpr int kNumMmaThreads = kNumMmaWarpGroups * common::kThreadsPerWarpGroup;
   static constexpr int kNumThreads = kNumMmaThreads + common::kThreadsPerWarpGroup;
-  // Two rings: gathered queries (one stage per tile) and K/V (one stage per key block). A CTA walks
-  // a contiguous range of the block-sorted work list, so consecutive tiles mostly share their
-  // block and K/V is loaded once per run of tiles, not once per tile.
+  // Two rings: gathered queries (one stage per tile) and K/V (one stage per key block). A CTA takes
+  // runs of consecutive tiles of the block-sorted work list, so consecutive tiles mostly share
+  // their block and K/V is loaded once per run of tiles, not once per tile.
   static constexpr int kKVStages = 2;
   // A query stage is held until the tile's partial output has left: the epilogue stages each
   // warpgroup's 64 output rows in that warpgroup's own (already consumed) query rows.
@@ -94,7 +94,7 @@ struct FwdTraits {
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutKV>, 1024> v;
     int4 tile[kQStages];                          // (list, first entry, entries, 0) of each stage's tile
     int32_t rows[kQStages][kBlockM];              // pack_entry(local token, slot) of each gathered row
-    int32_t out_rows[kNumMmaWarpGroups][kRowsPerWarpGroup];  // partial index of each staged row, -1 = none
+    int32_t out_rows[kNumMmaWarpGroups][2][kRowsPerWarpGroup];  // partial index of each staged row, -1 = none
     int grab_slot;                                // DynamicTileScheduler's hand-over
     typename QPipeline::SharedStorage q_pipeline;
     typename KVPipeline::SharedStorage kv_pipeline;
