@@ -250,12 +250,38 @@ class Runner:
             })
         return out
 
+    def attn_targets(self) -> List[Dict[str, Any]]:
+        """Per length, issue 3's forward targets: block_sparse_attn TFLOPS / dense TFLOPS >= 0.6 (the
+        indexer's and the hot-block selection), sparse_attn >= 8x dense at 128K and >= 20x at 1M,
+        and, where every visible block is selected (S <= topk x block_size), block_sparse_attn no
+        slower than 0.8x dense (dense time / its time >= 0.8)."""
+        shape_full = Shape(seqlen=1)
+        full_len = shape_full.topk * shape_full.block_size
+        out = []
+        for seqlen in sorted({r.seqlen for r in self.rows}):
+            dense = self.row("dense_cudnn", seqlen)
+            if dense is None:
+                continue
+            entry: Dict[str, Any] = {"seqlen": seqlen}
+            for op, key in (("block_sparse_attn", "attn_tflops_ratio"), ("block_sparse_attn_hot", "hot_tflops_ratio")):
+                row = self.row(op, seqlen)
+                entry[key] = row.tflops / dense.tflops if row is not None and row.tflops and dense.tflops else None
+            e2e = self.row("sparse_attn", seqlen)
+            entry["sparse_attn_speedup"] = dense.median_ms / e2e.median_ms if e2e is not None else None
+            attn = self.row("block_sparse_attn", seqlen)
+            entry["full_coverage_time_ratio"] = (dense.median_ms / attn.median_ms
+                                                 if attn is not None and seqlen <= full_len else None)
+            if any(v is not None for k, v in entry.items() if k != "seqlen"):
+                out.append(entry)
+        return out
+
     def write_json(self) -> None:
         self.finish_speedups()
         out = Path(self.args.out)
         out.mkdir(parents=True, exist_ok=True)
         doc = {"meta": self.meta, "ceilings": self.ceilings, "args": vars(self.args),
-               "select_targets": self.select_targets(), "results": [asdict(r) for r in self.rows]}
+               "select_targets": self.select_targets(), "attn_targets": self.attn_targets(),
+               "results": [asdict(r) for r in self.rows]}
         tmp = out / "results.json.tmp"
         tmp.write_text(json.dumps(doc, indent=1))
         tmp.replace(out / "results.json")
@@ -317,6 +343,24 @@ def print_table(runner: Runner) -> None:
             r_txt = "-" if ratio is None else f"{ratio:.2f} ({'met' if ratio >= 0.8 else 'NOT met'})"
             s_txt = "-" if speed is None else f"{speed:.1f}x ({'met' if speed >= 30 else 'NOT met'})"
             print(f"{t['seqlen']:>8}  TFLOPS ratio {r_txt:<16}  speedup vs reference {s_txt}")
+    attn = runner.attn_targets()
+    if attn:
+        print()
+        print("attention targets: block_sparse_attn TFLOPS ratio vs dense >= 0.6 (indexer and hot selections); "
+              "sparse_attn >= 8x dense at 128K, >= 20x at 1M; full coverage (S <= topk x block) >= 0.8x dense")
+
+        def verdict(value: Optional[float], goal: Optional[float], fmt: str) -> str:
+            if value is None:
+                return "-"
+            text = format(value, fmt)
+            return text if goal is None else f"{text} ({'met' if value >= goal else 'NOT met'})"
+
+        for t in attn:
+            e2e_goal = 8.0 if t["seqlen"] == 131072 else 20.0 if t["seqlen"] == SEQLEN_1M else None
+            print(f"{t['seqlen']:>8}  attn {verdict(t['attn_tflops_ratio'], 0.6, '.2f'):<14}  "
+                  f"hot {verdict(t['hot_tflops_ratio'], 0.6, '.2f'):<14}  "
+                  f"sparse_attn {verdict(t['sparse_attn_speedup'], e2e_goal, '.2f'):<16}  "
+                  f"full coverage {verdict(t['full_coverage_time_ratio'], 0.8, '.2f')}")
 
 
 def write_plot(runner: Runner) -> Optional[Path]:
