@@ -3,7 +3,9 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdint>
 #include <tuple>
+#include <utility>
 
 #include "msa/msa.h"
 #include "tensor_checks.h"
@@ -43,6 +45,9 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fwd_cuda(
   const int64_t total_q = q.numel() / (hq * d), total_k = k.numel() / (hkv * d);
   TORCH_CHECK(total_q < (int64_t{1} << 31) && total_k < (int64_t{1} << 31), "token counts must stay below 2^31");
   TORCH_CHECK(total_q * hq < (int64_t{1} << 31), "total query tokens x Hq must stay below 2^31 (32-bit q row index)");
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&q, "q"}, {&k, "k"}, {&v, "v"}}) {
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0, name, " must be 16-byte aligned");
+  }
   const int64_t batch = varlen ? cu_seqlens_q->size(0) - 1 : q.size(0);
   check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", batch, q);
   check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", batch, q);
@@ -79,6 +84,8 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fwd_cuda(
   p.seqlen_k = varlen ? 0 : static_cast<int>(k.size(1));
   p.max_seqlen_k = varlen ? static_cast<int>(max_seqlen_k) : p.seqlen_k;
   TORCH_CHECK(p.max_seqlen_k >= 1, "max_seqlen_k must be >= 1");
+  TORCH_CHECK(batch * hkv * ((int64_t{p.max_seqlen_k} + block_size - 1) / block_size) < (int64_t{1} << 31),
+              "batch x Hkv x key blocks must stay below 2^31 (32-bit list ids)");
   p.num_heads = static_cast<int>(hq);
   p.num_heads_kv = static_cast<int>(hkv);
   p.head_dim = static_cast<int>(d);

@@ -1,6 +1,8 @@
 // Runtime dispatch of the forward over (dtype, D), and its workspace size.
 #include <cutlass/numeric_types.h>
 
+#include <cstdint>
+
 #include "msa/fwd/fwd_launch.cuh"
 #include "msa/msa.h"
 
@@ -11,6 +13,15 @@ size_t fwd_workspace_bytes(const FwdParams& p) { return fwd::WorkspaceLayout(p).
 cudaError_t run_fwd(const FwdParams& p, void* workspace, cudaStream_t stream) {
   if (p.head_dim != 64 && p.head_dim != 128) return cudaErrorInvalidValue;
   if (p.block_size != 64 && p.block_size != 128) return cudaErrorInvalidValue;
+  // The kernels assume G = Hq / Hkv is a power of two up to 16, 16-byte aligned rows, and list ids
+  // (batch x Hkv x key blocks) that fit in 32 bits.
+  const int g = p.num_heads_kv > 0 ? p.num_heads / p.num_heads_kv : 0;
+  if (g < 1 || g > 16 || (g & (g - 1)) != 0 || p.num_heads != g * p.num_heads_kv) return cudaErrorInvalidValue;
+  for (const void* ptr : {p.q, p.k, p.v, static_cast<const void*>(p.out)}) {
+    if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return cudaErrorMisalignedAddress;
+  }
+  const int64_t num_blocks_max = (int64_t{p.max_seqlen_k} + p.block_size - 1) / p.block_size;
+  if (int64_t{p.batch} * p.num_heads_kv * num_blocks_max >= (int64_t{1} << 31)) return cudaErrorInvalidValue;
   const bool bf16 = p.dtype == DType::kBF16;
   if (p.head_dim == 128) {
     return bf16 ? fwd::run_fwd_for<cutlass::bfloat16_t, 128>(p, workspace, stream)

@@ -517,6 +517,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       }
     }
     cutlass::arch::NamedBarrier::sync(kThreadsPerWG, epilogue_barrier);
+    asm volatile("" ::: "memory");  // the out_rows reads below stay after the barrier
     // Thread t copies chunk t % C of rows t / C + k * (128 / C): rows 8 apart keep the XOR pattern.
     constexpr int kChunksPerRow = kHeadDim / 8;
     constexpr int kReadRowStep = kThreadsPerWG / kChunksPerRow;
@@ -538,6 +539,9 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         *reinterpret_cast<uint4*>(params.part_o + static_cast<int64_t>(dst) * kHeadDim + chunk * 8) = v;
       }
     }
+    // The producer may refill this stage by TMA (async proxy) after the release: order this
+    // thread's generic-proxy staging writes and reads before it.
+    cutlass::arch::fence_view_async_shared();
     q_pipeline.consumer_release(tile_q_state);  // this thread's reads of the staged rows are done
     out_parity ^= 1;
   }

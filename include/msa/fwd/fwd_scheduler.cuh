@@ -64,7 +64,9 @@ class DynamicTileScheduler {
   __device__ int publish(bool leader) {
     if (leader) *slot_ = pending_;
     cutlass::arch::NamedBarrier::sync(common::kThreadsPerWarpGroup, barrier_id_);
+    asm volatile("" ::: "memory");  // bar.sync's asm has no memory clobber: keep the read after it
     const int value = *slot_;
+    asm volatile("" ::: "memory");
     cutlass::arch::NamedBarrier::sync(common::kThreadsPerWarpGroup, barrier_id_);
     return value;
   }
