@@ -1,7 +1,10 @@
 """Where the time of one block_sparse_attn forward goes: per-kernel CUDA time (plan, main,
-combine) from torch.profiler, at M3 shape with the indexer's selection.
+combine) from torch.profiler, at M3 shape with the indexer's (or the hot-block) selection.
 
     python bench/profile_fwd.py [--seqlen 131072] [--reps 3] [--selection indexer|hot]
+
+With --no-profiler it only runs the forward (a warm-up call and --reps calls), for external
+tools: ncu -k regex:fwd_kernel ... python bench/profile_fwd.py --no-profiler --seqlen 32768
 """
 
 import argparse
@@ -20,6 +23,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--selection", choices=("indexer", "hot"), default="indexer",
                         help="the indexer's selection (random index keys) or bench/common.py's hot-block one")
+    parser.add_argument("--no-profiler", action="store_true", help="just run the calls (for ncu, compute-sanitizer)")
     args = parser.parse_args()
     s, hq, hkv, d = args.seqlen, 64, 4, 128
     mk = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16)  # noqa: E731
@@ -31,6 +35,11 @@ def main() -> None:
     run = lambda: msa_cuda.block_sparse_attn(q, k, v, sel, validate=False)  # noqa: E731
     run()
     torch.cuda.synchronize()
+    if args.no_profiler:
+        for _ in range(args.reps):
+            run()
+        torch.cuda.synchronize()
+        return
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(args.reps):
             run()

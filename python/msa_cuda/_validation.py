@@ -248,7 +248,7 @@ def _check_query_kv(q, k, v, varlen: bool) -> Tuple[int, int, int, int, int, int
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"q must have head dim D in {SUPPORTED_HEAD_DIMS}, got {head_dim}")
     check_dim("k", k, -1, head_dim, "head dim D of q")
-    if q.numel() // max(head_dim, 1) >= 2**31:
+    if q.numel() // head_dim >= 2**31:
         raise ValueError(f"q must have fewer than 2**31 (token, head) rows (32-bit row index), got "
                          f"{q.numel() // head_dim}")
     if heads_kv < 1:

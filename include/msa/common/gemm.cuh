@@ -6,9 +6,10 @@
 
 namespace msa::common {
 
-// acc = A * B^T (kZeroInit) or acc += A * B^T. Issues every k-slice back to back, commits one
-// batch and waits for it, so the accumulator is ready when this returns.
-template <bool kZeroInit, class TiledMma, class TensorA, class TensorB, class TensorC>
+// acc = A * B^T (kZeroInit) or acc += A * B^T. Issues every k-slice back to back and commits one
+// batch. kWait: also wait for it, so the accumulator is ready when this returns; without it the
+// caller waits (warpgroup_wait<N>) and fences the accumulator itself, to overlap other work.
+template <bool kZeroInit, bool kWait = true, class TiledMma, class TensorA, class TensorB, class TensorC>
 __device__ __forceinline__ void warpgroup_gemm(TiledMma& tiled_mma, TensorA const& tCrA, TensorB const& tCrB,
                                                TensorC& tCrC) {
   using namespace cute;
@@ -23,8 +24,10 @@ __device__ __forceinline__ void warpgroup_gemm(TiledMma& tiled_mma, TensorA cons
     tiled_mma.accumulate_ = GMMA::ScaleOut::One;
   }
   warpgroup_commit_batch();
-  warpgroup_wait<0>();
-  warpgroup_fence_operand(tCrC);
+  if constexpr (kWait) {
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tCrC);
+  }
 }
 
 }  // namespace msa::common

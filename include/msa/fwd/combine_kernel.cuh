@@ -1,11 +1,12 @@
 // Merge the per-slot partial outputs of each (query, head) by their lse (MSA_SPEC s.5):
 //   lse = log sum_s exp(lse_s),  out = sum_s exp(lse_s - lse) * O_s,
-// where the main kernel stores O_s unnormalized (P V, P = exp(S - max_s)) with (max_s, lse_s) in
-// log2 units, so the weight of slot s is 2^(max_s - LSE) (exp(lse_s - lse) / sum_s P = that).
+// where the main kernel stores bf16 O_s unnormalized (P V, P = exp(S - max_s)) with (max_s, lse_s)
+// in log2 units, so the weight of slot s is 2^(max_s - LSE) (exp(lse_s - lse) / sum_s P = that);
+// fp16 O_s is stored normalized with max_s = lse_s, which the same weight handles.
 // One warp per (query, head). The combine only streams partials (about as many bytes as the main
-// kernel writes), so it is organised for memory-level parallelism: lane s learns from
-// block_indices whether slot s is valid, then every valid partial row is requested at once with
-// 16-byte loads (D/8 lanes per row, 32/(D/8) rows per warp-wide load) together with the lse.
+// kernel writes): lane s learns from block_indices whether slot s is valid and reads its stats,
+// then the valid partial rows are read with 16-byte loads (D/8 lanes per row, 32/(D/8) rows per
+// warp-wide load) and weighted.
 // A (query, head) with no visible key gets out = 0 and lse = -inf.
 #pragma once
 
@@ -35,8 +36,8 @@ struct CombineParams {
   int num_heads, num_heads_kv, topk, block_size, num_blocks_max;
 };
 
-// 16-byte streaming load when `pred`, zeros otherwise. Volatile asm keeps the loads of a warp
-// together (the compiler otherwise sinks each to its use and leaves two in flight).
+// 16-byte streaming load (read-only path, no L1 allocation: each partial is read once) when
+// `pred`, zeros otherwise.
 __device__ __forceinline__ uint4 load_streaming_16(const void* ptr, bool pred) {
   uint4 r = make_uint4(0, 0, 0, 0);
   asm volatile(

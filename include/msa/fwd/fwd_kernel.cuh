@@ -57,7 +57,7 @@ struct FwdKernelParams {
   const int32_t* cu_seqlens_q;
   const int32_t* cu_seqlens_k;
   int batch, seqlen_q, seqlen_k;
-  int num_heads, num_heads_kv, group_size, num_blocks_max, topk;
+  int num_heads, num_heads_kv, group_size, topk;
   cutlass::FastDivmod num_blocks_max_div, num_heads_kv_div;
   float scale_log2;  // softmax_scale * log2(e)
   int group_shift;  // log2(G): G is a power of two, so row / G and row % G are a shift and a mask
@@ -390,15 +390,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   // S = Q K^T of the loaded tile. Issued on every path, also after the sentinel (a discarded
   // product of stale shared memory): a WGMMA issued under a branch makes ptxas serialize them all.
   auto issue_qk = [&]() {
-    warpgroup_fence_operand(tSrS);
-    warpgroup_arrive();
-    tiled_mma_qk.accumulate_ = GMMA::ScaleOut::Zero;
-    CUTLASS_PRAGMA_UNROLL
-    for (int k = 0; k < size<2>(tSrQ); ++k) {
-      cute::gemm(tiled_mma_qk, tSrQ(_, _, k, q_stage), tSrK(_, _, k, kv_stage), tSrS);
-      tiled_mma_qk.accumulate_ = GMMA::ScaleOut::One;
-    }
-    warpgroup_commit_batch();
+    common::warpgroup_gemm</*kZeroInit=*/true, /*kWait=*/false>(tiled_mma_qk, tSrQ(_, _, _, q_stage),
+                                                                 tSrK(_, _, _, kv_stage), tSrS);
   };
 
   bool have_tile = load_tile();
@@ -467,15 +460,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
 
     // O = P V, then (overlapping it) the next tile's S = Q K^T.
     warpgroup_fence_operand(tOrP);
-    warpgroup_fence_operand(tOrO);
-    warpgroup_arrive();
-    tiled_mma_pv.accumulate_ = GMMA::ScaleOut::Zero;
-    CUTLASS_PRAGMA_UNROLL
-    for (int k = 0; k < size<2>(tOrP); ++k) {
-      cute::gemm(tiled_mma_pv, tOrP(_, _, k), tOrVt(_, _, k, pv_kv_stage), tOrO);
-      tiled_mma_pv.accumulate_ = GMMA::ScaleOut::One;
-    }
-    warpgroup_commit_batch();
+    common::warpgroup_gemm</*kZeroInit=*/true, /*kWait=*/false>(tiled_mma_pv, tOrP, tOrVt(_, _, _, pv_kv_stage), tOrO);
     have_tile = load_tile();
     issue_qk();
     warpgroup_wait<1>();  // P V done; Q K^T of the next tile may still run

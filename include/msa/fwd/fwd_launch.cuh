@@ -117,7 +117,6 @@ cudaError_t launch_fwd_main(const FwdParams& p, const WorkspaceLayout& ws, char*
       p.num_heads,
       p.num_heads_kv,
       p.num_heads / p.num_heads_kv,
-      ws.num_blocks_max,
       p.topk,
       cutlass::FastDivmod(ws.num_blocks_max),
       cutlass::FastDivmod(p.num_heads_kv),
