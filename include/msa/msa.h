@@ -18,7 +18,8 @@ bool select_is_supported(int head_dim_idx, int topk);
 // Human-readable list of the compiled selector variants, e.g. "bf16/di128/topk<=16".
 const char* select_compiled_variants();
 
-// Block-sparse attention forward (KV-outer: plan -> main -> combine, in query chunks).
+// Block-sparse attention forward: query-outer for short contexts (one kernel), KV-outer otherwise
+// (plan -> main -> combine, in query chunks); see FwdPath.
 // `workspace` must hold fwd_workspace_bytes(params) bytes.
 size_t fwd_workspace_bytes(const FwdParams& params);
 cudaError_t run_fwd(const FwdParams& params, void* workspace, cudaStream_t stream);

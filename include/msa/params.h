@@ -41,6 +41,11 @@ struct SelectParams {
   int num_sms = 0;
 };
 
+// Which forward kernel runs. kAuto: query-outer when every query can select all of its visible
+// blocks (max_seqlen_k <= topk x block_size), KV-outer otherwise. kQueryOuter needs at most 32
+// key blocks per sequence and falls back to KV-outer beyond that.
+enum class FwdPath : int { kAuto = 0, kKVOuter = 1, kQueryOuter = 2 };
+
 // Block-sparse attention forward (the main branch), MSA_SPEC s.5. Tokens are flat across the
 // batch (padded batches are the varlen case with uniform lengths); heads are the last-but-one dim.
 struct FwdParams {
@@ -67,6 +72,7 @@ struct FwdParams {
   int topk = 16;
   float softmax_scale = 0.f;
   int num_sms = 0;
+  FwdPath path = FwdPath::kAuto;
 };
 
 }  // namespace msa

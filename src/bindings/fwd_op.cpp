@@ -3,6 +3,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <cstdint>
 #include <tuple>
 #include <utility>
@@ -11,6 +13,16 @@
 #include "tensor_checks.h"
 
 namespace msa::bindings {
+
+// MSA_CUDA_FWD_PATH = auto (default) | kv_outer | query_outer picks the forward kernel (for tests
+// and benchmarks; both give the same result up to rounding).
+static FwdPath fwd_path_from_env() {
+  const char* v = std::getenv("MSA_CUDA_FWD_PATH");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return FwdPath::kAuto;
+  if (std::strcmp(v, "kv_outer") == 0) return FwdPath::kKVOuter;
+  if (std::strcmp(v, "query_outer") == 0) return FwdPath::kQueryOuter;
+  TORCH_CHECK(false, "MSA_CUDA_FWD_PATH must be auto, kv_outer or query_outer, got '", v, "'");
+}
 
 // q [B, Sq, Hq, D] / [Tq, Hq, D]; k, v [B, Sk, Hkv, D] / [Tk, Hkv, D]; block_indices
 // [B, Sq, Hkv, topk] / [Tq, Hkv, topk]; entries that are -1 or name no block of the sequence are
@@ -92,6 +104,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fwd_cuda(
   p.block_size = static_cast<int>(block_size);
   p.topk = static_cast<int>(topk);
   p.softmax_scale = static_cast<float>(softmax_scale);
+  p.path = fwd_path_from_env();
   cudaDeviceGetAttribute(&p.num_sms, cudaDevAttrMultiProcessorCount, q.get_device());
   at::Tensor workspace = at::empty({static_cast<int64_t>(fwd_workspace_bytes(p))}, q.options().dtype(at::kByte));
   check_launch(run_fwd(p, workspace.data_ptr(), c10::cuda::getCurrentCUDAStream()),

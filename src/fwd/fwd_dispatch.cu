@@ -8,7 +8,7 @@
 
 namespace msa {
 
-size_t fwd_workspace_bytes(const FwdParams& p) { return fwd::WorkspaceLayout(p).total; }
+size_t fwd_workspace_bytes(const FwdParams& p) { return fwd::use_query_outer(p) ? 0 : fwd::WorkspaceLayout(p).total; }
 
 cudaError_t run_fwd(const FwdParams& p, void* workspace, cudaStream_t stream) {
   if (p.head_dim != 64 && p.head_dim != 128) return cudaErrorInvalidValue;

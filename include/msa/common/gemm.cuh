@@ -26,8 +26,10 @@ __device__ __forceinline__ void warpgroup_gemm(TiledMma& tiled_mma, TensorA cons
   warpgroup_commit_batch();
   if constexpr (kWait) {
     warpgroup_wait<0>();
-    warpgroup_fence_operand(tCrC);
   }
+  // Keeps the compiler from moving other definitions of the accumulator into the WGMMA's
+  // pipeline stage (ptxas would then serialize every WGMMA of the kernel).
+  warpgroup_fence_operand(tCrC);
 }
 
 }  // namespace msa::common

@@ -31,6 +31,7 @@
 #include "msa/common/arch.cuh"
 #include "msa/common/gemm.cuh"
 #include "msa/common/seqlen.cuh"
+#include "msa/fwd/fwd_collective.cuh"
 #include "msa/fwd/fwd_common.cuh"
 #include "msa/fwd/fwd_scheduler.cuh"
 #include "msa/fwd/fwd_traits.cuh"
@@ -63,14 +64,6 @@ struct FwdKernelParams {
   int group_shift;  // log2(G): G is a power of two, so row / G and row % G are a shift and a mask
 };
 
-__device__ __forceinline__ void cp_async_16(uint32_t smem_dst, const void* gmem_src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_dst), "l"(gmem_src));
-}
-__device__ __forceinline__ void cp_async_4(void* smem_dst, const void* gmem_src) {
-  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(gmem_src));
-}
-
 // list id -> (sequence, group, key block); the divisors are kernel constants (FastDivmod:
 // multiply-shift instead of a runtime division in every tile of every warp).
 struct TileCoord {
@@ -81,23 +74,6 @@ struct TileCoord {
     heads_kv_div(batch_idx, group, bg);
   }
 };
-
-// Packs two fp32 values into one 32-bit register of two Elements (low half = first).
-template <class Element>
-__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
-  cutlass::Array<Element, 2> pair;
-  pair[0] = static_cast<Element>(lo);
-  pair[1] = static_cast<Element>(hi);
-  return reinterpret_cast<uint32_t const&>(pair);
-}
-
-// Four 8x8 16-bit matrices from registers to shared memory; lane l gives the row address of row
-// l % 8 of matrix l / 8. The WGMMA accumulator layout (row lane / 4, columns 2 (lane % 4) + {0, 1}
-// of each 8-column slice) is exactly the stmatrix fragment layout.
-__device__ __forceinline__ void stmatrix_x4(uint32_t smem_addr, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3) {
-  asm volatile("stmatrix.sync.aligned.x4.m8n8.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(smem_addr), "r"(a0),
-               "r"(a1), "r"(a2), "r"(a3));
-}
 
 template <class Traits>
 __global__ void __launch_bounds__(Traits::kNumThreads, 1)
@@ -113,7 +89,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   constexpr int kHeadDim = Traits::kHeadDim;
   constexpr int kThreadsPerWG = common::kThreadsPerWarpGroup;
   constexpr int kRowsPerWG = Traits::kRowsPerWarpGroup;
-  constexpr uint32_t kQStageBytes = kBlockM * kHeadDim * sizeof(Element);
+  constexpr uint32_t kQStageBytes = Traits::kQStageBytes;
 
   extern __shared__ char smem_buf[];
   auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_buf);
@@ -226,17 +202,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
           const common::SeqInfo seq(tc.batch_idx, params.cu_seqlens_q, params.cu_seqlens_k, params.seqlen_q,
                                     params.seqlen_k);
           const int key_row = static_cast<int>(seq.k_token_start) + tc.block * kBlockN;
-          Tensor gK = local_tile(domain_offset(make_coord(key_row, _0{}), mK(_, _, tc.group)),
-                                 Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_0{}, _0{}));
-          Tensor gV = local_tile(domain_offset(make_coord(key_row, _0{}), mV(_, _, tc.group)),
-                                 Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_0{}, _0{}));
-          auto [tKgK, tKsK] = tma_partition(params.tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK),
-                                            group_modes<0, 2>(gK));
-          auto [tVgV, tVsV] = tma_partition(params.tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV),
-                                            group_modes<0, 2>(gV));
-          auto* barrier = kv_pipeline.producer_get_barrier(kv_state);
-          copy(params.tma_k.with(*barrier, 0), tKgK, tKsK(_, kv_state.index()));
-          copy(params.tma_v.with(*barrier, 0), tVgV, tVsV(_, kv_state.index()));
+          load_kv_block<Traits>(params.tma_k, params.tma_v, mK, mV, sK, sV, kv_pipeline.producer_get_barrier(kv_state),
+                                kv_state.index(), key_row, tc.group);
         }
         ++kv_state;
         loaded_list = item.x;
@@ -322,13 +289,9 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   // Double-buffered by tile parity: a thread writing tile k+2's rows has passed tile k+1's epilogue
   // barrier, which every thread reaches only after its tile-k stores, so no second barrier.
   int out_parity = 0;
-  // The epilogue stages a warpgroup's partial rows in its own rows of the tile's query stage, in
-  // the query tile's SW128 layout (conflict free for the stmatrix writes and the 16-byte row reads):
-  // 16-byte chunk c of row r sits in 64-column half c / 8, at r * 128 + ((c % 8) ^ (r % 8)) * 16.
-  // Both sides are written so that per tile only one base address per thread is live (the XOR
-  // touches address bits 4-6 only, the row and stage parts never do).
+  // The epilogue stages a warpgroup's partial rows in its own rows of the tile's query stage
+  // (stage_output_rows), then stores them with 16-byte rows (store_staged_rows).
   const uint32_t q_smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem.q.data()));
-  constexpr int kHalfBytes = kBlockM * 128;  // one 64-column half of the query tile
 
   QState q_state;
   QState loaded_q_state;
@@ -405,53 +368,14 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     const int tile_part[2] = {part[0], part[1]};
 
     // Softmax of each row within the block (masked keys -> -inf, fully masked rows -> P = 0). Only
-    // a query's own block (and blocks past it) needs the causal mask: skip it when no row of the
-    // warp does (warp-uniform branch).
-    if (__any_sync(0xffffffff, min(last_col[0], last_col[1]) < kBlockN - 1)) {
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-#pragma unroll
-        for (int j = 0; j < kBlockN / 8; ++j) {
-#pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            const int col = 8 * j + 2 * quad + c;
-            float& s = tSrS(4 * j + 2 * i + c);
-            s = col <= last_col[i] ? s : -CUDART_INF_F;
-          }
-        }
-      }
-    }
-    // Row max and sum over 4 independent partial chains each (2 consumer warps per scheduler
-    // leave little to hide a 32-deep dependent chain behind).
+    // a query's own block (and blocks past it) needs the causal mask.
+    mask_block_columns<kBlockN>(tSrS, last_col, quad);
     float row_max[2], row_sum[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      float mp[4] = {-CUDART_INF_F, -CUDART_INF_F, -CUDART_INF_F, -CUDART_INF_F};
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          mp[(2 * j + c) % 4] = fmaxf(mp[(2 * j + c) % 4], tSrS(4 * j + 2 * i + c));
-        }
-      }
-      float m = fmaxf(fmaxf(mp[0], mp[1]), fmaxf(mp[2], mp[3]));
-      m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 1));
-      m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 2));
+      const float m = block_row_max<kBlockN>(tSrS, i);
       row_max[i] = m == -CUDART_INF_F ? 0.f : m * params.scale_log2;
-      float lp[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          float& s = tSrS(4 * j + 2 * i + c);
-          s = exp2f(s * params.scale_log2 - row_max[i]);
-          lp[(2 * j + c) % 4] += s;
-        }
-      }
-      float l = (lp[0] + lp[1]) + (lp[2] + lp[3]);
-      l += __shfl_xor_sync(0xffffffff, l, 1);
-      l += __shfl_xor_sync(0xffffffff, l, 2);
-      row_sum[i] = l;
+      row_sum[i] = exp2_row_sum<kBlockN>(tSrS, i, params.scale_log2, row_max[i]);
     }
 #pragma unroll
     for (int v = 0; v < size(tSrS); ++v) {
@@ -485,45 +409,14 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         if (tile_part[i] >= 0) params.part_stats[tile_part[i]] = make_float2(kNormalize ? lse2 : row_max[i], lse2);
       }
     }
-    {
-      // Matrix m of each x4 store: rows row_base - lane/4 + 8 (m % 2) + (lane % 8), 16-byte chunk
-      // j + m / 2 (two 8-column slices per store).
-      // Chunk j + m / 2 of row st_row (j even): ((j % 8) | m/2) ^ (row % 8) = (j % 8) ^ (m/2 ^ row % 8).
-      const int m = lane / 8;
-      const int st_row = mma_wg * kRowsPerWG + warp_in_wg * 16 + 8 * (m % 2) + lane % 8;
-      const uint32_t st_base = q_smem_base + tile_q_stage * kQStageBytes + st_row * 128 + (((m / 2) ^ (st_row % 8)) * 16);
-#pragma unroll
-      for (int j = 0; j < kHeadDim / 8; j += 2) {
-        const uint32_t r0 = pack_pair<Element>(tOrO(4 * j) * out_scale[0], tOrO(4 * j + 1) * out_scale[0]);
-        const uint32_t r1 = pack_pair<Element>(tOrO(4 * j + 2) * out_scale[1], tOrO(4 * j + 3) * out_scale[1]);
-        const uint32_t r2 = pack_pair<Element>(tOrO(4 * j + 4) * out_scale[0], tOrO(4 * j + 5) * out_scale[0]);
-        const uint32_t r3 = pack_pair<Element>(tOrO(4 * j + 6) * out_scale[1], tOrO(4 * j + 7) * out_scale[1]);
-        stmatrix_x4((st_base ^ ((j % 8) * 16)) + (j / 8) * kHalfBytes, r0, r1, r2, r3);
-      }
-    }
+    const uint32_t stage_base = q_smem_base + tile_q_stage * Traits::kQStageBytes;
+    stage_output_rows<Traits>(tOrO, out_scale, stage_base, mma_wg, warp_in_wg, lane);
     cutlass::arch::NamedBarrier::sync(kThreadsPerWG, epilogue_barrier);
     asm volatile("" ::: "memory");  // the out_rows reads below stay after the barrier
-    // Thread t copies chunk t % C of rows t / C + k * (128 / C): rows 8 apart keep the XOR pattern.
-    constexpr int kChunksPerRow = kHeadDim / 8;
-    constexpr int kReadRowStep = kThreadsPerWG / kChunksPerRow;
-    static_assert(kReadRowStep % 8 == 0);
-    const int rd_row = wg_thread / kChunksPerRow;
-    const int chunk = wg_thread % kChunksPerRow;
-    const int rd_row_abs = mma_wg * kRowsPerWG + rd_row;
-    const uint32_t rd_base = q_smem_base + tile_q_stage * kQStageBytes + (chunk / 8) * kHalfBytes + rd_row_abs * 128 +
-                             (((chunk % 8) ^ (rd_row_abs % 8)) * 16);
-#pragma unroll
-    for (int k = 0; k < kRowsPerWG / kReadRowStep; ++k) {
-      const int row = rd_row + k * kReadRowStep;
+    store_staged_rows<Traits>(stage_base, mma_wg, wg_thread, [&](int row) -> Element* {
       const int dst = smem.out_rows[mma_wg][out_parity][row];
-      if (dst >= 0) {
-        uint4 v;
-        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-                     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                     : "r"(rd_base + k * kReadRowStep * 128));
-        *reinterpret_cast<uint4*>(params.part_o + static_cast<int64_t>(dst) * kHeadDim + chunk * 8) = v;
-      }
-    }
+      return dst >= 0 ? params.part_o + static_cast<int64_t>(dst) * kHeadDim : nullptr;
+    });
     // The producer may refill this stage by TMA (async proxy) after the release: order this
     // thread's generic-proxy staging writes and reads before it.
     cutlass::arch::fence_view_async_shared();

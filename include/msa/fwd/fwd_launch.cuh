@@ -1,4 +1,5 @@
-// Host side of the forward: workspace layout, query chunking, plan -> main -> combine.
+// Host side of the forward: the path choice; for the KV-outer path the workspace layout, query
+// chunking and plan -> main -> combine; the query-outer path is one launch without workspace.
 #pragma once
 
 #include <cuda.h>
@@ -11,6 +12,7 @@
 
 #include "msa/fwd/combine_kernel.cuh"
 #include "msa/fwd/fwd_kernel.cuh"
+#include "msa/fwd/fwd_query_tile_kernel.cuh"
 #include "msa/fwd/fwd_common.cuh"
 #include "msa/fwd/fwd_traits.cuh"
 #include "msa/params.h"
@@ -131,8 +133,77 @@ cudaError_t launch_fwd_main(const FwdParams& p, const WorkspaceLayout& ws, char*
   return cudaGetLastError();
 }
 
+// Whether the query-outer kernel runs: it needs at most 32 key blocks per sequence, and by default
+// is chosen when a query can select all of its visible blocks (the short-context case).
+inline bool use_query_outer(const FwdParams& p) {
+  const int64_t num_blocks = (int64_t{p.max_seqlen_k} + p.block_size - 1) / p.block_size;
+  if (num_blocks > 32 || p.path == FwdPath::kKVOuter) return false;
+  return p.path == FwdPath::kQueryOuter || int64_t{p.max_seqlen_k} <= int64_t{p.topk} * p.block_size;
+}
+
+template <class Element, int kHeadDim, int kBlockN>
+cudaError_t launch_fwd_query_tile(const FwdParams& p, cudaStream_t stream) {
+  using Traits = QueryTileTraits<Element, kHeadDim, kBlockN>;
+  const int32_t total_k = static_cast<int32_t>(p.total_k);
+  const auto kv_stride = make_stride(static_cast<int64_t>(p.num_heads_kv) * kHeadDim, _1{}, Int<kHeadDim>{});
+  auto gK = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.k)),
+                        make_shape(total_k, Int<kHeadDim>{}, p.num_heads_kv), kv_stride);
+  auto gV = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.v)),
+                        make_shape(total_k, Int<kHeadDim>{}, p.num_heads_kv), kv_stride);
+  auto smem_tile = take<0, 2>(typename Traits::SmemLayoutKV{});
+  const int group_size = p.num_heads / p.num_heads_kv;
+  cute::TmaDescriptor tma_q{};
+  if (group_size >= 8) {
+    cudaError_t err = make_query_box_descriptor<Element, kHeadDim>(p, &tma_q);
+    if (err != cudaSuccess) return err;
+  }
+  // Query sequences are no longer than key sequences (Sq <= Sk), so max_seqlen_k bounds them.
+  const int tokens_per_tile = Traits::kBlockM / group_size;
+  const int longest_q = p.seqlen_q > 0 ? p.seqlen_q : p.max_seqlen_k;
+  const int tiles_per_seq = (longest_q + tokens_per_tile - 1) / tokens_per_tile;
+  const int64_t num_tiles = int64_t{tiles_per_seq} * p.batch * p.num_heads_kv;
+  if (num_tiles >= (int64_t{1} << 31)) return cudaErrorInvalidValue;
+  if (num_tiles == 0) return cudaSuccess;
+  QueryTileParams<Traits> kp{
+      make_tma_copy(SM90_TMA_LOAD{}, gK, smem_tile),
+      make_tma_copy(SM90_TMA_LOAD{}, gV, smem_tile),
+      tma_q,
+      total_k,
+      static_cast<Element const*>(p.q),
+      p.block_indices,
+      static_cast<Element*>(p.out),
+      p.lse,
+      p.cu_seqlens_q,
+      p.cu_seqlens_k,
+      p.batch,
+      p.seqlen_q,
+      p.seqlen_k,
+      p.total_q,
+      p.num_heads,
+      p.num_heads_kv,
+      group_size,
+      p.topk,
+      __builtin_ctz(static_cast<unsigned>(group_size)),
+      tiles_per_seq,
+      static_cast<int>(num_tiles),
+      cutlass::FastDivmod(p.batch * p.num_heads_kv),
+      cutlass::FastDivmod(p.num_heads_kv),
+      p.softmax_scale * 1.4426950408889634f,
+  };
+  auto kernel = fwd_query_tile_kernel<Traits>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  const int grid = static_cast<int>(std::min<int64_t>(num_tiles, p.num_sms));
+  kernel<<<grid, Traits::kNumThreads, Traits::kSmemBytes, stream>>>(kp);
+  return cudaGetLastError();
+}
+
 template <class Element, int kHeadDim>
 cudaError_t run_fwd_for(const FwdParams& p, void* workspace_ptr, cudaStream_t stream) {
+  if (use_query_outer(p)) {
+    return p.block_size == 128 ? launch_fwd_query_tile<Element, kHeadDim, 128>(p, stream)
+                               : launch_fwd_query_tile<Element, kHeadDim, 64>(p, stream);
+  }
   const WorkspaceLayout ws(p);
   char* workspace = static_cast<char*>(workspace_ptr);
   for (int64_t token_begin = 0; token_begin < p.total_q; token_begin += ws.chunk_tokens) {

@@ -1,4 +1,5 @@
-// Compile-time configuration of the KV-outer block-sparse attention forward.
+// Compile-time configuration of the block-sparse attention forward kernels (KV-outer and
+// query-outer).
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -16,32 +17,29 @@ enum class FwdBarrier : int {
   Epilogue0 = 0,     // consumer warpgroup 0's partial-output tile is complete in shared memory
   Epilogue1 = 1,
   ProducerGrab = 2,  // the producer warpgroup has published the scheduler's next run
+  ProducerUnion = 3, // query-outer: every producer warp has written its part of the tile's block union
 };
 
+// The tile types both forward kernels share (KV-outer fwd_kernel and query-outer
+// fwd_query_tile_kernel): 128 query rows per tile (tokens x the G heads of one group), split
+// between two consumer warpgroups of 64 rows; one key block of kBlockN keys per K/V stage.
 // Element: cutlass::bfloat16_t or cutlass::half_t; kHeadDim = D in {64, 128};
-// kBlockN = block_size in {64, 128}: one work tile is exactly one selected key block.
-template <class Element_, int kHeadDim_, int kBlockN_>
-struct FwdTraits {
+// kBlockN = block_size in {64, 128}.
+template <class Element_, int kHeadDim_, int kBlockN_, int kQStages_, int kKVStages_>
+struct AttnTileTypes {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockN = kBlockN_;
+  static constexpr int kQStages = kQStages_;
+  static constexpr int kKVStages = kKVStages_;
   static_assert(kHeadDim == 64 || kHeadDim == 128, "D must be 64 or 128");
   static_assert(kBlockN == 64 || kBlockN == 128, "block_size must be 64 or 128");
 
-  // 128 gathered query rows per tile: ceil(128 / G) tokens x G heads of one group; consumer
-  // warpgroup w owns rows [64w, 64w + 64).
   static constexpr int kBlockM = 128;
   static constexpr int kRowsPerWarpGroup = 64;
   static constexpr int kNumMmaWarpGroups = 2;
   static constexpr int kNumMmaThreads = kNumMmaWarpGroups * common::kThreadsPerWarpGroup;
   static constexpr int kNumThreads = kNumMmaThreads + common::kThreadsPerWarpGroup;
-  // Two rings: gathered queries (one stage per tile) and K/V (one stage per key block). A CTA takes
-  // runs of consecutive tiles of the block-sorted work list, so consecutive tiles mostly share
-  // their block and K/V is loaded once per run of tiles, not once per tile.
-  static constexpr int kKVStages = 2;
-  // A query stage is held until the tile's partial output has left: the epilogue stages each
-  // warpgroup's 64 output rows in that warpgroup's own (already consumed) query rows.
-  static constexpr int kQStages = (kHeadDim == 128 && kBlockN == 128) ? 3 : 4;
   // The producer warpgroup issues the TMA loads and the cp.async query gather. setmaxnreg only
   // moves registers inside the CTA's launch allocation (168 per thread at 384 threads), so
   // producer + 2 x consumer must not exceed 3 x 168.
@@ -70,15 +68,13 @@ struct FwdTraits {
                     get_nonswizzle_portion(SmemLayoutQ{})(0, 0, 1) == kBlockM * kHeadDim &&
                     (kHeadDim == 64 || get_nonswizzle_portion(SmemLayoutQ{})(0, 64, 0) == kBlockM * 64),
                 "unexpected query tile layout");
+  static constexpr uint32_t kQStageBytes = kBlockM * kHeadDim * sizeof(Element);
   using SmemLayoutKV =
       decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>, Int<kKVStages>>{}));
   // (d, key, stage) view of the V tiles.
   using SmemLayoutVt = decltype(composition(
       SmemLayoutKV{},
       make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockN>, Int<kKVStages>>{}, Step<_2, _1, _3>{})));
-
-  using QPipeline = cutlass::PipelineAsync<kQStages>;
-  using KVPipeline = cutlass::PipelineTmaAsync<kKVStages>;
   static constexpr uint32_t kTmaBytesKV = 2 * kBlockN * kHeadDim * sizeof(Element);
 
   // K and V in gmem: (token, d, kv head), token stride Hkv * D; the head is a coordinate.
@@ -87,6 +83,29 @@ struct FwdTraits {
   using GmemTensorKV = decltype(make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), GmemShapeKV{},
                                             GmemStrideKV{}));
   using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensorKV{}, take<0, 2>(SmemLayoutKV{})));
+};
+
+// KV-outer forward: one work tile is exactly one selected key block and up to 128/G tokens that
+// chose it. Two rings: gathered queries (one stage per tile) and K/V (one stage per key block). A
+// CTA takes runs of consecutive tiles of the block-sorted work list, so consecutive tiles mostly
+// share their block and K/V is loaded once per run of tiles, not once per tile. A query stage is
+// held until the tile's partial output has left: the epilogue stages each warpgroup's 64 output
+// rows in that warpgroup's own (already consumed) query rows.
+template <class Element_, int kHeadDim_, int kBlockN_>
+struct FwdTraits
+    : AttnTileTypes<Element_, kHeadDim_, kBlockN_, (kHeadDim_ == 128 && kBlockN_ == 128) ? 3 : 4, /*kKVStages=*/2> {
+  using Base = AttnTileTypes<Element_, kHeadDim_, kBlockN_, (kHeadDim_ == 128 && kBlockN_ == 128) ? 3 : 4, 2>;
+  using typename Base::Element;
+  using Base::kBlockM;
+  using Base::kKVStages;
+  using Base::kNumMmaWarpGroups;
+  using Base::kQStages;
+  using Base::kRowsPerWarpGroup;
+  using typename Base::SmemLayoutKV;
+  using typename Base::SmemLayoutQ;
+
+  using QPipeline = cutlass::PipelineAsync<kQStages>;
+  using KVPipeline = cutlass::PipelineTmaAsync<kKVStages>;
 
   struct SharedStorage {
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> q;
@@ -96,6 +115,40 @@ struct FwdTraits {
     int32_t rows[kQStages][kBlockM];              // pack_entry(local token, slot) of each gathered row
     int32_t out_rows[kNumMmaWarpGroups][2][kRowsPerWarpGroup];  // partial index of each staged row, -1 = none
     int grab_slot;                                // DynamicTileScheduler's hand-over
+    typename QPipeline::SharedStorage q_pipeline;
+    typename KVPipeline::SharedStorage kv_pipeline;
+  };
+  static constexpr int kSmemBytes = sizeof(SharedStorage);
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory budget exceeded");
+};
+
+// Query-outer forward (short contexts, at most 32 key blocks): one tile is 128/G tokens x G heads
+// of one group and walks the union of the blocks its tokens selected with an online softmax, so
+// the output is final (no partials, no combine). Two query stages (the next tile's queries load
+// during this one; a stage also holds the tile's output on its way out), and as many K/V stages
+// as fit next to them.
+template <class Element_, int kHeadDim_, int kBlockN_>
+struct QueryTileTraits
+    : AttnTileTypes<Element_, kHeadDim_, kBlockN_, 2, (kHeadDim_ == 128 && kBlockN_ == 128) ? 2 : 4> {
+  using Base = AttnTileTypes<Element_, kHeadDim_, kBlockN_, 2, (kHeadDim_ == 128 && kBlockN_ == 128) ? 2 : 4>;
+  using typename Base::Element;
+  using Base::kBlockM;
+  using Base::kKVStages;
+  using Base::kQStages;
+  using typename Base::SmemLayoutKV;
+  using typename Base::SmemLayoutQ;
+  // Each sequence has at most this many key blocks on this path: a token's selection is a bit mask.
+  static constexpr int kMaxBlocks = 32;
+
+  using QPipeline = cutlass::PipelineAsync<kQStages>;
+  using KVPipeline = cutlass::PipelineTmaAsync<kKVStages>;
+
+  struct SharedStorage {
+    cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> q;
+    cute::array_aligned<Element, cute::cosize_v<SmemLayoutKV>, 1024> k;
+    cute::array_aligned<Element, cute::cosize_v<SmemLayoutKV>, 1024> v;
+    uint32_t token_blocks[kQStages][kBlockM];  // visible selected blocks of each token of the tile, a bit each
+    uint32_t union_part[kQStages][4];          // OR of token_blocks over each producer warp's tokens
     typename QPipeline::SharedStorage q_pipeline;
     typename KVPipeline::SharedStorage kv_pipeline;
   };

@@ -1,0 +1,172 @@
+// Pieces both forward kernels (KV-outer fwd_kernel, query-outer fwd_query_tile_kernel) are built
+// from: copies into the query tile, the K/V block load, the softmax pieces on the S accumulator,
+// and the epilogue that stages 64 output rows per warpgroup in shared memory for 16-byte stores.
+//
+// Accumulator layout (WGMMA m64nN, per thread): rows row_base = 16 warp + lane / 4 and
+// row_base + 8 of the warpgroup's 64; value 4 j + 2 i + c is row row_base + 8 i, column
+// 8 j + 2 (lane % 4) + c.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/array.h>
+
+#include <math_constants.h>
+
+#include "msa/common/arch.cuh"
+
+namespace msa::fwd {
+
+using namespace cute;
+
+__device__ __forceinline__ void cp_async_16(uint32_t smem_dst, const void* gmem_src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_dst), "l"(gmem_src));
+}
+__device__ __forceinline__ void cp_async_4(void* smem_dst, const void* gmem_src) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(gmem_src));
+}
+
+// Packs two fp32 values into one 32-bit register of two Elements (low half = first).
+template <class Element>
+__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
+  cutlass::Array<Element, 2> pair;
+  pair[0] = static_cast<Element>(lo);
+  pair[1] = static_cast<Element>(hi);
+  return reinterpret_cast<uint32_t const&>(pair);
+}
+
+// Four 8x8 16-bit matrices from registers to shared memory; lane l gives the row address of row
+// l % 8 of matrix l / 8. The WGMMA accumulator layout (row lane / 4, columns 2 (lane % 4) + {0, 1}
+// of each 8-column slice) is exactly the stmatrix fragment layout.
+__device__ __forceinline__ void stmatrix_x4(uint32_t smem_addr, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3) {
+  asm volatile("stmatrix.sync.aligned.x4.m8n8.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(smem_addr), "r"(a0),
+               "r"(a1), "r"(a2), "r"(a3));
+}
+
+// One key block of K and V (rows key_row .. key_row + kBlockN of kv head `group`) into K/V stage
+// `stage` by TMA, counted on `barrier`. Called by one thread.
+template <class Traits, class TensorMK, class TensorSK>
+__device__ __forceinline__ void load_kv_block(typename Traits::TmaKV const& tma_k, typename Traits::TmaKV const& tma_v,
+                                              TensorMK const& mK, TensorMK const& mV, TensorSK& sK, TensorSK& sV,
+                                              uint64_t* barrier, int stage, int key_row, int group) {
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  Tensor gK = local_tile(domain_offset(make_coord(key_row, _0{}), mK(_, _, group)), Shape<Int<kBlockN>, Int<kHeadDim>>{},
+                         make_coord(_0{}, _0{}));
+  Tensor gV = local_tile(domain_offset(make_coord(key_row, _0{}), mV(_, _, group)), Shape<Int<kBlockN>, Int<kHeadDim>>{},
+                         make_coord(_0{}, _0{}));
+  auto [tKgK, tKsK] = tma_partition(tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+  auto [tVgV, tVsV] = tma_partition(tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+  copy(tma_k.with(*barrier, 0), tKgK, tKsK(_, stage));
+  copy(tma_v.with(*barrier, 0), tVgV, tVsV(_, stage));
+}
+
+// Masks the keys of a block a row may not see: column c of row i stays when c <= last_col[i]
+// (last_col < 0 masks the whole row). Warp-uniform skip when no row of the warp needs it.
+template <int kBlockN, class TensorS>
+__device__ __forceinline__ void mask_block_columns(TensorS& tSrS, const int (&last_col)[2], int quad) {
+  if (__any_sync(0xffffffff, min(last_col[0], last_col[1]) < kBlockN - 1)) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          float& s = tSrS(4 * j + 2 * i + c);
+          s = 8 * j + 2 * quad + c <= last_col[i] ? s : -CUDART_INF_F;
+        }
+      }
+    }
+  }
+}
+
+// Max of accumulator row i over the block (raw scores), over 4 independent chains (two consumer
+// warps per scheduler leave little to hide a 32-deep dependent chain behind), then the quad.
+template <int kBlockN, class TensorS>
+__device__ __forceinline__ float block_row_max(TensorS const& tSrS, int i) {
+  float mp[4] = {-CUDART_INF_F, -CUDART_INF_F, -CUDART_INF_F, -CUDART_INF_F};
+#pragma unroll
+  for (int j = 0; j < kBlockN / 8; ++j) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      mp[(2 * j + c) % 4] = fmaxf(mp[(2 * j + c) % 4], tSrS(4 * j + 2 * i + c));
+    }
+  }
+  float m = fmaxf(fmaxf(mp[0], mp[1]), fmaxf(mp[2], mp[3]));
+  m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 1));
+  return fmaxf(m, __shfl_xor_sync(0xffffffff, m, 2));
+}
+
+// S -> P = 2^(S * scale_log2 - max_scaled) in place for row i; returns the row's sum of P.
+template <int kBlockN, class TensorS>
+__device__ __forceinline__ float exp2_row_sum(TensorS& tSrS, int i, float scale_log2, float max_scaled) {
+  float lp[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int j = 0; j < kBlockN / 8; ++j) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      float& s = tSrS(4 * j + 2 * i + c);
+      s = exp2f(s * scale_log2 - max_scaled);
+      lp[(2 * j + c) % 4] += s;
+    }
+  }
+  float l = (lp[0] + lp[1]) + (lp[2] + lp[3]);
+  l += __shfl_xor_sync(0xffffffff, l, 1);
+  return l + __shfl_xor_sync(0xffffffff, l, 2);
+}
+
+// Epilogue, step 1: a warpgroup's 64 rows of O (times out_scale per row) into its own rows of the
+// consumed query stage at stage_base (shared address), in the query tile's SW128 layout (conflict
+// free for the stmatrix writes and the 16-byte row reads): 16-byte chunk c of row r sits in
+// 64-column half c / 8, at r * 128 + ((c % 8) ^ (r % 8)) * 16. Per thread only one base address
+// is live: the XOR touches address bits 4-6 only, the row and stage parts never do.
+template <class Traits, class TensorO>
+__device__ __forceinline__ void stage_output_rows(TensorO const& tOrO, const float (&out_scale)[2], uint32_t stage_base,
+                                                  int mma_wg, int warp_in_wg, int lane) {
+  using Element = typename Traits::Element;
+  constexpr int kHalfBytes = Traits::kBlockM * 128;  // one 64-column half of the query tile
+  // Matrix m of each x4 store: rows 16 warp + 8 (m % 2) + (lane % 8), 16-byte chunk j + m / 2
+  // (two 8-column slices per store); for even j, ((j % 8) | m/2) ^ (row % 8) = (j % 8) ^ (m/2 ^ row % 8).
+  const int m = lane / 8;
+  const int st_row = mma_wg * Traits::kRowsPerWarpGroup + warp_in_wg * 16 + 8 * (m % 2) + lane % 8;
+  const uint32_t st_base = stage_base + st_row * 128 + (((m / 2) ^ (st_row % 8)) * 16);
+#pragma unroll
+  for (int j = 0; j < Traits::kHeadDim / 8; j += 2) {
+    const uint32_t r0 = pack_pair<Element>(tOrO(4 * j) * out_scale[0], tOrO(4 * j + 1) * out_scale[0]);
+    const uint32_t r1 = pack_pair<Element>(tOrO(4 * j + 2) * out_scale[1], tOrO(4 * j + 3) * out_scale[1]);
+    const uint32_t r2 = pack_pair<Element>(tOrO(4 * j + 4) * out_scale[0], tOrO(4 * j + 5) * out_scale[0]);
+    const uint32_t r3 = pack_pair<Element>(tOrO(4 * j + 6) * out_scale[1], tOrO(4 * j + 7) * out_scale[1]);
+    stmatrix_x4((st_base ^ ((j % 8) * 16)) + (j / 8) * kHalfBytes, r0, r1, r2, r3);
+  }
+}
+
+// Epilogue, step 2 (after the warpgroup's barrier): the staged rows out with 16-byte stores.
+// Thread t copies chunk t % C of rows t / C + k * (128 / C) (rows 8 apart keep the XOR pattern);
+// row_dst(row in warpgroup) gives the row's destination in global memory, or null to skip it.
+template <class Traits, class RowDst>
+__device__ __forceinline__ void store_staged_rows(uint32_t stage_base, int mma_wg, int wg_thread, RowDst&& row_dst) {
+  using Element = typename Traits::Element;
+  constexpr int kHalfBytes = Traits::kBlockM * 128;
+  constexpr int kChunksPerRow = Traits::kHeadDim / 8;
+  constexpr int kReadRowStep = common::kThreadsPerWarpGroup / kChunksPerRow;
+  static_assert(kReadRowStep % 8 == 0);
+  const int rd_row = wg_thread / kChunksPerRow;
+  const int chunk = wg_thread % kChunksPerRow;
+  const int rd_row_abs = mma_wg * Traits::kRowsPerWarpGroup + rd_row;
+  const uint32_t rd_base =
+      stage_base + (chunk / 8) * kHalfBytes + rd_row_abs * 128 + (((chunk % 8) ^ (rd_row_abs % 8)) * 16);
+#pragma unroll
+  for (int k = 0; k < Traits::kRowsPerWarpGroup / kReadRowStep; ++k) {
+    Element* dst = row_dst(rd_row + k * kReadRowStep);
+    if (dst != nullptr) {
+      uint4 v;
+      asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                   : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                   : "r"(rd_base + k * kReadRowStep * 128));
+      *reinterpret_cast<uint4*>(dst + chunk * 8) = v;
+    }
+  }
+}
+
+}  // namespace msa::fwd
