@@ -623,17 +623,18 @@ def bench_seqlen(runner: Runner, shape: Shape, msa, ref) -> None:
                            keep_output=not dry, note=reference_note)
         lse = None if t is None or t.output is None else t.output[1]
         del t
-        if S <= topk * bs and not dry:
-            # Short context: the default is the query-outer kernel; the KV-outer one for comparison.
-            os.environ["MSA_CUDA_FWD_PATH"] = "kv_outer"
-            try:
-                runner.measure("block_sparse_attn_kv_outer", shape,
-                               lambda _: msa.block_sparse_attn(q, k, v, sel, block_size=bs, return_lse=True,
-                                                               validate=False),
-                               flops=sparse_flops, min_bytes=attn_fwd_bytes(shape, sparse=True), exponent=1,
-                               note="KV-outer kernel forced (MSA_CUDA_FWD_PATH)")
-            finally:
-                del os.environ["MSA_CUDA_FWD_PATH"]
+        if S <= 32 * bs and not dry:
+            # Up to 32 key blocks both forward kernels can run: time each, forced, beside the default.
+            for path in ("kv_outer", "query_outer"):
+                os.environ["MSA_CUDA_FWD_PATH"] = path
+                try:
+                    runner.measure(f"block_sparse_attn_{path}", shape,
+                                   lambda _: msa.block_sparse_attn(q, k, v, sel, block_size=bs, return_lse=True,
+                                                                   validate=False),
+                                   flops=sparse_flops, min_bytes=attn_fwd_bytes(shape, sparse=True), exponent=1,
+                                   note=f"{path} kernel forced (MSA_CUDA_FWD_PATH)")
+                finally:
+                    del os.environ["MSA_CUDA_FWD_PATH"]
         if bwd:
             def attn_setup():
                 leaves = _leaves(q, k, v)

@@ -41,9 +41,10 @@ struct SelectParams {
   int num_sms = 0;
 };
 
-// Which forward kernel runs. kAuto: query-outer when every query can select all of its visible
-// blocks (max_seqlen_k <= topk x block_size), KV-outer otherwise. kQueryOuter needs at most 32
-// key blocks per sequence and falls back to KV-outer beyond that.
+// Which forward kernel runs. kAuto: query-outer when a sequence has at most 32 key blocks and at
+// most 2 x topk of them (so also whenever every query can select all of its visible blocks,
+// max_seqlen_k <= topk x block_size), KV-outer otherwise. kQueryOuter needs at most 32 key blocks
+// per sequence and falls back to KV-outer beyond that.
 enum class FwdPath : int { kAuto = 0, kKVOuter = 1, kQueryOuter = 2 };
 
 // Block-sparse attention forward (the main branch), MSA_SPEC s.5. Tokens are flat across the

@@ -133,12 +133,15 @@ cudaError_t launch_fwd_main(const FwdParams& p, const WorkspaceLayout& ws, char*
   return cudaGetLastError();
 }
 
-// Whether the query-outer kernel runs: it needs at most 32 key blocks per sequence, and by default
-// is chosen when a query can select all of its visible blocks (the short-context case).
+// Whether the query-outer kernel runs: it needs at most 32 key blocks per sequence. By default it
+// is chosen when a query selects at least half of the blocks there are: it then computes at most
+// about twice the attended keys (the union of a tile's selections) at about twice the KV-outer
+// kernel's rate, with no partials to write and merge (M3 shape on an H200: 440 vs 188 TFLOPS at
+// full coverage, bench/RESULTS.md).
 inline bool use_query_outer(const FwdParams& p) {
   const int64_t num_blocks = (int64_t{p.max_seqlen_k} + p.block_size - 1) / p.block_size;
   if (num_blocks > 32 || p.path == FwdPath::kKVOuter) return false;
-  return p.path == FwdPath::kQueryOuter || int64_t{p.max_seqlen_k} <= int64_t{p.topk} * p.block_size;
+  return p.path == FwdPath::kQueryOuter || num_blocks <= 2 * int64_t{p.topk};
 }
 
 template <class Element, int kHeadDim, int kBlockN>
