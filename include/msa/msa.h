@@ -24,4 +24,9 @@ const char* select_compiled_variants();
 size_t fwd_workspace_bytes(const FwdParams& params);
 cudaError_t run_fwd(const FwdParams& params, void* workspace, cudaStream_t stream);
 
+// Block-sparse attention backward (KV-outer: plan -> one kernel accumulating dq, dk, dv in fp32
+// with atomics). `workspace` must hold bwd_workspace_bytes(params) bytes.
+size_t bwd_workspace_bytes(const BwdParams& params);
+cudaError_t run_bwd(const BwdParams& params, void* workspace, cudaStream_t stream);
+
 }  // namespace msa

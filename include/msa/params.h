@@ -76,4 +76,36 @@ struct FwdParams {
   FwdPath path = FwdPath::kAuto;
 };
 
+// Block-sparse attention backward (MSA_SPEC s.6): dq, dk, dv of block_sparse_attn, given the
+// forward's lse. Layouts as in FwdParams; the fp32 gradient accumulators are zeroed by the caller.
+struct BwdParams {
+  const void* q = nullptr;                // [total_q, Hq, D]
+  const void* k = nullptr;                // [total_k, Hkv, D]
+  const void* v = nullptr;                // [total_k, Hkv, D]
+  const void* dout = nullptr;             // [total_q, Hq, D]
+  const int32_t* block_indices = nullptr; // [total_q, Hkv, topk]
+  const float* lse_log2 = nullptr;        // [total_q, Hq]: the forward's lse in log2 units, 0 where -inf
+  const float* delta = nullptr;           // [total_q, Hq]: rowsum(dout * out) - grad_lse
+  float* dq_accum = nullptr;              // [total_q, Hq, D], zeroed
+  float* dk_accum = nullptr;              // [total_k, Hkv, D], zeroed
+  float* dv_accum = nullptr;              // [total_k, Hkv, D], zeroed
+  const int32_t* cu_seqlens_q = nullptr;
+  const int32_t* cu_seqlens_k = nullptr;
+
+  DType dtype = DType::kBF16;
+  int64_t total_q = 0;
+  int64_t total_k = 0;
+  int batch = 0;
+  int seqlen_q = 0;
+  int seqlen_k = 0;
+  int max_seqlen_k = 0;
+  int num_heads = 0;
+  int num_heads_kv = 0;
+  int head_dim = 0;
+  int block_size = 128;
+  int topk = 16;
+  float softmax_scale = 0.f;
+  int num_sms = 0;
+};
+
 }  // namespace msa

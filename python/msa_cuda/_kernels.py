@@ -43,6 +43,7 @@ __all__ = [
 _KERNEL_OPS = {
     "select_blocks": "select_blocks",
     "block_sparse_attn": "block_sparse_attn_fwd",
+    "block_sparse_attn_backward": "block_sparse_attn_bwd",
 }
 
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)

@@ -22,10 +22,10 @@ lse and the loss are float32, or float64 when an input is float64 (CPU gradcheck
 Dispatch inside every op body: data-dependent validation first (cu_seqlens values, block_indices
 range/uniqueness), then the compiled kernel when :func:`msa_cuda._kernels.has_kernel` allows it,
 else :mod:`msa_cuda.reference` on the inputs' device. Today ``select_blocks`` and the
-``block_sparse_attn`` forward have kernels (adapters ``_select_blocks_kernel``,
-``_block_sparse_attn_kernel``); an op gains one by listing it in ``_kernels._KERNEL_OPS`` and
-branching to its adapter. Backward ops without a kernel recompute the
-forward with the reference and differentiate it.
+``block_sparse_attn`` forward and backward have kernels (adapters ``_select_blocks_kernel``,
+``_block_sparse_attn_kernel``, and the branch in ``block_sparse_attn_backward``); an op gains one
+by listing it in ``_kernels._KERNEL_OPS`` and branching to its adapter. Backward ops without a
+kernel recompute the forward with the reference and differentiate it.
 
 Data-dependent checks need host reads (one sync per call with cu_seqlens or validate=True). They
 are skipped while a CUDA graph is being captured (device memory cannot be read then).
@@ -199,6 +199,12 @@ def block_sparse_attn_backward(grad_out: Tensor, grad_lse: Optional[Tensor], q: 
                                cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
                                block_size: int, softmax_scale: float) -> Tuple[Tensor, Tensor, Tensor]:
     # Inputs were validated by the forward op.
+    if _use_kernel("block_sparse_attn_backward", q) and lse.dtype == torch.float32:
+        _, max_seqlen_k = _seq_checks(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        return _kernels.kernel("block_sparse_attn_backward")(
+            grad_out.to(q.dtype).contiguous(), None if grad_lse is None else grad_lse.to(torch.float32).contiguous(),
+            q.contiguous(), k.contiguous(), v.contiguous(), block_indices.contiguous(), out.contiguous(),
+            lse.contiguous(), cu_seqlens_q, cu_seqlens_k, max_seqlen_k, block_size, softmax_scale)
     return _block_sparse_attn_backward_reference(grad_out, grad_lse, q, k, v, block_indices, cu_seqlens_q,
                                                  cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size,
                                                  softmax_scale)

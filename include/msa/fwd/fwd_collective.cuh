@@ -116,29 +116,41 @@ __device__ __forceinline__ float exp2_row_sum(TensorS& tSrS, int i, float scale_
   return l + __shfl_xor_sync(0xffffffff, l, 2);
 }
 
-// Epilogue, step 1: a warpgroup's 64 rows of O (times out_scale per row) into its own rows of the
-// consumed query stage at stage_base (shared address), in the query tile's SW128 layout (conflict
-// free for the stmatrix writes and the 16-byte row reads): 16-byte chunk c of row r sits in
-// 64-column half c / 8, at r * 128 + ((c % 8) ^ (r % 8)) * 16. Per thread only one base address
-// is live: the XOR touches address bits 4-6 only, the row and stage parts never do.
+// Epilogue, step 1: a warpgroup's 64 rows of an accumulator-ordered fragment into its own rows of
+// a 128-row tile at tile_base (shared address) in the query tile's SW128 layout (conflict free for
+// the stmatrix writes and the 16-byte row reads): 16-byte chunk c of row r sits in 64-column half
+// c / 8, at r * 128 + ((c % 8) ^ (r % 8)) * 16, halves 128 rows apart. pair(v) gives values v and
+// v + 1 (v even) packed in one register. Per thread only one base address is live: the XOR
+// touches address bits 4-6 only, the row and stage parts never do.
+template <int kCols, class PairFn>
+__device__ __forceinline__ void stage_rows_stmatrix(PairFn&& pair, uint32_t tile_base, int mma_wg, int warp_in_wg,
+                                                    int lane) {
+  constexpr int kHalfBytes = 128 * 128;  // one 64-column half of a 128-row tile
+  // Matrix m of each x4 store: rows 16 warp + 8 (m % 2) + (lane % 8), 16-byte chunk j + m / 2
+  // (two 8-column slices per store); for even j, ((j % 8) | m/2) ^ (row % 8) = (j % 8) ^ (m/2 ^ row % 8).
+  const int m = lane / 8;
+  const int st_row = mma_wg * 64 + warp_in_wg * 16 + 8 * (m % 2) + lane % 8;
+  const uint32_t st_base = tile_base + st_row * 128 + (((m / 2) ^ (st_row % 8)) * 16);
+#pragma unroll
+  for (int j = 0; j < kCols / 8; j += 2) {
+    stmatrix_x4((st_base ^ ((j % 8) * 16)) + (j / 8) * kHalfBytes, pair(4 * j), pair(4 * j + 2), pair(4 * j + 4),
+                pair(4 * j + 6));
+  }
+}
+
+// The output rows O (fp32) times out_scale per row, staged as above.
 template <class Traits, class TensorO>
 __device__ __forceinline__ void stage_output_rows(TensorO const& tOrO, const float (&out_scale)[2], uint32_t stage_base,
                                                   int mma_wg, int warp_in_wg, int lane) {
   using Element = typename Traits::Element;
-  constexpr int kHalfBytes = Traits::kBlockM * 128;  // one 64-column half of the query tile
-  // Matrix m of each x4 store: rows 16 warp + 8 (m % 2) + (lane % 8), 16-byte chunk j + m / 2
-  // (two 8-column slices per store); for even j, ((j % 8) | m/2) ^ (row % 8) = (j % 8) ^ (m/2 ^ row % 8).
-  const int m = lane / 8;
-  const int st_row = mma_wg * Traits::kRowsPerWarpGroup + warp_in_wg * 16 + 8 * (m % 2) + lane % 8;
-  const uint32_t st_base = stage_base + st_row * 128 + (((m / 2) ^ (st_row % 8)) * 16);
-#pragma unroll
-  for (int j = 0; j < Traits::kHeadDim / 8; j += 2) {
-    const uint32_t r0 = pack_pair<Element>(tOrO(4 * j) * out_scale[0], tOrO(4 * j + 1) * out_scale[0]);
-    const uint32_t r1 = pack_pair<Element>(tOrO(4 * j + 2) * out_scale[1], tOrO(4 * j + 3) * out_scale[1]);
-    const uint32_t r2 = pack_pair<Element>(tOrO(4 * j + 4) * out_scale[0], tOrO(4 * j + 5) * out_scale[0]);
-    const uint32_t r3 = pack_pair<Element>(tOrO(4 * j + 6) * out_scale[1], tOrO(4 * j + 7) * out_scale[1]);
-    stmatrix_x4((st_base ^ ((j % 8) * 16)) + (j / 8) * kHalfBytes, r0, r1, r2, r3);
-  }
+  static_assert(Traits::kBlockM == 128 && Traits::kRowsPerWarpGroup == 64);
+  // Value v is row (v / 2) % 2 of the thread's two rows.
+  stage_rows_stmatrix<Traits::kHeadDim>(
+      [&](int v) {
+        const float scale = out_scale[(v / 2) % 2];
+        return pack_pair<Element>(tOrO(v) * scale, tOrO(v + 1) * scale);
+      },
+      stage_base, mma_wg, warp_in_wg, lane);
 }
 
 // Epilogue, step 2 (after the warpgroup's barrier): the staged rows out with 16-byte stores.

@@ -65,7 +65,7 @@ struct AttnTileTypes {
   // 128 bytes inside its 64-column half, halves are kBlockM rows apart, stages follow each other.
   // (The 128-byte swizzle acts on the byte address: chunk bits 4-6 ^= row bits 7-9.)
   static_assert(get_nonswizzle_portion(SmemLayoutQ{})(8, 0, 0) == 8 * 64 &&
-                    get_nonswizzle_portion(SmemLayoutQ{})(0, 0, 1) == kBlockM * kHeadDim &&
+                    (kQStages == 1 || get_nonswizzle_portion(SmemLayoutQ{})(0, 0, 1) == kBlockM * kHeadDim) &&
                     (kHeadDim == 64 || get_nonswizzle_portion(SmemLayoutQ{})(0, 64, 0) == kBlockM * 64),
                 "unexpected query tile layout");
   static constexpr uint32_t kQStageBytes = kBlockM * kHeadDim * sizeof(Element);

@@ -1,0 +1,35 @@
+// Runtime dispatch of the backward over (dtype, D), and its workspace size.
+#include <cutlass/numeric_types.h>
+
+#include <cstdint>
+
+#include "msa/bwd/bwd_launch.cuh"
+#include "msa/msa.h"
+
+namespace msa {
+
+size_t bwd_workspace_bytes(const BwdParams& p) { return bwd::BwdWorkspaceLayout(p).total; }
+
+cudaError_t run_bwd(const BwdParams& p, void* workspace, cudaStream_t stream) {
+  if (p.head_dim != 64 && p.head_dim != 128) return cudaErrorInvalidValue;
+  if (p.block_size != 64 && p.block_size != 128) return cudaErrorInvalidValue;
+  const int g = p.num_heads_kv > 0 ? p.num_heads / p.num_heads_kv : 0;
+  if (g < 1 || g > 16 || (g & (g - 1)) != 0 || p.num_heads != g * p.num_heads_kv) return cudaErrorInvalidValue;
+  for (const void* ptr : {p.q, p.k, p.v, p.dout}) {
+    if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return cudaErrorMisalignedAddress;
+  }
+  // The plan packs query tokens in 26 bits (one chunk holds every token here).
+  if (p.total_q >= fwd::kMaxChunkTokens) return cudaErrorInvalidValue;
+  const int64_t num_blocks_max = (int64_t{p.max_seqlen_k} + p.block_size - 1) / p.block_size;
+  if (int64_t{p.batch} * p.num_heads_kv * num_blocks_max >= (int64_t{1} << 31)) return cudaErrorInvalidValue;
+  if (p.total_q * p.num_heads_kv * p.topk >= (int64_t{1} << 31)) return cudaErrorInvalidValue;
+  const bool bf16 = p.dtype == DType::kBF16;
+  if (p.head_dim == 128) {
+    return bf16 ? bwd::run_bwd_for<cutlass::bfloat16_t, 128>(p, workspace, stream)
+                : bwd::run_bwd_for<cutlass::half_t, 128>(p, workspace, stream);
+  }
+  return bf16 ? bwd::run_bwd_for<cutlass::bfloat16_t, 64>(p, workspace, stream)
+              : bwd::run_bwd_for<cutlass::half_t, 64>(p, workspace, stream);
+}
+
+}  // namespace msa
