@@ -152,10 +152,17 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       for (int k = 0; k < kChunksPerRow; ++k) {
         const int row = tid / kChunksPerRow + k * kRowStep;
         const int row_tok = smem.row_token[stage][row];
+        const uint32_t q_dst = q_smem_thread + stage * kQStageBytes + k * kRowStep * 128;
+        const uint32_t do_dst = do_smem_thread + stage * kQStageBytes + k * kRowStep * 128;
         if (row_tok >= 0) {
           const int64_t src = (int64_t{row_tok} * params.num_heads + group * G + (row & (G - 1))) * kHeadDim + chunk_col;
-          fwd::cp_async_16(q_smem_thread + stage * kQStageBytes + k * kRowStep * 128, params.q + src);
-          fwd::cp_async_16(do_smem_thread + stage * kQStageBytes + k * kRowStep * 128, params.dout + src);
+          fwd::cp_async_16(q_dst, params.q + src);
+          fwd::cp_async_16(do_dst, params.dout + src);
+        } else {
+          // Padding rows must be finite: they meet dS = 0 and P = 0 in dK = dS^T Q and dV = P^T dO,
+          // and 0 x NaN (stale bits) would poison whole key rows.
+          asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(q_dst), "r"(0));
+          asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(do_dst), "r"(0));
         }
       }
       cutlass::arch::cpasync_barrier_arrive_noinc(full_barrier);
@@ -283,9 +290,10 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     for (int v = 0; v < size(tSrS); ++v) {
       const int i = (v / 2) % 2;
       const int key = 8 * (v / 4) + 2 * quad + (v % 2);
-      const float p = key <= last_key[i] ? exp2f(tSrS(v) * params.scale_log2 - row_lse[i]) : 0.f;
+      const bool visible = key <= last_key[i];
+      const float p = visible ? exp2f(tSrS(v) * params.scale_log2 - row_lse[i]) : 0.f;
       tSrS(v) = p;
-      tDQrdS(v) = static_cast<Element>(p * (tSrdP(v) - row_delta[i]));
+      tDQrdS(v) = static_cast<Element>(visible ? p * (tSrdP(v) - row_delta[i]) : 0.f);
     }
     // P to the staging tile; dV_tile = P^T dO.
     fwd::stage_rows_stmatrix<kBlockN>(
