@@ -35,6 +35,18 @@ namespace msa::bwd {
 
 using namespace cute;
 
+// Measurement switch (bench/RESULTS.md, "where the time goes"): built with
+// -DMSA_BWD_PROFILE_NO_ATOMICS the kernel skips its gradient atomics (wrong results).
+#ifdef MSA_BWD_PROFILE_NO_ATOMICS
+constexpr bool kProfileNoAtomics = true;
+#else
+constexpr bool kProfileNoAtomics = false;
+#endif
+
+__device__ __forceinline__ void add_pair(float* dst, float a, float b) {
+  if constexpr (!kProfileNoAtomics) atomicAdd(reinterpret_cast<float2*>(dst), make_float2(a, b));
+}
+
 template <class Traits>
 struct BwdKernelParams {
   using Element = typename Traits::Element;
@@ -311,8 +323,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
                        dkv_col_base;
 #pragma unroll
           for (int j = 0; j < kDKVCols / 8; ++j) {
-            atomicAdd(reinterpret_cast<float2*>(dst + 8 * j),
-                      make_float2(tDKVrAcc(4 * j + 2 * i) * scale, tDKVrAcc(4 * j + 2 * i + 1) * scale));
+            add_pair(dst + 8 * j, tDKVrAcc(4 * j + 2 * i) * scale, tDKVrAcc(4 * j + 2 * i + 1) * scale);
           }
         }
       }
@@ -344,8 +355,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
                      (int64_t{row_token[i]} * params.num_heads + tc.group * G + (row & (G - 1))) * kHeadDim + 2 * quad;
 #pragma unroll
         for (int j = 0; j < kHeadDim / 8; ++j) {
-          atomicAdd(reinterpret_cast<float2*>(dst + 8 * j),
-                    make_float2(tDQrDQ(4 * j + 2 * i) * params.scale, tDQrDQ(4 * j + 2 * i + 1) * params.scale));
+          add_pair(dst + 8 * j, tDQrDQ(4 * j + 2 * i) * params.scale, tDQrDQ(4 * j + 2 * i + 1) * params.scale);
         }
       }
     }
