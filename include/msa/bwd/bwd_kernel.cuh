@@ -43,30 +43,8 @@ constexpr bool kProfileNoAtomics = true;
 constexpr bool kProfileNoAtomics = false;
 #endif
 
-// Adds this thread's two accumulator rows (value 4 j + 2 i + c: row i, column 8 j + 2 quad + c)
-// times `scale` to global fp32 rows with 16-byte vector reductions: lanes quad and quad ^ 1 swap
-// halves so that the even lane adds 4 consecutive columns of row 0 and the odd lane those of row
-// 1 (half as many reduction instructions as pairs). row_ptr[i] points at column 2 quad of row i,
-// or is null for a row that must not be written. All lanes of the warp must call it.
-template <int kCols, class Acc>
-__device__ __forceinline__ void add_rows_v4(Acc const& acc, float* const (&row_ptr)[2], float scale, int lane) {
-  const bool odd = lane & 1;
-  float* dst = odd ? (row_ptr[1] != nullptr ? row_ptr[1] - 2 : nullptr) : row_ptr[0];
-#pragma unroll
-  for (int j = 0; j < kCols / 8; ++j) {
-    const float a0 = acc(4 * j) * scale, b0 = acc(4 * j + 1) * scale;
-    const float a1 = acc(4 * j + 2) * scale, b1 = acc(4 * j + 3) * scale;
-    const float rx = __shfl_xor_sync(0xffffffff, odd ? a0 : a1, 1);
-    const float ry = __shfl_xor_sync(0xffffffff, odd ? b0 : b1, 1);
-    const float4 v = odd ? make_float4(rx, ry, a1, b1) : make_float4(a0, b0, rx, ry);
-    if constexpr (!kProfileNoAtomics) {
-      if (dst != nullptr) {
-        asm volatile("red.relaxed.gpu.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst + 8 * j), "f"(v.x),
-                     "f"(v.y), "f"(v.z), "f"(v.w)
-                     : "memory");
-      }
-    }
-  }
+__device__ __forceinline__ void add_pair(float* dst, float a, float b) {
+  if constexpr (!kProfileNoAtomics) atomicAdd(reinterpret_cast<float2*>(dst), make_float2(a, b));
 }
 
 template <class Traits>
@@ -337,16 +315,18 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     barrier_all_consumers(BwdBarrier::StagingWritten);
     common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_dkv, tDKVrPt, tDKVrdO(_, _, _, stage), tDKVrAcc);
     auto add_key_tile = [&](float* accum, float scale) {
-      float* rows[2];
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const int key = dkv_key_base + 8 * i;
-        rows[i] = block_start + key < seq.seqlen_k
-                      ? accum + ((seq.k_token_start + block_start + key) * params.num_heads_kv + tc.group) * kHeadDim +
-                            dkv_col_base
-                      : nullptr;
+        if (block_start + key < seq.seqlen_k) {
+          float* dst = accum + ((seq.k_token_start + block_start + key) * params.num_heads_kv + tc.group) * kHeadDim +
+                       dkv_col_base;
+#pragma unroll
+          for (int j = 0; j < kDKVCols / 8; ++j) {
+            add_pair(dst + 8 * j, tDKVrAcc(4 * j + 2 * i) * scale, tDKVrAcc(4 * j + 2 * i + 1) * scale);
+          }
+        }
       }
-      add_rows_v4<kDKVCols>(tDKVrAcc, rows, scale, lane);
     };
     add_key_tile(params.dv_accum, 1.f);
     barrier_all_consumers(BwdBarrier::StagingRead);
@@ -367,18 +347,17 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     add_key_tile(params.dk_accum, params.scale);
     warpgroup_fence_operand(tDQrdS);
     common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_dq, tDQrdS, tDQrK(_, _, _, kv_stage), tDQrDQ);
-    {
-      float* rows[2];
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < 2; ++i) {
+      if (row_token[i] >= 0) {
         const int row = mma_wg * 64 + row_base + 8 * i;
-        rows[i] = row_token[i] >= 0 ? params.dq_accum +
-                                          (int64_t{row_token[i]} * params.num_heads + tc.group * G + (row & (G - 1))) *
-                                              kHeadDim +
-                                          2 * quad
-                                    : nullptr;
+        float* dst = params.dq_accum +
+                     (int64_t{row_token[i]} * params.num_heads + tc.group * G + (row & (G - 1))) * kHeadDim + 2 * quad;
+#pragma unroll
+        for (int j = 0; j < kHeadDim / 8; ++j) {
+          add_pair(dst + 8 * j, tDQrDQ(4 * j + 2 * i) * params.scale, tDQrDQ(4 * j + 2 * i + 1) * params.scale);
+        }
       }
-      add_rows_v4<kHeadDim>(tDQrDQ, rows, params.scale, lane);
     }
     // The staging tile is free for the next tile, and every read of this stage (Q, dO, row data)
     // is done: hand it back.
