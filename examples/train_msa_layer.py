@@ -82,10 +82,16 @@ class MSALayer(nn.Module):
             "k_idx": self.norm_k_idx(self.wk_idx(h)).to(dtype),
         }
 
-    def forward(self, h: torch.Tensor, dtype: torch.dtype, dense_kl: bool):
+    def forward(self, h: torch.Tensor, dtype: torch.dtype, dense_kl: bool, dense_attn: bool = False):
         p = self.projections(h, dtype)
         out, aux = msa_cuda.sparse_attn(p["q"], p["k"], p["v"], p["q_idx"], p["k_idx"], block_size=self.block_size,
                                         topk=self.topk, return_aux=True)
+        if dense_attn:
+            # Dense warm-up of the main branch: it first learns where to look over the whole causal
+            # history (the selection is still made, for the metrics); the indexer distills from it.
+            out = F.scaled_dot_product_attention(p["q"].transpose(1, 2), p["k"].transpose(1, 2),
+                                                 p["v"].transpose(1, 2), is_causal=True,
+                                                 enable_gqa=True).transpose(1, 2)
         # The teacher is a constant (stop-gradient on q and k); only q_idx and k_idx learn from it.
         if dense_kl:
             kl = msa_cuda.indexer_kl_loss(p["q"].detach(), p["k"].detach(), p["q_idx"], p["k_idx"], None,
@@ -106,10 +112,10 @@ class RecallModel(nn.Module):
         self.attn = MSALayer(d_model, **layer_kwargs)
         self.head = nn.Linear(d_model, vocab, bias=False)
 
-    def forward(self, x: torch.Tensor, dtype: torch.dtype, dense_kl: bool):
+    def forward(self, x: torch.Tensor, dtype: torch.dtype, dense_kl: bool, dense_attn: bool = False):
         prev = F.pad(x[:, :-1], (1, 0))
         h = self.norm(self.embed(x) + self.embed_prev(prev))
-        attn_out, kl, aux, proj = self.attn(h, dtype, dense_kl)
+        attn_out, kl, aux, proj = self.attn(h, dtype, dense_kl, dense_attn)
         return self.head(h + attn_out), kl, aux, proj
 
 
@@ -203,6 +209,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--warmup-steps", type=int, default=50, help="steps with the dense warm-up KL support")
+    p.add_argument("--dense-attn-steps", type=int, default=0,
+                   help="first steps with a dense causal main branch (SDPA) instead of the selected blocks")
     p.add_argument("--kl-coeff", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--d-model", type=int, default=256)
@@ -240,7 +248,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     for step in range(1, args.steps + 1):
         batch = make_batch(args.batch, args.seqlen, args.pairs, num_markers, num_values, vocab, gen, device)
         dense_kl = step <= args.warmup_steps
-        logits, kl, aux, proj = model(batch["x"], dtype, dense_kl)
+        dense_attn = step <= args.dense_attn_steps
+        logits, kl, aux, proj = model(batch["x"], dtype, dense_kl, dense_attn)
         ans_logits = logits.gather(1, batch["answer_pos"][..., None].expand(-1, -1, vocab)).float()
         lm = F.cross_entropy(ans_logits.reshape(-1, vocab), batch["answers"].reshape(-1))
         loss = lm + args.kl_coeff * kl
@@ -256,7 +265,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
                                  torch.randint(0, args.seqlen, (n - min(n // 2, args.pairs),), generator=gen).to(device)])
             quality = selector_quality(proj, aux.block_indices, args.block_size, queries)
             row = {"step": step, "lm": lm.item(), "kl": kl.item(), "acc": acc, **quality,
-                   "kl_support": "dense" if dense_kl else "selected", "elapsed_s": time.perf_counter() - start}
+                   "kl_support": "dense" if dense_kl else "selected", "main": "dense" if dense_attn else "sparse",
+                   "elapsed_s": time.perf_counter() - start}
             history.append(row)
             print(json.dumps(row), flush=True)
             if out_dir:
