@@ -119,7 +119,14 @@ def block_sparse_attn(
 
     Query head h of group g = h // G attends to the keys of the blocks in ``block_indices[.., g, :]``
     that are causally visible (key position <= the query's position ``Sk - Sq + i``). A row with no
-    visible key gives out = 0 and lse = -inf. Differentiable in ``q``, ``k`` and ``v``.
+    visible key gives out = 0 and lse = -inf. Differentiable in ``q``, ``k`` and ``v`` (also through
+    ``lse``).
+
+    On an SM90 GPU with bf16/fp16 inputs both directions run the msa_cuda kernels: the forward picks
+    a query-outer kernel for sequences of at most 32 key blocks and at most 2 x topk of them, and a
+    KV-outer kernel (plan, main, combine) otherwise (``MSA_CUDA_FWD_PATH=kv_outer|query_outer``
+    forces one); the backward accumulates dq, dk, dv in fp32 with atomics, so gradients can differ
+    run to run in the last bits.
 
     Parameters
     ----------
