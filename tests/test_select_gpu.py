@@ -136,3 +136,34 @@ def test_select_1m_tokens_spot_checks():
         b = a + 512
         part = ref.check_selection(sel[:, a:b], q_idx[:, a:b], k_idx[:, :b], block_size=128, topk=16)
         assert not part, "\n".join(part)
+
+
+def test_select_nan_scores_give_valid_ids():
+    # NaN index queries never enter a row's running top-k: the row selects fewer blocks, and every
+    # slot is still a visible block id or -1 (no stale shared memory), recent blocks included.
+    sq, sk, hkv, bs, topk = 300, 2000, 2, 64, 8
+    q_idx, k_idx = _inputs(1, sq, sk, hkv, 64, torch.bfloat16, seed=4)
+    q_idx[0, ::3, 0] = float("nan")
+    sel = _kernel_select(q_idx, k_idx, block_size=bs, topk=topk, local_blocks=2).cpu()
+    pos = torch.arange(sq) + (sk - sq)
+    visible = (pos // bs)[None, :, None, None]
+    assert ((sel == -1) | ((sel >= 0) & (sel <= visible))).all()
+    nan_rows = sel[0, ::3, 0]
+    for row, p in zip(nan_rows, pos[::3]):
+        ids = row[row >= 0]
+        assert len(set(ids.tolist())) == len(ids), "duplicate ids"
+        assert (p // bs).item() in ids.tolist(), "the query's own block must stay selected"
+
+
+def test_select_cu_seqlens_overrunning_the_tensor_stay_in_bounds():
+    # A direct op call with cu_seqlens past the tensor (the Python layer rejects this): the kernel
+    # clamps its rows to q_idx and writes nothing out of bounds (run under compute-sanitizer too).
+    hkv, di = 2, 64
+    q_idx = torch.randn(100, hkv, di, device="cuda", dtype=torch.bfloat16)
+    k_idx = torch.randn(400, di, device="cuda", dtype=torch.bfloat16)
+    cu_q = torch.tensor([0, 60, 160], dtype=torch.int32, device="cuda")  # 160 > 100 tokens
+    cu_k = torch.tensor([0, 200, 400], dtype=torch.int32, device="cuda")
+    out = torch.ops.msa_cuda_kernels.select_blocks(q_idx, k_idx, cu_q, cu_k, 100, 64, 4, 0, 1)
+    torch.cuda.synchronize()
+    assert out.shape == (100, hkv, 4)
+    assert ((out >= -1) & (out < 400 // 64 + 1)).all()

@@ -63,10 +63,13 @@ struct TileRows {
   int tile_last;  // last key tile to score (inclusive); < tile_first when nothing is scored
 
   __device__ TileRows(const common::SeqInfo& seq, int m_tile, int block_q, int block_kv, int num_heads,
-                      int block_size, int init_blocks, int local_blocks) {
+                      int block_size, int init_blocks, int local_blocks, int64_t total_q_rows) {
     const int total_rows = seq.seqlen_q * num_heads;
     row_begin = m_tile * block_q;
-    num_rows = max(0, min(block_q, total_rows - row_begin));
+    // Also clamped to the rows of q_idx: cu_seqlens that overrun the tensor (possible only through
+    // a direct op call that skipped the host checks) must not make the kernel write past the output.
+    const int64_t rows_in_tensor = total_q_rows - seq.q_token_start * num_heads - row_begin;
+    num_rows = static_cast<int>(max(int64_t{0}, min(int64_t{min(block_q, total_rows - row_begin)}, rows_in_tensor)));
     tile_first = 0;
     tile_last = -1;
     if (num_rows > 0) {
@@ -107,7 +110,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   const int m_tile = params.num_m_tiles - 1 - linear / params.batch;
   const common::SeqInfo seq(batch_idx, params.cu_seqlens_q, params.cu_seqlens_k, params.seqlen_q, params.seqlen_k);
   const TileRows tile(seq, m_tile, kBlockQ, kBlockKV, params.num_idx_heads, params.block_size, params.init_blocks,
-                      params.local_blocks);
+                      params.local_blocks, params.total_q_rows);
   if (tile.num_rows == 0) {
     return;  // uniform across the CTA, before any barrier is touched
   }
@@ -274,10 +277,13 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     const float* score_odd = score_even + kTopKCap;
     const int* id_odd = id_even + kTopKCap;
     // Merge walk: the top num_selected of the union are a prefix of each sorted list. Ties go to
-    // the lower id; num_selected < kTopKCap, so neither index runs off its list.
+    // the lower id; num_selected < kTopKCap, so neither index runs off its list. The lists can run
+    // out early (NaN scores never enter a list): the walk stops there and the row selects fewer
+    // blocks (the recent blocks follow them, the rest is -1).
     int take_even = 0, take_odd = 0;
     for (int s = 0; s < num_selected; ++s) {
       const int ie = id_even[take_even], io = id_odd[take_odd];
+      if (ie < 0 && io < 0) break;
       const float se = score_even[take_even], so = score_odd[take_odd];
       const bool even_wins =
           ie >= 0 && (io < 0 || se > so || (se == so && ie < io));
@@ -297,7 +303,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       slots[ranges.init_end + rank] = id;
     }
     if (my_parity == 0) {
-      const int recent_begin = ranges.init_end + num_selected;
+      const int recent_begin = ranges.init_end + take_even + take_odd;
       const int num_recent = ranges.local - ranges.local_begin + 1;
       for (int slot = 0; slot < params.topk; ++slot) {
         if (slot < ranges.init_end) {
