@@ -3,6 +3,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <tuple>
@@ -93,9 +94,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd_cuda(
     const at::Tensor lse_rows = per_row(lse, varlen, total_q, hq);
     const at::Tensor lse_log2 =
         at::where(at::isneginf(lse_rows), at::zeros_like(lse_rows), lse_rows * 1.4426950408889634).contiguous();
-    at::Tensor delta = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1).reshape({total_q, hq});
-    if (dlse.has_value()) delta = delta - per_row(*dlse, varlen, total_q, hq);
-    delta = delta.contiguous();
+    // In token chunks: fp32 copies of whole dout/out would take 3 x 4 x Tq x Hq x D bytes (100 GB at
+    // 1M tokens of the M3 shape).
+    at::Tensor delta = at::empty({total_q, hq}, q.options().dtype(at::kFloat));
+    const at::Tensor dout_rows = dout.reshape({total_q, hq, d}), out_rows = out.reshape({total_q, hq, d});
+    constexpr int64_t kDeltaChunk = 16384;
+    for (int64_t t0 = 0; t0 < total_q; t0 += kDeltaChunk) {
+      const int64_t n = std::min(kDeltaChunk, total_q - t0);
+      delta.narrow(0, t0, n).copy_(
+          (dout_rows.narrow(0, t0, n).to(at::kFloat) * out_rows.narrow(0, t0, n).to(at::kFloat)).sum(-1));
+    }
+    if (dlse.has_value()) delta.sub_(per_row(*dlse, varlen, total_q, hq));
 
     BwdParams p;
     p.q = q.data_ptr();
@@ -116,6 +125,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd_cuda(
     p.batch = static_cast<int>(batch);
     p.seqlen_q = varlen ? 0 : static_cast<int>(q.size(1));
     p.seqlen_k = varlen ? 0 : static_cast<int>(k.size(1));
+    TORCH_CHECK(!varlen || (max_seqlen_k >= 1 && max_seqlen_k < (int64_t{1} << 30)),
+                "max_seqlen_k must be in [1, 2^30)");
     p.max_seqlen_k = varlen ? static_cast<int>(max_seqlen_k) : p.seqlen_k;
     TORCH_CHECK(p.max_seqlen_k >= 1, "max_seqlen_k must be >= 1");
     TORCH_CHECK(batch * hkv * ((int64_t{p.max_seqlen_k} + block_size - 1) / block_size) < (int64_t{1} << 31),

@@ -8,7 +8,11 @@
 
 namespace msa {
 
-size_t bwd_workspace_bytes(const BwdParams& p) { return bwd::BwdWorkspaceLayout(p).total; }
+size_t bwd_workspace_bytes(const BwdParams& p) {
+  // The layout divides by G: nothing to size for parameters run_bwd would reject.
+  if (p.num_heads_kv <= 0 || p.num_heads < p.num_heads_kv || p.block_size <= 0) return 0;
+  return bwd::BwdWorkspaceLayout(p).total;
+}
 
 cudaError_t run_bwd(const BwdParams& p, void* workspace, cudaStream_t stream) {
   if (p.head_dim != 64 && p.head_dim != 128) return cudaErrorInvalidValue;

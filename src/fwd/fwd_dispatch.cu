@@ -20,6 +20,7 @@ cudaError_t run_fwd(const FwdParams& p, void* workspace, cudaStream_t stream) {
   for (const void* ptr : {p.q, p.k, p.v, static_cast<const void*>(p.out)}) {
     if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return cudaErrorMisalignedAddress;
   }
+  if (p.total_q * p.num_heads >= (int64_t{1} << 31)) return cudaErrorInvalidValue;  // 32-bit q row index
   const int64_t num_blocks_max = (int64_t{p.max_seqlen_k} + p.block_size - 1) / p.block_size;
   if (int64_t{p.batch} * p.num_heads_kv * num_blocks_max >= (int64_t{1} << 31)) return cudaErrorInvalidValue;
   const bool bf16 = p.dtype == DType::kBF16;

@@ -195,6 +195,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         ++kv_state;
         loaded_list = item.x;
       }
+      __syncwarp();  // thread 0 may have branched off for the K/V load; bar.sync needs the warp
       if (last) break;
       scheduler.advance();
     }
@@ -328,8 +329,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         }
       }
     };
+    barrier_all_consumers(BwdBarrier::StagingRead);  // both warpgroups' dV GEMMs have read P
     add_key_tile(params.dv_accum, 1.f);
-    barrier_all_consumers(BwdBarrier::StagingRead);
 
     // dK_tile = scale dS^T Q through the staging tile; dQ_rows = scale dS K from registers.
     fwd::stage_rows_stmatrix<kBlockN>(
@@ -344,6 +345,12 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     barrier_all_consumers(BwdBarrier::StagingWritten);
     // One accumulator at a time (dK, then dQ) keeps the consumer within its registers.
     common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_dkv, tDKVrPt, tDKVrQ(_, _, _, stage), tDKVrAcc);
+    // Both warpgroups' dK GEMMs are done: the staging tile is free for the next tile, and nothing
+    // reads this stage (Q, dO, row data) any more, so the producer may refill it during the dK
+    // atomics and the dQ GEMM (which reads K and registers only).
+    barrier_all_consumers(BwdBarrier::StagingRead);
+    q_pipeline.consumer_release(q_state);
+    ++q_state;
     add_key_tile(params.dk_accum, params.scale);
     warpgroup_fence_operand(tDQrdS);
     common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_dq, tDQrdS, tDQrK(_, _, _, kv_stage), tDQrDQ);
@@ -359,11 +366,6 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         }
       }
     }
-    // The staging tile is free for the next tile, and every read of this stage (Q, dO, row data)
-    // is done: hand it back.
-    barrier_all_consumers(BwdBarrier::StagingRead);
-    q_pipeline.consumer_release(q_state);
-    ++q_state;
   }
   if (current_list >= 0) kv_pipeline.consumer_release(kv_state);
 #endif
