@@ -94,6 +94,8 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fwd_cuda(
   p.batch = static_cast<int>(batch);
   p.seqlen_q = varlen ? 0 : static_cast<int>(q.size(1));
   p.seqlen_k = varlen ? 0 : static_cast<int>(k.size(1));
+  TORCH_CHECK(!varlen || (max_seqlen_k >= 1 && max_seqlen_k < (int64_t{1} << 30)),
+              "max_seqlen_k must be in [1, 2^30)");
   p.max_seqlen_k = varlen ? static_cast<int>(max_seqlen_k) : p.seqlen_k;
   TORCH_CHECK(p.max_seqlen_k >= 1, "max_seqlen_k must be >= 1");
   TORCH_CHECK(batch * hkv * ((int64_t{p.max_seqlen_k} + block_size - 1) / block_size) < (int64_t{1} << 31),

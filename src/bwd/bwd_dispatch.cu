@@ -11,7 +11,7 @@ namespace msa {
 size_t bwd_workspace_bytes(const BwdParams& p) {
   // The layout divides by G: nothing to size for parameters run_bwd would reject.
   if (p.num_heads_kv <= 0 || p.num_heads < p.num_heads_kv || p.block_size <= 0) return 0;
-  return bwd::BwdWorkspaceLayout(p).total;
+  return bwd::BwdWorkspaceLayout(p).total();
 }
 
 cudaError_t run_bwd(const BwdParams& p, void* workspace, cudaStream_t stream) {

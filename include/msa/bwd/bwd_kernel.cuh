@@ -97,18 +97,9 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
 
   // Query/dO ring: each producer thread arrives twice per stage (cp.async completion, noinc, and a
   // release arrival after its shared-memory writes); every consumer thread releases it per tile.
-  typename QPipeline::Params q_params;
-  q_params.role = warp_group == 0 ? QPipeline::ThreadCategory::Producer : QPipeline::ThreadCategory::Consumer;
-  q_params.producer_arv_count = 2 * kThreadsPerWG;
-  q_params.consumer_arv_count = kMmaThreads;
-  QPipeline q_pipeline(smem.q_pipeline, q_params);
-  typename KVPipeline::Params kv_params;
-  kv_params.transaction_bytes = Traits::kTmaBytesKV;
-  kv_params.role = warp_group == 0 ? KVPipeline::ThreadCategory::Producer : KVPipeline::ThreadCategory::Consumer;
-  kv_params.is_leader = threadIdx.x == 0;
-  kv_params.num_consumers = kMmaThreads;
-  kv_params.num_producers = 1;
-  KVPipeline kv_pipeline(smem.kv_pipeline, kv_params, Shape<_1, _1, _1>{});
+  QPipeline q_pipeline =
+      fwd::make_query_ring<QPipeline>(smem.q_pipeline, warp_group, 2 * kThreadsPerWG, kMmaThreads);
+  KVPipeline kv_pipeline = fwd::make_kv_ring<KVPipeline>(smem.kv_pipeline, warp_group, Traits::kTmaBytesKV, kMmaThreads);
   if (threadIdx.x == 0) {
     cute::prefetch_tma_descriptor(params.tma_k.get_tma_descriptor());
     cute::prefetch_tma_descriptor(params.tma_v.get_tma_descriptor());

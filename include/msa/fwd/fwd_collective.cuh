@@ -13,6 +13,9 @@
 
 #include <math_constants.h>
 
+#include <cstdint>
+#include <utility>
+
 #include "msa/common/arch.cuh"
 
 namespace msa::fwd {
@@ -42,6 +45,31 @@ __device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
 __device__ __forceinline__ void stmatrix_x4(uint32_t smem_addr, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3) {
   asm volatile("stmatrix.sync.aligned.x4.m8n8.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(smem_addr), "r"(a0),
                "r"(a1), "r"(a2), "r"(a3));
+}
+
+// The query ring of an attention kernel (cutlass::PipelineAsync): the producer warpgroup fills a
+// stage (`producer_arrivals` arrivals complete it), every consumer thread releases it.
+template <class Pipeline>
+__device__ __forceinline__ Pipeline make_query_ring(typename Pipeline::SharedStorage& storage, int warp_group,
+                                                    int producer_arrivals, int consumer_threads) {
+  typename Pipeline::Params params;
+  params.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+  params.producer_arv_count = producer_arrivals;
+  params.consumer_arv_count = consumer_threads;
+  return Pipeline(storage, params);
+}
+
+// The K/V ring (cutlass::PipelineTmaAsync): thread 0 expects `bytes` of TMA per stage.
+template <class Pipeline>
+__device__ __forceinline__ Pipeline make_kv_ring(typename Pipeline::SharedStorage& storage, int warp_group,
+                                                 uint32_t bytes, int consumer_threads) {
+  typename Pipeline::Params params;
+  params.transaction_bytes = bytes;
+  params.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+  params.is_leader = threadIdx.x == 0;
+  params.num_consumers = consumer_threads;
+  params.num_producers = 1;
+  return Pipeline(storage, params, Shape<_1, _1, _1>{});
 }
 
 // One key block of K and V (rows key_row .. key_row + kBlockN of kv head `group`) into K/V stage
@@ -179,6 +207,21 @@ __device__ __forceinline__ void store_staged_rows(uint32_t stage_base, int mma_w
       *reinterpret_cast<uint4*>(dst + chunk * 8) = v;
     }
   }
+}
+
+// Host: TMA copies of K and V ([total_k, Hkv, D] as (token, d, head)) into Traits' K/V tiles.
+template <class Traits, class P>
+std::pair<typename Traits::TmaKV, typename Traits::TmaKV> make_kv_tmas(const P& p) {
+  using Element = typename Traits::Element;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  const int32_t total_k = static_cast<int32_t>(p.total_k);
+  const auto kv_stride = make_stride(static_cast<int64_t>(p.num_heads_kv) * kHeadDim, _1{}, Int<kHeadDim>{});
+  auto gK = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.k)),
+                        make_shape(total_k, Int<kHeadDim>{}, p.num_heads_kv), kv_stride);
+  auto gV = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.v)),
+                        make_shape(total_k, Int<kHeadDim>{}, p.num_heads_kv), kv_stride);
+  auto smem_tile = take<0, 2>(typename Traits::SmemLayoutKV{});
+  return {make_tma_copy(SM90_TMA_LOAD{}, gK, smem_tile), make_tma_copy(SM90_TMA_LOAD{}, gV, smem_tile)};
 }
 
 }  // namespace msa::fwd

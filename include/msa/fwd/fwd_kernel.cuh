@@ -100,19 +100,10 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
 
   // Query ring: 128 cp.async arrivals (one per producer thread) fill a stage; every consumer
   // thread releases it once its S = Q K^T is done.
-  typename QPipeline::Params q_params;
-  q_params.role = warp_group == 0 ? QPipeline::ThreadCategory::Producer : QPipeline::ThreadCategory::Consumer;
-  q_params.producer_arv_count = kThreadsPerWG;
-  q_params.consumer_arv_count = Traits::kNumMmaThreads;
-  QPipeline q_pipeline(smem.q_pipeline, q_params);
-  // K/V ring: thread 0's expect-tx arrival plus the TMA bytes fill a stage.
-  typename KVPipeline::Params kv_params;
-  kv_params.transaction_bytes = Traits::kTmaBytesKV;
-  kv_params.role = warp_group == 0 ? KVPipeline::ThreadCategory::Producer : KVPipeline::ThreadCategory::Consumer;
-  kv_params.is_leader = threadIdx.x == 0;
-  kv_params.num_consumers = Traits::kNumMmaThreads;
-  kv_params.num_producers = 1;
-  KVPipeline kv_pipeline(smem.kv_pipeline, kv_params, Shape<_1, _1, _1>{});
+  QPipeline q_pipeline =
+      make_query_ring<QPipeline>(smem.q_pipeline, warp_group, kThreadsPerWG, Traits::kNumMmaThreads);
+  KVPipeline kv_pipeline =
+      make_kv_ring<KVPipeline>(smem.kv_pipeline, warp_group, Traits::kTmaBytesKV, Traits::kNumMmaThreads);
   if (threadIdx.x == 0) {
     if (G >= 8) cute::prefetch_tma_descriptor(&params.tma_q);
     cute::prefetch_tma_descriptor(params.tma_k.get_tma_descriptor());

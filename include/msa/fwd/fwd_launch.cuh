@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <utility>
 #include <cute/tensor.hpp>
 #include <cutlass/cuda_host_adapter.hpp>
 #include <cutlass/fast_math.h>
@@ -15,6 +16,7 @@
 #include "msa/fwd/fwd_query_tile_kernel.cuh"
 #include "msa/fwd/fwd_common.cuh"
 #include "msa/fwd/fwd_traits.cuh"
+#include "msa/fwd/plan_workspace.h"
 #include "msa/params.h"
 
 namespace msa::fwd {
@@ -22,49 +24,26 @@ namespace msa::fwd {
 // Partial outputs take Hq x topk x (D x 2 + 8) bytes per query; queries are processed in chunks
 // so that they never exceed this budget (a 1M-token M3 prefill would otherwise need 256 GiB).
 constexpr int64_t kPartialBudgetBytes = int64_t{2} << 30;
-constexpr int kRowsPerTile = 128;
 
-// Byte offsets of the workspace pieces, all 256-byte aligned.
-struct WorkspaceLayout {
+// The plan's pieces for one query chunk, then the chunk's partial outputs and their stats.
+struct WorkspaceLayout : PlanWorkspace {
   int64_t chunk_tokens = 0;
-  int tokens_per_tile = 0;  // 128 rows = tokens_per_tile tokens x G heads
-  int num_blocks_max = 0;
-  int num_lists = 0;
-  int64_t max_entries = 0;
-  int64_t max_work = 0;
-  size_t counts = 0, offsets = 0, cursor = 0, entries = 0, work = 0, num_work = 0, work_counter = 0, part_o = 0,
-         part_stats = 0;
+  size_t part_o = 0, part_stats = 0;
   size_t total = 0;
 
-  explicit WorkspaceLayout(const FwdParams& p) {
+  static int64_t chunk_tokens_of(const FwdParams& p) {
     const int64_t per_token = static_cast<int64_t>(p.num_heads) * p.topk * (p.head_dim * 2 + 8);
-    chunk_tokens = std::max<int64_t>(1, std::min({p.total_q, kPartialBudgetBytes / per_token, kMaxChunkTokens}));
-    num_blocks_max = (p.max_seqlen_k + p.block_size - 1) / p.block_size;
-    num_lists = p.batch * p.num_heads_kv * num_blocks_max;
-    max_entries = chunk_tokens * p.num_heads_kv * p.topk;
-    tokens_per_tile = kRowsPerTile / (p.num_heads / p.num_heads_kv);
-    max_work = max_entries / tokens_per_tile + num_lists + 1;
-    size_t at = 0;
-    auto take = [&](size_t bytes) {
-      const size_t start = at;
-      at = (at + bytes + 255) / 256 * 256;
-      return start;
-    };
-    counts = take(sizeof(int32_t) * num_lists);
-    cursor = take(sizeof(int32_t) * num_lists);
-    offsets = take(sizeof(int32_t) * num_lists);
-    entries = take(sizeof(int32_t) * max_entries);
-    work = take(sizeof(int4) * max_work);
-    num_work = take(sizeof(int32_t));
-    work_counter = take(sizeof(int32_t));
+    return std::max<int64_t>(1, std::min({p.total_q, kPartialBudgetBytes / per_token, kMaxChunkTokens}));
+  }
+  explicit WorkspaceLayout(const FwdParams& p)
+      : PlanWorkspace(chunk_tokens_of(p), p.batch, p.num_heads, p.num_heads_kv, p.topk, p.max_seqlen_k,
+                      p.block_size),
+        chunk_tokens(chunk_tokens_of(p)) {
     part_o = take(static_cast<size_t>(chunk_tokens) * p.num_heads * p.topk * p.head_dim * 2);
     part_stats = take(sizeof(float2) * chunk_tokens * p.num_heads * p.topk);
-    total = at;
+    total = end;
   }
 };
-
-// Defined in src/fwd/fwd_plan.cu: zero the counters, count, scan, fill.
-cudaError_t launch_fwd_plan(const PlanParams& plan, cudaStream_t stream);
 
 // q viewed as [total_q * Hq, D] with 8-row x 64-column boxes in the 128-byte swizzle of the
 // query tile: one box is 8 heads of one token in one half of D (fwd_kernel's G >= 8 path).
@@ -86,23 +65,17 @@ template <class Element, int kHeadDim, int kBlockN>
 cudaError_t launch_fwd_main(const FwdParams& p, const WorkspaceLayout& ws, char* workspace, int64_t token_begin,
                             cudaStream_t stream) {
   using Traits = FwdTraits<Element, kHeadDim, kBlockN>;
-  const int32_t total_k = static_cast<int32_t>(p.total_k);
-  const auto kv_stride = make_stride(static_cast<int64_t>(p.num_heads_kv) * kHeadDim, _1{}, Int<kHeadDim>{});
-  auto gK = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.k)),
-                        make_shape(total_k, Int<kHeadDim>{}, p.num_heads_kv), kv_stride);
-  auto gV = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.v)),
-                        make_shape(total_k, Int<kHeadDim>{}, p.num_heads_kv), kv_stride);
-  auto smem_tile = take<0, 2>(typename Traits::SmemLayoutKV{});
+  const auto [tma_k, tma_v] = make_kv_tmas<Traits>(p);
   cute::TmaDescriptor tma_q{};
   if (p.num_heads / p.num_heads_kv >= 8) {
     cudaError_t err = make_query_box_descriptor<Element, kHeadDim>(p, &tma_q);
     if (err != cudaSuccess) return err;
   }
   FwdKernelParams<Traits> kp{
-      make_tma_copy(SM90_TMA_LOAD{}, gK, smem_tile),
-      make_tma_copy(SM90_TMA_LOAD{}, gV, smem_tile),
+      tma_k,
+      tma_v,
       tma_q,
-      total_k,
+      static_cast<int32_t>(p.total_k),
       static_cast<Element const*>(p.q),
       reinterpret_cast<const int32_t*>(workspace + ws.entries),
       reinterpret_cast<const int4*>(workspace + ws.work),
@@ -147,13 +120,7 @@ inline bool use_query_outer(const FwdParams& p) {
 template <class Element, int kHeadDim, int kBlockN>
 cudaError_t launch_fwd_query_tile(const FwdParams& p, cudaStream_t stream) {
   using Traits = QueryTileTraits<Element, kHeadDim, kBlockN>;
-  const int32_t total_k = static_cast<int32_t>(p.total_k);
-  const auto kv_stride = make_stride(static_cast<int64_t>(p.num_heads_kv) * kHeadDim, _1{}, Int<kHeadDim>{});
-  auto gK = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.k)),
-                        make_shape(total_k, Int<kHeadDim>{}, p.num_heads_kv), kv_stride);
-  auto gV = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.v)),
-                        make_shape(total_k, Int<kHeadDim>{}, p.num_heads_kv), kv_stride);
-  auto smem_tile = take<0, 2>(typename Traits::SmemLayoutKV{});
+  const auto [tma_k, tma_v] = make_kv_tmas<Traits>(p);
   const int group_size = p.num_heads / p.num_heads_kv;
   cute::TmaDescriptor tma_q{};
   if (group_size >= 8) {
@@ -168,10 +135,10 @@ cudaError_t launch_fwd_query_tile(const FwdParams& p, cudaStream_t stream) {
   if (num_tiles >= (int64_t{1} << 31)) return cudaErrorInvalidValue;
   if (num_tiles == 0) return cudaSuccess;
   QueryTileParams<Traits> kp{
-      make_tma_copy(SM90_TMA_LOAD{}, gK, smem_tile),
-      make_tma_copy(SM90_TMA_LOAD{}, gV, smem_tile),
+      tma_k,
+      tma_v,
       tma_q,
-      total_k,
+      static_cast<int32_t>(p.total_k),
       static_cast<Element const*>(p.q),
       p.block_indices,
       static_cast<Element*>(p.out),
@@ -211,29 +178,7 @@ cudaError_t run_fwd_for(const FwdParams& p, void* workspace_ptr, cudaStream_t st
   char* workspace = static_cast<char*>(workspace_ptr);
   for (int64_t token_begin = 0; token_begin < p.total_q; token_begin += ws.chunk_tokens) {
     const int64_t token_end = std::min(p.total_q, token_begin + ws.chunk_tokens);
-    PlanParams plan{
-        p.block_indices,
-        p.cu_seqlens_q,
-        p.cu_seqlens_k,
-        p.batch,
-        p.seqlen_q,
-        p.seqlen_k,
-        token_begin,
-        token_end,
-        p.num_heads_kv,
-        p.topk,
-        p.block_size,
-        ws.num_blocks_max,
-        ws.tokens_per_tile,
-        ws.num_lists,
-        reinterpret_cast<int32_t*>(workspace + ws.counts),
-        reinterpret_cast<int32_t*>(workspace + ws.offsets),
-        reinterpret_cast<int32_t*>(workspace + ws.cursor),
-        reinterpret_cast<int32_t*>(workspace + ws.entries),
-        reinterpret_cast<int4*>(workspace + ws.work),
-        reinterpret_cast<int32_t*>(workspace + ws.num_work),
-        reinterpret_cast<int32_t*>(workspace + ws.work_counter),
-    };
+    const PlanParams plan = ws.plan_params(p, workspace, token_begin, token_end);
     cudaError_t err = launch_fwd_plan(plan, stream);
     if (err != cudaSuccess) return err;
     err = p.block_size == 128 ? launch_fwd_main<Element, kHeadDim, 128>(p, ws, workspace, token_begin, stream)

@@ -1,0 +1,82 @@
+// Host side of the plan (fwd_plan_kernel.cuh) shared by the KV-outer forward and the backward:
+// where its pieces sit in the caller's workspace, and its launch parameters.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "msa/fwd/fwd_common.cuh"
+
+namespace msa::fwd {
+
+constexpr int kRowsPerTile = 128;  // query rows of a work tile (tokens x G heads)
+
+// Defined in src/fwd/fwd_plan.cu: zero the counters, count, scan, fill.
+cudaError_t launch_fwd_plan(const PlanParams& plan, cudaStream_t stream);
+
+// Byte offsets of the plan's pieces for a chunk of `chunk_tokens` query tokens, 256-byte aligned,
+// starting at offset 0; `end` is where the caller's own pieces may follow (take()).
+struct PlanWorkspace {
+  int tokens_per_tile = 0;  // 128 rows = tokens_per_tile tokens x G heads
+  int num_blocks_max = 0;
+  int num_lists = 0;
+  int64_t max_entries = 0;
+  int64_t max_work = 0;
+  size_t counts = 0, offsets = 0, cursor = 0, entries = 0, work = 0, num_work = 0, work_counter = 0;
+  size_t end = 0;
+
+  PlanWorkspace(int64_t chunk_tokens, int batch, int num_heads, int num_heads_kv, int topk, int max_seqlen_k,
+                int block_size) {
+    num_blocks_max = static_cast<int>((int64_t{max_seqlen_k} + block_size - 1) / block_size);
+    num_lists = batch * num_heads_kv * num_blocks_max;
+    max_entries = chunk_tokens * num_heads_kv * topk;
+    tokens_per_tile = kRowsPerTile / (num_heads / num_heads_kv);
+    max_work = max_entries / tokens_per_tile + num_lists + 1;
+    counts = take(sizeof(int32_t) * num_lists);
+    cursor = take(sizeof(int32_t) * num_lists);
+    offsets = take(sizeof(int32_t) * num_lists);
+    entries = take(sizeof(int32_t) * max_entries);
+    work = take(sizeof(int4) * max_work);
+    num_work = take(sizeof(int32_t));
+    work_counter = take(sizeof(int32_t));
+  }
+
+  // Reserves `bytes` after what is already taken; returns its offset.
+  size_t take(size_t bytes) {
+    const size_t start = end;
+    end = (end + bytes + 255) / 256 * 256;
+    return start;
+  }
+
+  // The plan of query tokens [token_begin, token_end) of a forward or backward parameter struct.
+  template <class P>
+  PlanParams plan_params(const P& p, char* workspace, int64_t token_begin, int64_t token_end) const {
+    return PlanParams{
+        p.block_indices,
+        p.cu_seqlens_q,
+        p.cu_seqlens_k,
+        p.batch,
+        p.seqlen_q,
+        p.seqlen_k,
+        token_begin,
+        token_end,
+        p.num_heads_kv,
+        p.topk,
+        p.block_size,
+        num_blocks_max,
+        tokens_per_tile,
+        num_lists,
+        reinterpret_cast<int32_t*>(workspace + counts),
+        reinterpret_cast<int32_t*>(workspace + offsets),
+        reinterpret_cast<int32_t*>(workspace + cursor),
+        reinterpret_cast<int32_t*>(workspace + entries),
+        reinterpret_cast<int4*>(workspace + work),
+        reinterpret_cast<int32_t*>(workspace + num_work),
+        reinterpret_cast<int32_t*>(workspace + work_counter),
+    };
+  }
+};
+
+}  // namespace msa::fwd
