@@ -28,7 +28,6 @@
 #include "msa/common/seqlen.cuh"
 #include "msa/fwd/fwd_collective.cuh"
 #include "msa/fwd/fwd_common.cuh"
-#include "msa/fwd/fwd_kernel.cuh"
 #include "msa/fwd/fwd_scheduler.cuh"
 
 namespace msa::bwd {

@@ -12,6 +12,7 @@
 #include "msa/bwd/bwd_traits.cuh"
 #include "msa/fwd/fwd_collective.cuh"
 #include "msa/fwd/plan_workspace.h"
+#include "msa/common/launch.h"
 #include "msa/params.h"
 
 namespace msa::bwd {
@@ -56,11 +57,7 @@ cudaError_t launch_bwd_main(const BwdParams& p, const BwdWorkspaceLayout& ws, ch
       p.softmax_scale,
       p.softmax_scale * 1.4426950408889634f,
   };
-  auto kernel = bwd_kernel<Traits>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  kernel<<<p.num_sms, Traits::kNumThreads, Traits::kSmemBytes, stream>>>(kp);
-  return cudaGetLastError();
+  return common::launch_with_smem(bwd_kernel<Traits>, p.num_sms, Traits::kNumThreads, Traits::kSmemBytes, stream, kp);
 }
 
 template <class Element, int kHeadDim>

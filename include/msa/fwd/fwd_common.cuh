@@ -1,8 +1,10 @@
-// Pieces shared by the forward's plan, main and combine kernels: the plan's parameters, which
-// sequence a query token is in, and which slots take part.
+// Pieces shared by the forward's plan, main and combine kernels and the backward: the plan's
+// parameters, list ids, which sequence a query token is in, and which slots take part.
 #pragma once
 
 #include <cstdint>
+
+#include <cutlass/fast_math.h>
 
 #include "msa/common/seqlen.cuh"
 
@@ -34,6 +36,17 @@ __host__ __device__ __forceinline__ int32_t pack_entry(int64_t local_token, int 
 }
 __host__ __device__ __forceinline__ int entry_token(int32_t entry) { return entry >> 5; }
 __host__ __device__ __forceinline__ int entry_slot(int32_t entry) { return entry & 31; }
+
+// list id -> (sequence, group, key block); the divisors are kernel constants (FastDivmod:
+// multiply-shift instead of a runtime division in every tile of every warp).
+struct TileCoord {
+  int batch_idx, group, block;
+  __device__ TileCoord(int list, const cutlass::FastDivmod& blocks_div, const cutlass::FastDivmod& heads_kv_div) {
+    int bg;
+    blocks_div(bg, block, list);
+    heads_kv_div(batch_idx, group, bg);
+  }
+};
 
 // Sequence holding flat query token `token` (binary search over cu_seqlens_q for varlen).
 __device__ __forceinline__ int sequence_of_query(int64_t token, const int32_t* cu_seqlens_q, int batch,

@@ -64,17 +64,6 @@ struct FwdKernelParams {
   int group_shift;  // log2(G): G is a power of two, so row / G and row % G are a shift and a mask
 };
 
-// list id -> (sequence, group, key block); the divisors are kernel constants (FastDivmod:
-// multiply-shift instead of a runtime division in every tile of every warp).
-struct TileCoord {
-  int batch_idx, group, block;
-  __device__ TileCoord(int list, const cutlass::FastDivmod& blocks_div, const cutlass::FastDivmod& heads_kv_div) {
-    int bg;
-    blocks_div(bg, block, list);
-    heads_kv_div(batch_idx, group, bg);
-  }
-};
-
 template <class Traits>
 __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     fwd_kernel(CUTE_GRID_CONSTANT FwdKernelParams<Traits> const params) {

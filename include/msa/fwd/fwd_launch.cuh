@@ -17,6 +17,7 @@
 #include "msa/fwd/fwd_common.cuh"
 #include "msa/fwd/fwd_traits.cuh"
 #include "msa/fwd/plan_workspace.h"
+#include "msa/common/launch.h"
 #include "msa/params.h"
 
 namespace msa::fwd {
@@ -98,12 +99,8 @@ cudaError_t launch_fwd_main(const FwdParams& p, const WorkspaceLayout& ws, char*
       p.softmax_scale * 1.4426950408889634f,
       __builtin_ctz(static_cast<unsigned>(p.num_heads / p.num_heads_kv)),
   };
-  auto kernel = fwd_kernel<Traits>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
-  if (err != cudaSuccess) return err;
   // Persistent: one CTA per SM walks the work list (its length is only known on the device).
-  kernel<<<p.num_sms, Traits::kNumThreads, Traits::kSmemBytes, stream>>>(kp);
-  return cudaGetLastError();
+  return common::launch_with_smem(fwd_kernel<Traits>, p.num_sms, Traits::kNumThreads, Traits::kSmemBytes, stream, kp);
 }
 
 // Whether the query-outer kernel runs: it needs at most 32 key blocks per sequence. By default it
@@ -113,7 +110,7 @@ cudaError_t launch_fwd_main(const FwdParams& p, const WorkspaceLayout& ws, char*
 // full coverage, bench/RESULTS.md).
 inline bool use_query_outer(const FwdParams& p) {
   const int64_t num_blocks = (int64_t{p.max_seqlen_k} + p.block_size - 1) / p.block_size;
-  if (num_blocks > 32 || p.path == FwdPath::kKVOuter) return false;
+  if (num_blocks > kQueryOuterMaxBlocks || p.path == FwdPath::kKVOuter) return false;
   return p.path == FwdPath::kQueryOuter || num_blocks <= 2 * int64_t{p.topk};
 }
 
@@ -160,12 +157,8 @@ cudaError_t launch_fwd_query_tile(const FwdParams& p, cudaStream_t stream) {
       cutlass::FastDivmod(p.num_heads_kv),
       p.softmax_scale * 1.4426950408889634f,
   };
-  auto kernel = fwd_query_tile_kernel<Traits>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
-  if (err != cudaSuccess) return err;
   const int grid = static_cast<int>(std::min<int64_t>(num_tiles, p.num_sms));
-  kernel<<<grid, Traits::kNumThreads, Traits::kSmemBytes, stream>>>(kp);
-  return cudaGetLastError();
+  return common::launch_with_smem(fwd_query_tile_kernel<Traits>, grid, Traits::kNumThreads, Traits::kSmemBytes, stream, kp);
 }
 
 template <class Element, int kHeadDim>

@@ -122,6 +122,10 @@ struct FwdTraits
   static_assert(kSmemBytes <= 227 * 1024, "shared memory budget exceeded");
 };
 
+// The query-outer forward serves sequences of at most this many key blocks: a token's selection is
+// a 32-bit mask.
+constexpr int kQueryOuterMaxBlocks = 32;
+
 // Query-outer forward (short contexts, at most 32 key blocks): one tile is 128/G tokens x G heads
 // of one group and walks the union of the blocks its tokens selected with an online softmax, so
 // the output is final (no partials, no combine). Two query stages (the next tile's queries load
@@ -137,8 +141,7 @@ struct QueryTileTraits
   using Base::kQStages;
   using typename Base::SmemLayoutKV;
   using typename Base::SmemLayoutQ;
-  // Each sequence has at most this many key blocks on this path: a token's selection is a bit mask.
-  static constexpr int kMaxBlocks = 32;
+  static constexpr int kMaxBlocks = kQueryOuterMaxBlocks;
 
   using QPipeline = cutlass::PipelineAsync<kQStages>;
   using KVPipeline = cutlass::PipelineTmaAsync<kKVStages>;

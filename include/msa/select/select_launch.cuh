@@ -5,6 +5,7 @@
 
 #include <cute/tensor.hpp>
 
+#include "msa/common/launch.h"
 #include "msa/params.h"
 #include "msa/select/select_kernel.cuh"
 #include "msa/select/select_traits.cuh"
@@ -54,13 +55,8 @@ cudaError_t launch_select(const SelectParams& p, cudaStream_t stream) {
     return cudaErrorInvalidConfiguration;
   }
 
-  auto kernel = select_kernel<Traits>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
-  if (err != cudaSuccess) {
-    return err;
-  }
-  kernel<<<dim3(static_cast<unsigned>(num_ctas)), dim3(Traits::kNumThreads), Traits::kSmemBytes, stream>>>(kp);
-  return cudaGetLastError();
+  return common::launch_with_smem(select_kernel<Traits>, static_cast<unsigned>(num_ctas), Traits::kNumThreads,
+                                  Traits::kSmemBytes, stream, kp);
 }
 
 // Dispatch over the list length for one (dtype, Di); instantiated once per src/select/*.cu file.
