@@ -4,7 +4,7 @@ Usage (from anywhere; the command is run as a script)::
 
     python bench/bench_ops.py [--seqlens 8192 16384 32768 65536 131072] [--include-1m]
                               [--ops select,attn,hot,sparse_attn,kl,flex,bwd] [--out bench/out]
-                              [--reps N] [--dry-run]
+                              [--reps N] [--kl-dense] [--dry-run]
 
 For every sequence length S (B=1, Hq=64, Hkv=4, D=Di=128, block 128, topk 16, bf16, fresh
 ``torch.randn`` inputs) it times, in one process:
@@ -15,7 +15,13 @@ For every sequence length S (B=1, Hq=64, Hkv=4, D=Di=128, block 128, topk 16, bf
   ``torch.ops.msa_cuda_kernels.select_blocks`` and the reference ``msa_cuda.reference.select_blocks``;
 - ``attn``: ``msa_cuda.block_sparse_attn`` on the selection (``validate=False``);
 - ``sparse_attn``: ``msa_cuda.sparse_attn`` (selection + attention);
-- ``kl``: ``msa_cuda.indexer_kl_loss`` on the selection, given the main branch's lse;
+- ``kl``: ``msa_cuda.indexer_kl_loss`` on the selection, given the main branch's lse (computed
+  once, untimed, or taken from the ``block_sparse_attn`` forward, which ``kl`` times itself when
+  ``attn`` is not selected): the loss alone, and forward + backward with q_idx and k_idx as leaves
+  (the training call). Its target is ``kl fwd+bwd time / block_sparse_attn fwd time <= 0.75``
+  (``kl_targets`` in the JSON, and after the table). ``--kl-dense`` adds the dense warm-up
+  variant (``dense=True``, forward + backward, PyTorch reference) for S <= 8192, reported against
+  the dense cuDNN forward;
 - ``flex``: FlexAttention (``torch.compile``) with a BlockMask built from the selection. A
   BlockMask works on 128 x 128 tiles, so a query tile must attend the UNION over its 128 queries
   of the blocks they selected (per KV group): it cannot express per-token selection and computes
@@ -58,6 +64,8 @@ from common import (REPO_ROOT, BWD_FACTOR, L2Flusher, Shape, Timing, attn_bwd_by
 DEFAULT_SEQLENS = [8192, 16384, 32768, 65536, 131072]
 SEQLEN_1M = 1 << 20
 OPS = ("select", "attn", "hot", "sparse_attn", "kl", "flex", "bwd")
+KL_TARGET = 0.75  # indexer_kl_loss forward + backward time / block_sparse_attn forward time, at most
+KL_DENSE_MAX_SEQLEN = 8192  # the dense KL warm-up variant (--kl-dense) still runs the PyTorch reference
 DENSE = {"fwd": "dense_cudnn", "bwd": "dense_cudnn_bwd"}
 # Measured throughputs the dry run draws its fake times from (TFLOP/s, low and high).
 _DRY_RUN_TFLOPS = {"dense": (380.0, 520.0), "select": (250.0, 600.0), "ref": (2.0, 20.0),
@@ -275,12 +283,35 @@ class Runner:
                 out.append(entry)
         return out
 
+    def kl_targets(self) -> List[Dict[str, Any]]:
+        """Per length: indexer_kl_loss forward + backward time / block_sparse_attn forward time
+        (target <= KL_TARGET), and with ``--kl-dense`` the dense warm-up variant's forward + backward
+        time / the dense cuDNN forward time (no target)."""
+        out = []
+        for seqlen in sorted({r.seqlen for r in self.rows}):
+            kl, attn = self.row("indexer_kl_loss_fwd_bwd", seqlen), self.row("block_sparse_attn", seqlen)
+            kl_dense, dense = self.row("indexer_kl_loss_dense_fwd_bwd", seqlen), self.row("dense_cudnn", seqlen)
+            entry = {
+                "seqlen": seqlen,
+                "kl_fwd_bwd_ms": kl.median_ms if kl is not None else None,
+                "attn_fwd_ms": attn.median_ms if attn is not None else None,
+                "kl_fwd_bwd_over_attn_fwd": (kl.median_ms / attn.median_ms
+                                             if kl is not None and attn is not None else None),
+                "target": KL_TARGET,
+                "dense_kl_fwd_bwd_over_dense_fwd": (kl_dense.median_ms / dense.median_ms
+                                                    if kl_dense is not None and dense is not None else None),
+            }
+            if entry["kl_fwd_bwd_over_attn_fwd"] is not None or entry["dense_kl_fwd_bwd_over_dense_fwd"] is not None:
+                out.append(entry)
+        return out
+
     def write_json(self) -> None:
         self.finish_speedups()
         out = Path(self.args.out)
         out.mkdir(parents=True, exist_ok=True)
         doc = {"meta": self.meta, "ceilings": self.ceilings, "args": vars(self.args),
                "select_targets": self.select_targets(), "attn_targets": self.attn_targets(),
+               "kl_targets": self.kl_targets(),
                "results": [asdict(r) for r in self.rows]}
         tmp = out / "results.json.tmp"
         tmp.write_text(json.dumps(doc, indent=1))
@@ -291,7 +322,7 @@ class Runner:
 # Table and plot
 # ---------------------------------------------------------------------------------------------
 
-_HEADER = (f"{'seqlen':>8} {'op':<22} {'median ms':>10} {'min ms':>10} {'spread':>7} {'reps':>4} "
+_HEADER = (f"{'seqlen':>8} {'op':<29} {'median ms':>10} {'min ms':>10} {'spread':>7} {'reps':>4} "
            f"{'TFLOPS':>7} {'floor%':>6} {'vs dense':>9} {'extra MiB':>9}  note")
 
 
@@ -305,7 +336,7 @@ def format_row(r: Row) -> str:
     speed = "-" if r.speedup_vs_dense is None else f"{r.speedup_vs_dense:.2f}x"
     floor_pct = None if r.floor_ms is None or not r.median_ms else 100.0 * r.floor_ms / r.median_ms
     note = r.note if r.status == "ok" else f"{r.status.upper()}: {r.note}"
-    return (f"{r.seqlen:>8} {r.op:<22} {_num(r.median_ms, '10.3f')} {_num(r.min_ms, '10.3f')} "
+    return (f"{r.seqlen:>8} {r.op:<29} {_num(r.median_ms, '10.3f')} {_num(r.min_ms, '10.3f')} "
             f"{_num(r.spread_pct, '6.1f')}{'%' if r.spread_pct is not None else ' '} {r.reps:>4} "
             f"{_num(r.tflops, '7.1f')} {_num(floor_pct, '6.1f')} {speed:>9} {_num(r.extra_mib, '9.0f')}  {note}")
 
@@ -361,6 +392,19 @@ def print_table(runner: Runner) -> None:
                   f"hot {verdict(t['hot_tflops_ratio'], 0.6, '.2f'):<14}  "
                   f"sparse_attn {verdict(t['sparse_attn_speedup'], e2e_goal, '.2f'):<16}  "
                   f"full coverage {verdict(t['full_coverage_time_ratio'], 0.8, '.2f')}")
+    kl = runner.kl_targets()
+    if kl:
+        print()
+        print(f"kl target: indexer_kl_loss fwd+bwd time / block_sparse_attn fwd time <= {KL_TARGET} "
+              "(same selection, lse given); dense = dense=True fwd+bwd time / dense cuDNN fwd time")
+        for t in kl:
+            ratio = t["kl_fwd_bwd_over_attn_fwd"]
+            r_txt = "-" if ratio is None else f"{ratio:.2f} ({'met' if ratio <= KL_TARGET else 'NOT met'})"
+            times = ("" if ratio is None
+                     else f"  ({t['kl_fwd_bwd_ms']:.3f} ms / {t['attn_fwd_ms']:.3f} ms)")
+            dense_ratio = t["dense_kl_fwd_bwd_over_dense_fwd"]
+            d_txt = "" if dense_ratio is None else f"  dense {dense_ratio:.2f}x"
+            print(f"{t['seqlen']:>8}  kl/attn {r_txt}{times}{d_txt}")
 
 
 def write_plot(runner: Runner) -> Optional[Path]:
@@ -548,6 +592,77 @@ def _leaves(*tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
     return tuple(t.detach().requires_grad_(True) for t in tensors)
 
 
+def bench_kl(runner: Runner, shape: Shape, msa, inputs: Tuple[torch.Tensor, ...], sel: Optional[torch.Tensor],
+             lse: Optional[torch.Tensor], triples: int, sparse_flops: float, attn_note: str) -> None:
+    """The ``kl`` op at one length: the indexer loss on the selection, given the main branch's lse.
+
+    Rows: ``block_sparse_attn`` (its forward, when ``attn`` did not already time it in this run: the
+    lse comes from its output), ``indexer_kl_loss`` (loss only, no input needs a gradient),
+    ``indexer_kl_loss_fwd_bwd`` (a training call: forward and backward with q_idx, k_idx as leaves;
+    q and k carry no gradient; its cost model is the backward's, which already counts both score
+    sets once plus the dq_idx and dk_idx products), ``indexer_kl_loss_bwd`` with ``bwd`` (the
+    backward alone, after an untimed forward), and with ``--kl-dense`` (S <= KL_DENSE_MAX_SEQLEN)
+    ``indexer_kl_loss_dense_fwd_bwd``, the dense warm-up variant, next to the dense cuDNN forward.
+    The ratios against the attention forward go to :meth:`Runner.kl_targets`.
+    """
+    args, dry = runner.args, runner.args.dry_run
+    q, k, v, q_idx, k_idx = inputs
+    S, bs = shape.seqlen, shape.block_size
+    if runner.row("block_sparse_attn", S) is None:
+        # The ratio's denominator, timed in this run on the same inputs and selection.
+        t = runner.measure("block_sparse_attn", shape,
+                           lambda _: msa.block_sparse_attn(q, k, v, sel, block_size=bs, return_lse=True,
+                                                           validate=False),
+                           flops=sparse_flops, min_bytes=attn_fwd_bytes(shape, sparse=True), exponent=1,
+                           keep_output=not dry, note=("timed for kl; " + attn_note).strip("; "))
+        if t is not None and t.output is not None:
+            lse = t.output[1]
+        del t
+    if lse is None and not dry:
+        lse = runner.prepare("lse for kl", S, lambda: msa.block_sparse_attn(
+            q, k, v, sel, block_size=bs, return_lse=True, validate=False)[1])
+        if lse is None:
+            return
+    if lse is not None:
+        lse = lse.detach()
+    kl_backend = "" if dry or runner.meta["kl_kernel"] else "reference-backed"
+    note = (kl_backend + "; lse given").strip("; ")
+    runner.measure("indexer_kl_loss", shape,
+                   lambda _: msa.indexer_kl_loss(q, k, q_idx, k_idx, sel, block_size=bs, lse=lse),
+                   flops=kl_fwd_flops(shape, triples), min_bytes=kl_fwd_bytes(shape), exponent=1, note=note)
+
+    def leaves():
+        return _leaves(q_idx, k_idx)
+
+    def fwd_bwd(ki_leaves, block_indices, dense=False, lse_=None):
+        loss = msa.indexer_kl_loss(q, k, *ki_leaves, block_indices, block_size=bs, dense=dense, lse=lse_)
+        return torch.autograd.grad(loss, ki_leaves)
+
+    runner.measure("indexer_kl_loss_fwd_bwd", shape, lambda st: fwd_bwd(st, sel, lse_=lse), setup=leaves,
+                   flops=kl_bwd_flops(shape, triples), min_bytes=kl_bwd_bytes(shape), exponent=1,
+                   note=f"fwd+bwd (vs dense = dense fwd / this); {note}")
+    if "bwd" in args.ops:
+        def kl_setup():
+            ki_leaves = leaves()
+            return msa.indexer_kl_loss(q, k, *ki_leaves, sel, block_size=bs, lse=lse), ki_leaves
+
+        runner.measure("indexer_kl_loss_bwd", shape, lambda st: torch.autograd.grad(st[0], st[1]),
+                       setup=kl_setup, direction="bwd", flops=kl_bwd_flops(shape, triples),
+                       min_bytes=kl_bwd_bytes(shape), exponent=1,
+                       note=f"backward alone (a fused forward may already hold the gradients); {note}")
+    if args.kl_dense:
+        if S > KL_DENSE_MAX_SEQLEN:
+            runner.skip("indexer_kl_loss_dense_fwd_bwd", S, "fwd", f"dense KL only up to S={KL_DENSE_MAX_SEQLEN}")
+            return
+        # Dense support: every causally visible key, Hkv * S (S + 1) / 2 triples; the lse of the
+        # sparse selection does not apply, so the op recomputes it.
+        dense_triples = shape.batch * shape.hkv * S * (S + 1) // 2
+        runner.measure("indexer_kl_loss_dense_fwd_bwd", shape, lambda st: fwd_bwd(st, None, dense=True),
+                       setup=leaves, flops=kl_bwd_flops(shape, dense_triples), min_bytes=kl_bwd_bytes(shape),
+                       note="dense=True warm-up variant, fwd+bwd, lse None (vs dense = dense fwd / this); "
+                            "PyTorch reference")
+
+
 def bench_seqlen(runner: Runner, shape: Shape, msa, ref) -> None:
     """Measure every requested op at one sequence length (all inputs freed on return)."""
     args = runner.args
@@ -662,22 +777,7 @@ def bench_seqlen(runner: Runner, shape: Shape, msa, ref) -> None:
                        min_bytes=select_bytes(shape) + attn_fwd_bytes(shape, sparse=True), exponent=1,
                        note=reference_note)
     if "kl" in ops:
-        if lse is None and not dry:
-            lse = runner.prepare("lse for kl", S, lambda: msa.block_sparse_attn(
-                q, k, v, sel, block_size=bs, return_lse=True, validate=False)[1])
-        kl_note = "reference-backed; lse given" if reference_note else "lse given"
-        runner.measure("indexer_kl_loss", shape,
-                       lambda _: msa.indexer_kl_loss(q, k, q_idx, k_idx, sel, block_size=bs, lse=lse),
-                       flops=kl_fwd_flops(shape, triples), min_bytes=kl_fwd_bytes(shape), exponent=1,
-                       note=kl_note)
-        if bwd:
-            def kl_setup():
-                leaves = _leaves(q_idx, k_idx)
-                return msa.indexer_kl_loss(q, k, *leaves, sel, block_size=bs, lse=lse), leaves
-
-            runner.measure("indexer_kl_loss_bwd", shape, lambda st: torch.autograd.grad(st[0], st[1]),
-                           setup=kl_setup, direction="bwd", flops=kl_bwd_flops(shape, triples),
-                           min_bytes=kl_bwd_bytes(shape), exponent=1, note=kl_note)
+        bench_kl(runner, shape, msa, (q, k, v, q_idx, k_idx), sel, lse, triples, sparse_flops, reference_note)
     del lse
 
     # (e) FlexAttention with the selection's union block mask.
@@ -745,18 +845,20 @@ def import_msa(dry_run: bool):
 def kernel_backends(dry_run: bool) -> Dict[str, Any]:
     """Which ops run a compiled kernel on this GPU (else the reference), for the notes."""
     if dry_run:
-        return {"select_backend": "dry run", "raw_kernel_op": False, "attn_kernel": False}
+        return {"select_backend": "dry run", "raw_kernel_op": False, "attn_kernel": False, "kl_kernel": False}
     try:
         from msa_cuda import _kernels
 
         dev = torch.device("cuda")
         select = _kernels.has_kernel("select_blocks", dev, torch.bfloat16)
         attn = _kernels.has_kernel("block_sparse_attn", dev, torch.bfloat16)
+        kl = _kernels.has_kernel("indexer_kl_loss", dev, torch.bfloat16)
         raw = _kernels.extension_loaded() and hasattr(torch.ops.msa_cuda_kernels, "select_blocks")
     except Exception as exc:
-        return {"select_backend": f"unknown ({exc!r})", "raw_kernel_op": False, "attn_kernel": False}
+        return {"select_backend": f"unknown ({exc!r})", "raw_kernel_op": False, "attn_kernel": False,
+                "kl_kernel": False}
     return {"select_backend": "SM90 kernel" if select else "REFERENCE (no kernel on this device/build)",
-            "raw_kernel_op": bool(raw), "attn_kernel": attn}
+            "raw_kernel_op": bool(raw), "attn_kernel": attn, "kl_kernel": kl}
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -774,6 +876,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="skip a measurement whose calls are predicted to take longer")
     p.add_argument("--time-limit-s", type=float, default=480.0,
                    help="start no measurement that would end after this many seconds of run time")
+    p.add_argument("--kl-dense", action="store_true",
+                   help=f"with kl: also time the dense warm-up loss (dense=True, fwd+bwd) for S <= "
+                        f"{KL_DENSE_MAX_SEQLEN}, next to the dense cuDNN forward")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dry-run", action="store_true", help="no GPU: random times, exercises the outputs")
     args = p.parse_args(argv)

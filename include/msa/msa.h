@@ -29,4 +29,10 @@ cudaError_t run_fwd(const FwdParams& params, void* workspace, cudaStream_t strea
 size_t bwd_workspace_bytes(const BwdParams& params);
 cudaError_t run_bwd(const BwdParams& params, void* workspace, cudaStream_t stream);
 
+// Indexer distillation loss (two passes over the forward plan's lists with one row per token:
+// the student's per-slot stats, then teacher + loss + gradients with fp32 atomics).
+// `workspace` must hold kl_workspace_bytes(params) bytes.
+size_t kl_workspace_bytes(const KlParams& params);
+cudaError_t run_kl(const KlParams& params, void* workspace, cudaStream_t stream);
+
 }  // namespace msa

@@ -108,4 +108,37 @@ struct BwdParams {
   int num_sms = 0;
 };
 
+// Indexer distillation loss on the selected support (MSA_SPEC s.7): the loss and the gradients of
+// q_idx and k_idx at once (the loss is a scalar: the caller scales them by the incoming gradient).
+struct KlParams {
+  const void* q = nullptr;                // [total_q, Hq, D]
+  const void* k = nullptr;                // [total_k, Hkv, D]
+  const void* q_idx = nullptr;            // [total_q, Hkv, Di]
+  const void* k_idx = nullptr;            // [total_k, Di]
+  const int32_t* block_indices = nullptr; // [total_q, Hkv, topk]; -1 = empty slot, any order, no repeats
+  const float* lse_log2 = nullptr;        // [total_q, Hq]: the main branch's lse x log2(e), +inf where -inf
+  float* dq_idx_accum = nullptr;          // [total_q, Hkv, Di], zeroed: d loss / d q_idx
+  float* dk_idx_accum = nullptr;          // [total_k, Di], zeroed: d loss / d k_idx
+  double* loss_sum = nullptr;             // [1], zeroed: sum over (token, group) of KL; / pairs = loss
+  const int32_t* cu_seqlens_q = nullptr;
+  const int32_t* cu_seqlens_k = nullptr;
+
+  DType dtype = DType::kBF16;
+  int64_t total_q = 0;
+  int64_t total_k = 0;
+  int batch = 0;
+  int seqlen_q = 0;
+  int seqlen_k = 0;
+  int max_seqlen_k = 0;
+  int num_heads = 0;     // Hq
+  int num_heads_kv = 0;  // Hkv
+  int head_dim = 0;      // D
+  int head_dim_idx = 0;  // Di
+  int block_size = 128;
+  int topk = 16;
+  float softmax_scale = 0.f;
+  float index_scale = 0.f;
+  int num_sms = 0;
+};
+
 }  // namespace msa

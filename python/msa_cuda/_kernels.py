@@ -44,6 +44,7 @@ _KERNEL_OPS = {
     "select_blocks": "select_blocks",
     "block_sparse_attn": "block_sparse_attn_fwd",
     "block_sparse_attn_backward": "block_sparse_attn_bwd",
+    "indexer_kl_loss": "indexer_kl",
 }
 
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)

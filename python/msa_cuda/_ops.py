@@ -11,8 +11,9 @@ Ops (namespace ``msa_cuda``); every tensor argument has already passed the metad
 - ``block_sparse_attn_backward(grad_out, grad_lse?, q, k, v, block_indices, out, lse, cu_seqlens_q?,
   cu_seqlens_k?, max_seqlen_q, max_seqlen_k, block_size, softmax_scale) -> (dq, dk, dv)``
 - ``indexer_kl_loss(q, k, q_idx, k_idx, block_indices?, lse?, cu_seqlens_q?, cu_seqlens_k?,
-  max_seqlen_q, max_seqlen_k, block_size, softmax_scale, index_scale, dense) -> loss`` (0-dim
-  float32); autograd to q_idx, k_idx only
+  max_seqlen_q, max_seqlen_k, block_size, softmax_scale, index_scale, dense, need_grad)
+  -> (loss, dloss/dq_idx, dloss/dk_idx)`` (0-dim float32 loss; with need_grad the gradients, computed
+  with the loss, in float32, else empty); autograd to q_idx, k_idx only (it scales the gradients)
 - ``indexer_kl_loss_backward(grad_loss, q, k, q_idx, k_idx, block_indices?, lse?, cu_seqlens_q?,
   cu_seqlens_k?, max_seqlen_q, max_seqlen_k, block_size, softmax_scale, index_scale, dense)
   -> (dq_idx, dk_idx)``
@@ -22,8 +23,9 @@ lse and the loss are float32, or float64 when an input is float64 (CPU gradcheck
 Dispatch inside every op body: data-dependent validation first (cu_seqlens values, block_indices
 range/uniqueness), then the compiled kernel when :func:`msa_cuda._kernels.has_kernel` allows it,
 else :mod:`msa_cuda.reference` on the inputs' device. Today ``select_blocks`` and the
-``block_sparse_attn`` forward and backward have kernels (adapters ``_select_blocks_kernel``,
-``_block_sparse_attn_kernel``, and the branch in ``block_sparse_attn_backward``); an op gains one
+``block_sparse_attn`` forward and backward and ``indexer_kl_loss`` on the selected support have
+kernels (adapters ``_select_blocks_kernel``, ``_block_sparse_attn_kernel``, the branch in
+``block_sparse_attn_backward``, ``_indexer_kl_kernel``); an op gains one
 by listing it in ``_kernels._KERNEL_OPS`` and branching to its adapter. Backward ops without a
 kernel recompute the forward with the reference and differentiate it.
 
@@ -253,41 +255,94 @@ def _kl_reference(q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqle
         max_seqlen_q=_opt(max_seqlen_q), max_seqlen_k=_opt(max_seqlen_k))
 
 
-@torch.library.custom_op(f"{_NS}::indexer_kl_loss", mutates_args=())
-def indexer_kl_loss(q: Tensor, k: Tensor, q_idx: Tensor, k_idx: Tensor, block_indices: Optional[Tensor],
-                    lse: Optional[Tensor], cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
-                    max_seqlen_q: int, max_seqlen_k: int, block_size: int, softmax_scale: float,
-                    index_scale: float, dense: bool) -> Tensor:
-    max_seqlen_q, max_seqlen_k = _seq_checks(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    if dense:
-        block_indices = None
-    else:
-        # A caller-made selection is always validated here (the loss is a training op, not hot).
-        _validation.check_block_indices_values(block_indices, block_size, k.shape[-3], cu_seqlens_q, cu_seqlens_k)
-    with torch.no_grad():
-        loss = _kl_reference(q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                             max_seqlen_k, block_size, softmax_scale, index_scale, dense)
-    return loss.to(_real_dtype(q, k, q_idx, k_idx)).reshape(()).clone()
+def _kl_kernel_applies(q, k, q_idx, k_idx, lse, dense) -> bool:
+    """The kernel covers the selected support with one dtype for all four tensors."""
+    if dense or not _use_kernel("indexer_kl_loss", q):
+        return False
+    if not (k.dtype == q_idx.dtype == k_idx.dtype == q.dtype) or (lse is not None and lse.dtype != torch.float32):
+        return False
+    g = q.shape[-2] // k.shape[-2]
+    return q.shape[-1] in (64, 128) and q_idx.shape[-1] in (64, 128) and g in (1, 2, 4, 8, 16)
 
 
-@indexer_kl_loss.register_fake
-def _(q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size,
-      softmax_scale, index_scale, dense):
-    return q_idx.new_empty((), dtype=_real_dtype(q, k, q_idx, k_idx))
+def _indexer_kl_kernel(q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, block_size,
+                       softmax_scale, index_scale):
+    """(loss, d loss / d q_idx, d loss / d k_idx), the gradients in float32."""
+    q, k, block_indices = q.contiguous(), k.contiguous(), block_indices.contiguous()
+    if lse is None:
+        # The teacher's normaliser is the main branch's lse on the same support; it does not depend
+        # on v, so k stands in for it.
+        _, lse = _block_sparse_attn_kernel(q, k, k, block_indices, cu_seqlens_q, cu_seqlens_k, max_seqlen_k,
+                                           block_size, softmax_scale)
+    return _kernels.kernel("indexer_kl_loss")(
+        q, k, q_idx.contiguous(), k_idx.contiguous(), block_indices, lse.contiguous(), cu_seqlens_q, cu_seqlens_k,
+        max_seqlen_k, block_size, softmax_scale, index_scale)
 
 
-def _indexer_kl_loss_backward_reference(grad_loss, q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q,
-                                        cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, softmax_scale,
-                                        index_scale, dense):
+def _kl_reference_with_grads(q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                             max_seqlen_k, block_size, softmax_scale, index_scale, dense):
+    """Reference loss and its gradients for q_idx and k_idx (in the loss dtype)."""
     with _autograd_inside_op():
         q_idx_ = q_idx.detach().requires_grad_(True)
         k_idx_ = k_idx.detach().requires_grad_(True)
         loss = _kl_reference(q.detach(), k.detach(), q_idx_, k_idx_, block_indices,
                              None if lse is None else lse.detach(), cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                              max_seqlen_k, block_size, softmax_scale, index_scale, dense)
-        dq_idx, dk_idx = torch.autograd.grad(loss, (q_idx_, k_idx_), grad_loss.to(loss.dtype), allow_unused=True)
-    return tuple(torch.zeros_like(t) if g is None else g.to(t.dtype).contiguous()
-                 for g, t in ((dq_idx, q_idx), (dk_idx, k_idx)))
+        grads = torch.autograd.grad(loss, (q_idx_, k_idx_), allow_unused=True)
+    return loss.detach(), tuple(torch.zeros_like(t, dtype=loss.dtype) if g is None else g.to(loss.dtype)
+                                for g, t in zip(grads, (q_idx, k_idx)))
+
+
+@torch.library.custom_op(f"{_NS}::indexer_kl_loss", mutates_args=())
+def indexer_kl_loss(q: Tensor, k: Tensor, q_idx: Tensor, k_idx: Tensor, block_indices: Optional[Tensor],
+                    lse: Optional[Tensor], cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+                    max_seqlen_q: int, max_seqlen_k: int, block_size: int, softmax_scale: float,
+                    index_scale: float, dense: bool, need_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(loss, dloss/dq_idx, dloss/dk_idx); the gradients are computed with the loss (it is a scalar,
+    so the backward only scales them) when need_grad, else they are empty."""
+    max_seqlen_q, max_seqlen_k = _seq_checks(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if dense:
+        block_indices = None
+    else:
+        # A caller-made selection is always validated here (the loss is a training op, not hot).
+        _validation.check_block_indices_values(block_indices, block_size, k.shape[-3], cu_seqlens_q, cu_seqlens_k)
+    real = _real_dtype(q, k, q_idx, k_idx)
+    if _kl_kernel_applies(q, k, q_idx, k_idx, lse, dense):
+        # The kernel always produces the gradients: they cost a fraction of the teacher.
+        loss, dq_idx, dk_idx = _indexer_kl_kernel(q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q,
+                                                  cu_seqlens_k, max_seqlen_k, block_size, softmax_scale, index_scale)
+    elif need_grad:
+        loss, (dq_idx, dk_idx) = _kl_reference_with_grads(
+            q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+            block_size, softmax_scale, index_scale, dense)
+    else:
+        with torch.no_grad():
+            loss = _kl_reference(q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                 max_seqlen_k, block_size, softmax_scale, index_scale, dense)
+    loss = loss.to(real).reshape(()).clone()
+    if not need_grad:
+        return loss, q_idx.new_empty((0,), dtype=real), q_idx.new_empty((0,), dtype=real)
+    return loss, dq_idx.to(real).contiguous(), dk_idx.to(real).contiguous()
+
+
+@indexer_kl_loss.register_fake
+def _(q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size,
+      softmax_scale, index_scale, dense, need_grad):
+    real = _real_dtype(q, k, q_idx, k_idx)
+    if not need_grad:
+        return q_idx.new_empty((), dtype=real), q_idx.new_empty((0,), dtype=real), q_idx.new_empty((0,), dtype=real)
+    return (q_idx.new_empty((), dtype=real), q_idx.new_empty(q_idx.shape, dtype=real),
+            k_idx.new_empty(k_idx.shape, dtype=real))
+
+
+def _indexer_kl_loss_backward_reference(grad_loss, q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q,
+                                        cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, softmax_scale,
+                                        index_scale, dense):
+    _, (dq_idx, dk_idx) = _kl_reference_with_grads(q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q,
+                                                   cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size,
+                                                   softmax_scale, index_scale, dense)
+    grad_loss = grad_loss.to(dq_idx.dtype)
+    return (grad_loss * dq_idx).to(q_idx.dtype).contiguous(), (grad_loss * dk_idx).to(k_idx.dtype).contiguous()
 
 
 @torch.library.custom_op(f"{_NS}::indexer_kl_loss_backward", mutates_args=())
@@ -295,9 +350,15 @@ def indexer_kl_loss_backward(grad_loss: Tensor, q: Tensor, k: Tensor, q_idx: Ten
                              block_indices: Optional[Tensor], lse: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
                              cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, block_size: int,
                              softmax_scale: float, index_scale: float, dense: bool) -> Tuple[Tensor, Tensor]:
+    """Recomputes the gradients (used when the forward ran without need_grad)."""
     # Inputs were validated by the forward op.
     if dense:
         block_indices = None
+    if _kl_kernel_applies(q, k, q_idx, k_idx, lse, dense):
+        _, max_seqlen_k = _seq_checks(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        _, dq_idx, dk_idx = _indexer_kl_kernel(q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k,
+                                               max_seqlen_k, block_size, softmax_scale, index_scale)
+        return ((grad_loss * dq_idx).to(q_idx.dtype).contiguous(), (grad_loss * dk_idx).to(k_idx.dtype).contiguous())
     return _indexer_kl_loss_backward_reference(grad_loss, q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q,
                                                cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, softmax_scale,
                                                index_scale, dense)
@@ -311,23 +372,29 @@ def _(grad_loss, q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlen
 
 def _kl_setup_context(ctx, inputs, output):
     (q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size,
-     softmax_scale, index_scale, dense) = inputs
-    ctx.save_for_backward(q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k)
-    ctx.params = (max_seqlen_q, max_seqlen_k, block_size, softmax_scale, index_scale, dense)
+     softmax_scale, index_scale, dense, need_grad) = inputs
+    _, dq_idx, dk_idx = output
+    ctx.mark_non_differentiable(dq_idx, dk_idx)
+    ctx.save_for_backward(q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k, dq_idx, dk_idx)
+    ctx.params = (max_seqlen_q, max_seqlen_k, block_size, softmax_scale, index_scale, dense, need_grad)
 
 
-def _kl_backward(ctx, grad_loss):
-    q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-    max_seqlen_q, max_seqlen_k, block_size, softmax_scale, index_scale, dense = ctx.params
+def _kl_backward(ctx, grad_loss, _grad_dq_idx, _grad_dk_idx):
+    q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k, dq_unit, dk_unit = ctx.saved_tensors
+    max_seqlen_q, max_seqlen_k, block_size, softmax_scale, index_scale, dense, need_grad = ctx.params
     needs = ctx.needs_input_grad
     dq_idx = dk_idx = None
     if needs[2] or needs[3]:
-        dq_idx, dk_idx = torch.ops.msa_cuda.indexer_kl_loss_backward(
-            grad_loss, q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-            max_seqlen_k, block_size, softmax_scale, index_scale, dense)
+        if need_grad:  # computed by the forward: d loss / d x scaled by the incoming gradient
+            dq_idx = (grad_loss * dq_unit).to(q_idx.dtype)
+            dk_idx = (grad_loss * dk_unit).to(k_idx.dtype)
+        else:
+            dq_idx, dk_idx = torch.ops.msa_cuda.indexer_kl_loss_backward(
+                grad_loss, q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                max_seqlen_k, block_size, softmax_scale, index_scale, dense)
     # No gradient reaches q, k (the teacher is a constant) or lse.
     return (None, None, dq_idx if needs[2] else None, dk_idx if needs[3] else None,
-            None, None, None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None, None)
 
 
 indexer_kl_loss.register_autograd(_kl_backward, setup_context=_kl_setup_context)

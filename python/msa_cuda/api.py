@@ -252,9 +252,12 @@ def indexer_kl_loss(
         q, k, q_idx, k_idx, block_indices, block_size=block_size, softmax_scale=softmax_scale,
         index_scale=index_scale, dense=dense, lse=lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
-    return torch.ops.msa_cuda.indexer_kl_loss(
+    # The gradients are computed together with the loss when they will be needed.
+    need_grad = torch.is_grad_enabled() and (q_idx.requires_grad or k_idx.requires_grad)
+    loss, _, _ = torch.ops.msa_cuda.indexer_kl_loss(
         q, k, q_idx, args.k_idx, args.block_indices, lse, cu_seqlens_q, cu_seqlens_k, args.max_seqlen_q,
-        args.max_seqlen_k, block_size, args.softmax_scale, args.index_scale, dense)
+        args.max_seqlen_k, block_size, args.softmax_scale, args.index_scale, dense, need_grad)
+    return loss
 
 
 def sparse_attn(

@@ -33,45 +33,10 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& block_indices,
     const c10::optional<at::Tensor>& cu_seqlens_q, const c10::optional<at::Tensor>& cu_seqlens_k,
     int64_t max_seqlen_k, int64_t block_size, double softmax_scale) {
-  for (auto [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}, {&block_indices, "block_indices"}}) {
-    check_cuda_contiguous(*t, name);
-    TORCH_CHECK(t->get_device() == q.get_device(), name, " must be on q's device");
-  }
-  const DType dtype = dtype_of(q, "q");
-  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-                   "k and v must have q's dtype");
-  TORCH_CHECK_TYPE(block_indices.scalar_type() == at::kInt, "block_indices must be int32");
-  const bool varlen = cu_seqlens_q.has_value();
-  TORCH_CHECK(varlen == cu_seqlens_k.has_value(), "cu_seqlens_q and cu_seqlens_k must be given together");
-  const int rank = varlen ? 3 : 4;
-  TORCH_CHECK(q.dim() == rank && k.dim() == rank && v.dim() == rank && block_indices.dim() == rank,
-              "q, k, v, block_indices must all be ", rank, "-D");
-  const int64_t d = q.size(-1), hq = q.size(-2), hkv = k.size(-2), topk = block_indices.size(-1);
-  TORCH_CHECK(d == 64 || d == 128, "head dim must be 64 or 128, got ", d);
-  TORCH_CHECK(k.sizes() == v.sizes() && k.size(-1) == d, "k and v must have the same shape and q's head dim");
-  TORCH_CHECK(hkv > 0 && hq % hkv == 0, "Hq must be a multiple of Hkv");
-  const int64_t g = hq / hkv;
-  TORCH_CHECK(g == 1 || g == 2 || g == 4 || g == 8 || g == 16, "G = Hq / Hkv must be 1, 2, 4, 8 or 16");
-  TORCH_CHECK(block_indices.size(-2) == hkv && topk >= 1 && topk <= 32, "block_indices must be [..., Hkv, topk<=32]");
-  TORCH_CHECK(block_size == 64 || block_size == 128, "block_size must be 64 or 128");
-  const int64_t total_q = q.numel() / (hq * d), total_k = k.numel() / (hkv * d);
-  TORCH_CHECK(total_q < (int64_t{1} << 31) && total_k < (int64_t{1} << 31), "token counts must stay below 2^31");
-  TORCH_CHECK(total_q * hq < (int64_t{1} << 31), "total query tokens x Hq must stay below 2^31 (32-bit q row index)");
-  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&q, "q"}, {&k, "k"}, {&v, "v"}}) {
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0, name, " must be 16-byte aligned");
-  }
-  const int64_t batch = varlen ? cu_seqlens_q->size(0) - 1 : q.size(0);
-  check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", batch, q);
-  check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", batch, q);
-  if (!varlen) {
-    TORCH_CHECK(k.size(0) == batch && block_indices.size(0) == batch && block_indices.size(1) == q.size(1),
-                "batch and Sq must agree between q, k and block_indices");
-    TORCH_CHECK(q.size(1) <= k.size(1), "Sq must not exceed Sk");
-  } else {
-    TORCH_CHECK(block_indices.size(0) == q.size(0), "block_indices must have q's token count");
-  }
+  const AttnShape shape =
+      check_attn_inputs(q, k, &v, block_indices, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, block_size);
+  const auto [varlen, batch, total_q, total_k, hq, hkv, d, topk, seqlen_q, seqlen_k, max_seqlen_k_checked] = shape;
   TORCH_CHECK(std::isfinite(softmax_scale) && softmax_scale > 0, "softmax_scale must be finite and > 0");
-  check_sm90(q);
 
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = varlen ? at::empty({hq, total_q}, q.options().dtype(at::kFloat))
@@ -88,18 +53,13 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fwd_cuda(
   p.lse = lse.data_ptr<float>();
   p.cu_seqlens_q = varlen ? cu_seqlens_q->data_ptr<int32_t>() : nullptr;
   p.cu_seqlens_k = varlen ? cu_seqlens_k->data_ptr<int32_t>() : nullptr;
-  p.dtype = dtype;
+  p.dtype = dtype_of(q, "q");
   p.total_q = total_q;
   p.total_k = total_k;
   p.batch = static_cast<int>(batch);
-  p.seqlen_q = varlen ? 0 : static_cast<int>(q.size(1));
-  p.seqlen_k = varlen ? 0 : static_cast<int>(k.size(1));
-  TORCH_CHECK(!varlen || (max_seqlen_k >= 1 && max_seqlen_k < (int64_t{1} << 30)),
-              "max_seqlen_k must be in [1, 2^30)");
-  p.max_seqlen_k = varlen ? static_cast<int>(max_seqlen_k) : p.seqlen_k;
-  TORCH_CHECK(p.max_seqlen_k >= 1, "max_seqlen_k must be >= 1");
-  TORCH_CHECK(batch * hkv * ((int64_t{p.max_seqlen_k} + block_size - 1) / block_size) < (int64_t{1} << 31),
-              "batch x Hkv x key blocks must stay below 2^31 (32-bit list ids)");
+  p.seqlen_q = seqlen_q;
+  p.seqlen_k = seqlen_k;
+  p.max_seqlen_k = max_seqlen_k_checked;
   p.num_heads = static_cast<int>(hq);
   p.num_heads_kv = static_cast<int>(hkv);
   p.head_dim = static_cast<int>(d);

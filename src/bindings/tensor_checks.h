@@ -7,7 +7,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <string>
+#include <utility>
 
 #include "msa/params.h"
 
@@ -46,6 +48,107 @@ inline void check_sm90(const at::Tensor& t) {
 
 inline void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
+}
+
+// Sizes of an attention call (forward, backward, KL) after check_attn_inputs.
+struct AttnShape {
+  bool varlen = false;
+  int64_t batch = 0, total_q = 0, total_k = 0;
+  int64_t hq = 0, hkv = 0, d = 0, topk = 0;
+  int seqlen_q = 0, seqlen_k = 0;  // padded batches; 0 for varlen
+  int max_seqlen_k = 0;
+};
+
+// The checks every attention-shaped op shares: q [B, Sq, Hq, D] / [Tq, Hq, D]; k (and v when
+// given) [B, Sk, Hkv, D] / [Tk, Hkv, D]; block_indices [B, Sq, Hkv, topk] / [Tq, Hkv, topk] int32;
+// cu_seqlens; supported D, G, topk and block_size; 16-byte alignment; 32-bit index ranges of the
+// plan. Value checks of cu_seqlens and max_seqlen_k are the Python layer's (host reads).
+inline AttnShape check_attn_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor* v,
+                                   const at::Tensor& block_indices, const c10::optional<at::Tensor>& cu_seqlens_q,
+                                   const c10::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_k,
+                                   int64_t block_size) {
+  for (auto [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&block_indices, "block_indices"}}) {
+    check_cuda_contiguous(*t, name);
+    TORCH_CHECK(t->get_device() == q.get_device(), name, " must be on q's device");
+  }
+  dtype_of(q, "q");
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(), "k must have q's dtype");
+  TORCH_CHECK_TYPE(block_indices.scalar_type() == at::kInt, "block_indices must be int32");
+  AttnShape s;
+  s.varlen = cu_seqlens_q.has_value();
+  TORCH_CHECK(s.varlen == cu_seqlens_k.has_value(), "cu_seqlens_q and cu_seqlens_k must be given together");
+  const int rank = s.varlen ? 3 : 4;
+  TORCH_CHECK(q.dim() == rank && k.dim() == rank && block_indices.dim() == rank, "q, k, block_indices must all be ",
+              rank, "-D");
+  s.d = q.size(-1);
+  s.hq = q.size(-2);
+  s.hkv = k.size(-2);
+  s.topk = block_indices.size(-1);
+  TORCH_CHECK(s.d == 64 || s.d == 128, "head dim must be 64 or 128, got ", s.d);
+  TORCH_CHECK(k.size(-1) == s.d, "k must have q's head dim");
+  if (v != nullptr) {
+    check_cuda_contiguous(*v, "v");
+    TORCH_CHECK(v->get_device() == q.get_device(), "v must be on q's device");
+    TORCH_CHECK_TYPE(v->scalar_type() == q.scalar_type(), "v must have q's dtype");
+    TORCH_CHECK(v->sizes() == k.sizes(), "k and v must have the same shape");
+  }
+  TORCH_CHECK(s.hkv > 0 && s.hq % s.hkv == 0, "Hq must be a multiple of Hkv");
+  const int64_t g = s.hq / s.hkv;
+  TORCH_CHECK(g == 1 || g == 2 || g == 4 || g == 8 || g == 16, "G = Hq / Hkv must be 1, 2, 4, 8 or 16");
+  TORCH_CHECK(block_indices.size(-2) == s.hkv && s.topk >= 1 && s.topk <= 32,
+              "block_indices must be [..., Hkv, topk<=32]");
+  TORCH_CHECK(block_size == 64 || block_size == 128, "block_size must be 64 or 128");
+  s.total_q = q.numel() / (s.hq * s.d);
+  s.total_k = k.numel() / (s.hkv * s.d);
+  TORCH_CHECK(s.total_q < (int64_t{1} << 31) && s.total_k < (int64_t{1} << 31), "token counts must stay below 2^31");
+  TORCH_CHECK(s.total_q * s.hq < (int64_t{1} << 31),
+              "total query tokens x Hq must stay below 2^31 (32-bit q row index)");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0, "q must be 16-byte aligned");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(k.data_ptr()) % 16 == 0, "k must be 16-byte aligned");
+  TORCH_CHECK(v == nullptr || reinterpret_cast<uintptr_t>(v->data_ptr()) % 16 == 0, "v must be 16-byte aligned");
+  s.batch = s.varlen ? cu_seqlens_q->size(0) - 1 : q.size(0);
+  check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", s.batch, q);
+  check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", s.batch, q);
+  if (!s.varlen) {
+    TORCH_CHECK(k.size(0) == s.batch && block_indices.size(0) == s.batch && block_indices.size(1) == q.size(1),
+                "batch and Sq must agree between q, k and block_indices");
+    TORCH_CHECK(q.size(1) <= k.size(1), "Sq must not exceed Sk");
+    s.seqlen_q = static_cast<int>(q.size(1));
+    s.seqlen_k = static_cast<int>(k.size(1));
+    s.max_seqlen_k = s.seqlen_k;
+  } else {
+    TORCH_CHECK(block_indices.size(0) == q.size(0), "block_indices must have q's token count");
+  }
+  if (s.total_q > 0 && s.batch > 0) {  // an empty call launches nothing
+    if (s.varlen) {
+      TORCH_CHECK(max_seqlen_k >= 1 && max_seqlen_k < (int64_t{1} << 30), "max_seqlen_k must be in [1, 2^30)");
+      s.max_seqlen_k = static_cast<int>(max_seqlen_k);
+    }
+    TORCH_CHECK(s.max_seqlen_k >= 1, "max_seqlen_k must be >= 1");
+    TORCH_CHECK(s.batch * s.hkv * ((int64_t{s.max_seqlen_k} + block_size - 1) / block_size) < (int64_t{1} << 31),
+                "batch x Hkv x key blocks must stay below 2^31 (32-bit list ids)");
+  }
+  check_sm90(q);
+  return s;
+}
+
+// lse-shaped [B, Hq, Sq] / [Hq, Tq] -> per query row [total_q, Hq] in log2 units (fp32,
+// contiguous); rows with lse = -inf (no visible key) become `neg_inf_value`.
+inline at::Tensor lse_rows_log2(const at::Tensor& lse, const AttnShape& s, double neg_inf_value) {
+  at::Tensor rows = (s.varlen ? lse.t() : lse.permute({0, 2, 1})).reshape({s.total_q, s.hq}).to(at::kFloat);
+  return at::where(at::isneginf(rows), at::full_like(rows, neg_inf_value), rows * 1.4426950408889634).contiguous();
+}
+
+inline void check_lse_shape(const at::Tensor& lse, const char* name, const AttnShape& s, const at::Tensor& q) {
+  check_cuda_contiguous(lse, name);
+  TORCH_CHECK(lse.get_device() == q.get_device(), name, " must be on q's device");
+  TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, name, " must be float32");
+  if (s.varlen) {
+    TORCH_CHECK(lse.dim() == 2 && lse.size(0) == s.hq && lse.size(1) == s.total_q, name, " must be [Hq, Tq]");
+  } else {
+    TORCH_CHECK(lse.dim() == 3 && lse.size(0) == s.batch && lse.size(1) == s.hq && lse.size(2) == s.seqlen_q, name,
+                " must be [B, Hq, Sq]");
+  }
 }
 
 }  // namespace msa::bindings

@@ -1,0 +1,95 @@
+// torch op msa_cuda_kernels::indexer_kl -> msa::run_kl.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+
+#include "msa/msa.h"
+#include "tensor_checks.h"
+
+namespace msa::bindings {
+
+// q [B, Sq, Hq, D] / [Tq, Hq, D]; k [B, Sk, Hkv, D] / [Tk, Hkv, D]; q_idx [B, Sq, Hkv, Di] /
+// [Tq, Hkv, Di]; k_idx [B, Sk, Di] / [Tk, Di]; block_indices as in the forward (no repeated ids:
+// the Python layer validates them); lse (fp32) [B, Hq, Sq] / [Hq, Tq], the main branch's on the
+// same support. Returns the loss (fp32 scalar, mean over (token, group) pairs of KL(P || Q)) and
+// its gradients for q_idx and k_idx (fp32, q_idx's / k_idx's shape): the loss is a scalar, so the
+// caller multiplies them by the incoming gradient.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> indexer_kl_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_idx, const at::Tensor& k_idx,
+    const at::Tensor& block_indices, const at::Tensor& lse, const c10::optional<at::Tensor>& cu_seqlens_q,
+    const c10::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_k, int64_t block_size, double softmax_scale,
+    double index_scale) {
+  const AttnShape shape =
+      check_attn_inputs(q, k, nullptr, block_indices, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, block_size);
+  const auto [varlen, batch, total_q, total_k, hq, hkv, d, topk, seqlen_q, seqlen_k, max_seqlen_k_checked] = shape;
+  for (auto [t, name] : {std::pair{&q_idx, "q_idx"}, {&k_idx, "k_idx"}}) {
+    check_cuda_contiguous(*t, name);
+    TORCH_CHECK(t->get_device() == q.get_device(), name, " must be on q's device");
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0, name, " must be 16-byte aligned");
+  }
+  dtype_of(q_idx, "q_idx");
+  TORCH_CHECK_TYPE(q_idx.scalar_type() == q.scalar_type() && k_idx.scalar_type() == q.scalar_type(),
+                   "q_idx and k_idx must have q's dtype");
+  const int64_t di = q_idx.size(-1);
+  TORCH_CHECK(di == 64 || di == 128, "index head dim must be 64 or 128, got ", di);
+  TORCH_CHECK(q_idx.dim() == q.dim() && q_idx.size(-2) == hkv && q_idx.numel() == total_q * hkv * di,
+              "q_idx must be [..., Hkv, Di] with q's tokens");
+  TORCH_CHECK(k_idx.dim() == k.dim() - 1 && k_idx.size(-1) == di && k_idx.numel() == total_k * di,
+              "k_idx must be [..., Di] with k's tokens and q_idx's Di");
+  check_lse_shape(lse, "lse", shape, q);
+  TORCH_CHECK(total_q < (int64_t{1} << 26), "the KL kernels support fewer than 2^26 query tokens per call");
+  TORCH_CHECK(total_q * hkv * topk < (int64_t{1} << 31), "query tokens x Hkv x topk must stay below 2^31");
+  TORCH_CHECK(std::isfinite(softmax_scale) && softmax_scale > 0, "softmax_scale must be finite and > 0");
+  TORCH_CHECK(std::isfinite(index_scale) && index_scale > 0, "index_scale must be finite and > 0");
+
+  c10::cuda::CUDAGuard guard(q.device());
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor dq_idx = at::zeros(q_idx.sizes(), f32);
+  at::Tensor dk_idx = at::zeros(k_idx.sizes(), f32);
+  at::Tensor loss_sum = at::zeros({}, q.options().dtype(at::kDouble));
+  if (total_q > 0 && batch > 0 && total_k > 0) {
+    // The teacher's per-head lse in log2 units; +inf where lse = -inf makes its P exactly 0.
+    const at::Tensor lse_log2 = lse_rows_log2(lse, shape, INFINITY);
+    KlParams p;
+    p.q = q.data_ptr();
+    p.k = k.data_ptr();
+    p.q_idx = q_idx.data_ptr();
+    p.k_idx = k_idx.data_ptr();
+    p.block_indices = block_indices.data_ptr<int32_t>();
+    p.lse_log2 = lse_log2.data_ptr<float>();
+    p.dq_idx_accum = dq_idx.data_ptr<float>();
+    p.dk_idx_accum = dk_idx.data_ptr<float>();
+    p.loss_sum = loss_sum.data_ptr<double>();
+    p.cu_seqlens_q = varlen ? cu_seqlens_q->data_ptr<int32_t>() : nullptr;
+    p.cu_seqlens_k = varlen ? cu_seqlens_k->data_ptr<int32_t>() : nullptr;
+    p.dtype = dtype_of(q, "q");
+    p.total_q = total_q;
+    p.total_k = total_k;
+    p.batch = static_cast<int>(batch);
+    p.seqlen_q = seqlen_q;
+    p.seqlen_k = seqlen_k;
+    p.max_seqlen_k = max_seqlen_k_checked;
+    p.num_heads = static_cast<int>(hq);
+    p.num_heads_kv = static_cast<int>(hkv);
+    p.head_dim = static_cast<int>(d);
+    p.head_dim_idx = static_cast<int>(di);
+    p.block_size = static_cast<int>(block_size);
+    p.topk = static_cast<int>(topk);
+    p.softmax_scale = static_cast<float>(softmax_scale);
+    p.index_scale = static_cast<float>(index_scale);
+    cudaDeviceGetAttribute(&p.num_sms, cudaDevAttrMultiProcessorCount, q.get_device());
+    at::Tensor workspace = at::empty({static_cast<int64_t>(kl_workspace_bytes(p))}, q.options().dtype(at::kByte));
+    check_launch(run_kl(p, workspace.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+                 "msa_cuda indexer_kl_loss kernel");
+  }
+  const double pairs = static_cast<double>(std::max<int64_t>(total_q * hkv, 1));
+  return {(loss_sum / pairs).to(at::kFloat), dq_idx, dk_idx};
+}
+
+}  // namespace msa::bindings
+
+TORCH_LIBRARY_IMPL(msa_cuda_kernels, CUDA, m) { m.impl("indexer_kl", &msa::bindings::indexer_kl_cuda); }

@@ -1,0 +1,6 @@
+// Indexer distillation loss, pass 2 instantiations for fp16, D = 128, Di = 64 (block_size 64 and 128).
+#include "msa/kl/kl_launch.cuh"
+
+namespace msa::kl {
+template cudaError_t run_kl_for<cutlass::half_t, 128, 64>(const KlParams&, void*, cudaStream_t);
+}  // namespace msa::kl
