@@ -316,7 +316,8 @@ def test_has_kernel_rules(fake_sm90, monkeypatch):
     assert not _kernels.has_kernel("select_blocks", cuda0, torch.float64)
     assert not _kernels.has_kernel("select_blocks", "cpu", torch.bfloat16)
     assert _kernels.has_kernel("block_sparse_attn", cuda0, torch.bfloat16)
-    assert not _kernels.has_kernel("indexer_kl_loss", cuda0, torch.bfloat16)  # no kernel yet
+    assert _kernels.has_kernel("indexer_kl_loss", cuda0, torch.bfloat16)
+    assert not _kernels.has_kernel("indexer_kl_loss_backward", cuda0, torch.bfloat16)  # via the forward's kernel
     monkeypatch.setattr(_kernels, "_registered", lambda name: False)
     assert not _kernels.has_kernel("select_blocks", cuda0, torch.bfloat16)
 
