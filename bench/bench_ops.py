@@ -758,6 +758,16 @@ def bench_seqlen(runner: Runner, shape: Shape, msa, ref) -> None:
             runner.measure("block_sparse_attn_bwd", shape, lambda st: torch.autograd.grad(st[0], st[1], dout),
                            setup=attn_setup, direction="bwd", flops=BWD_FACTOR * sparse_flops,
                            min_bytes=attn_bwd_bytes(shape, sparse=True), exponent=1, note=reference_note)
+
+            def attn_setup_deterministic():
+                leaves = _leaves(q, k, v)
+                return msa.block_sparse_attn(*leaves, sel, block_size=bs, validate=False, deterministic=True), leaves
+
+            runner.measure("block_sparse_attn_bwd_deterministic", shape,
+                           lambda st: torch.autograd.grad(st[0], st[1], dout), setup=attn_setup_deterministic,
+                           direction="bwd", flops=BWD_FACTOR * sparse_flops,
+                           min_bytes=attn_bwd_bytes(shape, sparse=True), exponent=1,
+                           note=("deterministic=True; " + reference_note).strip("; "))
     if "hot" in ops:
         # The second selection: hot blocks (0, own, previous, recency-biased others) that
         # almost every query picks. Same attended triples as any correct selection.

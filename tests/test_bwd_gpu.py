@@ -3,7 +3,8 @@
 Gradients of the kernel path (msa_cuda.block_sparse_attn, forward and backward kernels) are
 compared with autograd through the fp32 reference on the same bf16/fp16 inputs, as the maximum
 error relative to the largest reference gradient. Random selections, odd lengths, -1 / unsorted /
-past-the-query ids, rows without a visible key, Sq < Sk, varlen, and gradients through lse.
+past-the-query ids, rows without a visible key, Sq < Sk, varlen, gradients through lse, and
+deterministic=True (bitwise identical gradients across runs, on hot-block selections).
 """
 
 import itertools
@@ -32,11 +33,12 @@ def _random_selection(b, sq, sk, hkv, topk, block_size, seed):
     return sel.cuda()
 
 
-def _grads(q, k, v, sel, block_size, dout, dlse, use_kernel, **kw):
+def _grads(q, k, v, sel, block_size, dout, dlse, use_kernel, deterministic=False, **kw):
     leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
     if use_kernel:
         poison_allocator(3 * q.numel() * 4)
-        out, lse = msa_cuda.block_sparse_attn(*leaves, sel, block_size=block_size, return_lse=True, **kw)
+        out, lse = msa_cuda.block_sparse_attn(*leaves, sel, block_size=block_size, return_lse=True,
+                                              deterministic=deterministic, **kw)
     else:
         out, lse = ref.block_sparse_attn(*(t.float() for t in leaves), sel, block_size=block_size, return_lse=True,
                                          **kw)
@@ -46,10 +48,11 @@ def _grads(q, k, v, sel, block_size, dout, dlse, use_kernel, **kw):
     return torch.autograd.grad(loss, leaves)
 
 
-def _check(q, k, v, sel, block_size, dtype, dlse=None, seed=0, **kw):
+def _check(q, k, v, sel, block_size, dtype, dlse=None, seed=0, deterministic=False, **kw):
+    """Kernel gradients against the reference; returns the kernel's (dq, dk, dv)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     dout = torch.randn(q.shape, device="cuda", dtype=dtype, generator=g)
-    got = _grads(q, k, v, sel, block_size, dout, dlse, True, **kw)
+    got = _grads(q, k, v, sel, block_size, dout, dlse, True, deterministic, **kw)
     want = _grads(q, k, v, sel, block_size, dout, dlse, False, **kw)
     for name, a, b in zip(("dq", "dk", "dv"), got, want):
         assert a.dtype == dtype and a.shape == b.shape
@@ -57,6 +60,7 @@ def _check(q, k, v, sel, block_size, dtype, dlse=None, seed=0, **kw):
         scale = b.abs().max().item()
         err = (a.float() - b.float()).abs().max().item()
         assert err <= REL_TOL[dtype] * max(scale, 1e-6), f"{name}: max abs error {err:.3e} vs max |ref| {scale:.3e}"
+    return got
 
 
 def _inputs(b, sq, sk, hq, hkv, d, dtype, seed):
@@ -115,3 +119,57 @@ def test_bwd_m3_shape_many_tiles():
     k_idx = torch.randn(1, s, 128, device="cuda", dtype=torch.bfloat16)
     sel = msa_cuda.select_blocks(q_idx, k_idx, block_size=bs, topk=8, init_blocks=1)
     _check(q, k, v, sel, bs, torch.bfloat16, seed=5)
+
+
+# --------------------------------------------------------------------------------------------
+# deterministic=True: bitwise identical gradients run to run
+# --------------------------------------------------------------------------------------------
+
+
+def _check_bitwise(q, k, v, sel, block_size, dtype, dlse=None, seed=0, **kw):
+    first = _check(q, k, v, sel, block_size, dtype, dlse=dlse, seed=seed, deterministic=True, **kw)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dout = torch.randn(q.shape, device="cuda", dtype=dtype, generator=g)
+    for _ in range(2):
+        again = _grads(q, k, v, sel, block_size, dout, dlse, True, True, **kw)
+        for name, a, b in zip(("dq", "dk", "dv"), first, again):
+            assert torch.equal(a, b), f"{name}: deterministic gradients differ between runs"
+
+
+def test_bwd_deterministic_hot_blocks_m3_shape():
+    # Many CTAs add into the same dK/dV rows (block 0 and each query's own block are hot): the
+    # case where fp32 atomics give run-dependent bits.
+    s, hq, hkv, d, bs = 3000, 64, 4, 128, 128
+    q, k, v = _inputs(1, s, s, hq, hkv, d, torch.bfloat16, seed=31)
+    q_idx = torch.randn(1, s, hkv, 128, device="cuda", dtype=torch.bfloat16)
+    k_idx = torch.randn(1, s, 128, device="cuda", dtype=torch.bfloat16)
+    sel = msa_cuda.select_blocks(q_idx, k_idx, block_size=bs, topk=8, init_blocks=1)
+    _check_bitwise(q, k, v, sel, bs, torch.bfloat16, seed=7)
+
+
+@pytest.mark.parametrize("d,block_size", [(64, 64), (128, 64), (64, 128)])
+def test_bwd_deterministic_caller_selections(d, block_size):
+    dtype, sq, sk, topk = torch.float16, 259, 700, 6
+    q, k, v = _inputs(2, sq, sk, 8, 2, d, dtype, seed=d + block_size)
+    sel = _random_selection(2, sq, sk, 2, topk, block_size, seed=block_size)
+    dlse = torch.randn(2, 8, sq, device="cuda")
+    _check_bitwise(q, k, v, sel, block_size, dtype, dlse=dlse, seed=3)
+
+
+def test_bwd_deterministic_varlen_sparse_attn():
+    lens = [1, 130, 517]
+    cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(9)
+    mk = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16, generator=g)  # noqa: E731
+    q, k, v = mk(sum(lens), 16, 64), mk(sum(lens), 1, 64), mk(sum(lens), 1, 64)
+    q_idx, k_idx = mk(sum(lens), 1, 64), mk(sum(lens), 64)
+    dout = mk(sum(lens), 16, 64)
+    runs = []
+    for _ in range(3):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        out = msa_cuda.sparse_attn(*leaves, q_idx, k_idx, block_size=64, topk=4, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                   deterministic=True)
+        runs.append(torch.autograd.grad((out.float() * dout.float()).sum(), leaves))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)

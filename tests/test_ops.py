@@ -77,18 +77,19 @@ def test_opcheck_select_blocks(varlen, dtype):
 
 @LAYOUTS
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_opcheck_block_sparse_attn(varlen, dtype):
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_opcheck_block_sparse_attn(varlen, dtype, deterministic):
     p = _problem(varlen, dtype)
     q, k, v = (p[n].requires_grad_() for n in "qkv")
-    args = (q, k, v, p["ids"], p["cu_q"], p["cu_k"], _max_q(p), _max_k(p), BS, 0.125, True)
+    args = (q, k, v, p["ids"], p["cu_q"], p["cu_k"], _max_q(p), _max_k(p), BS, 0.125, True, deterministic)
     _opcheck(OPS.block_sparse_attn, args)
     out, lse = OPS.block_sparse_attn(*args)
     _opcheck(OPS.block_sparse_attn_backward,
              (torch.randn_like(out), torch.randn_like(lse), q.detach(), k.detach(), v.detach(), p["ids"],
-              out.detach(), lse.detach(), p["cu_q"], p["cu_k"], _max_q(p), _max_k(p), BS, 0.125))
+              out.detach(), lse.detach(), p["cu_q"], p["cu_k"], _max_q(p), _max_k(p), BS, 0.125, deterministic))
     _opcheck(OPS.block_sparse_attn_backward,
              (torch.randn_like(out), None, q.detach(), k.detach(), v.detach(), p["ids"], out.detach(),
-              lse.detach(), p["cu_q"], p["cu_k"], _max_q(p), _max_k(p), BS, 0.125))
+              lse.detach(), p["cu_q"], p["cu_k"], _max_q(p), _max_k(p), BS, 0.125, deterministic))
 
 
 @LAYOUTS
@@ -117,8 +118,8 @@ def test_op_schemas():
                          "SymInt topk, float index_scale, SymInt init_blocks, SymInt local_blocks) -> Tensor",
         "block_sparse_attn": "msa_cuda::block_sparse_attn(Tensor q, Tensor k, Tensor v, Tensor block_indices, "
                              "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, "
-                             "SymInt max_seqlen_k, SymInt block_size, float softmax_scale, bool validate) "
-                             "-> (Tensor, Tensor)",
+                             "SymInt max_seqlen_k, SymInt block_size, float softmax_scale, bool validate, "
+                             "bool deterministic) -> (Tensor, Tensor)",
     }
     for name, schema in expected.items():
         assert str(getattr(OPS, name).default._schema) == schema

@@ -227,6 +227,8 @@ CASES = [
     ("return_lse-int", ATTN, False, _const("return_lse", 1), TypeError, "return_lse"),
     ("validate-none", ATTN, False, _const("validate", None), TypeError, "validate"),
     ("dense-str", KL, False, _const("dense", "yes"), TypeError, "dense"),
+    ("deterministic-int", ATTN, False, _const("deterministic", 1), TypeError, "deterministic"),
+    ("deterministic-none", SPARSE, False, _const("deterministic", None), TypeError, "deterministic"),
     ("return_aux-int", SPARSE, False, _const("return_aux", 0), TypeError, "return_aux"),
     ("kl-missing-selection", KL, False, _const("block_indices", None), ValueError, "block_indices"),
     # --- cu_seqlens metadata ------------------------------------------------------------------

@@ -24,7 +24,8 @@ const char* select_compiled_variants();
 size_t fwd_workspace_bytes(const FwdParams& params);
 cudaError_t run_fwd(const FwdParams& params, void* workspace, cudaStream_t stream);
 
-// Block-sparse attention backward (KV-outer: plan -> one kernel accumulating dq, dk, dv in fp32
+// Block-sparse attention backward (KV-outer: plan (sorted when deterministic) -> one kernel
+// accumulating dq, dk, dv in fp32 or, deterministic, in 64-bit fixed point
 // with atomics). `workspace` must hold bwd_workspace_bytes(params) bytes.
 size_t bwd_workspace_bytes(const BwdParams& params);
 cudaError_t run_bwd(const BwdParams& params, void* workspace, cudaStream_t stream);

@@ -89,6 +89,14 @@ struct BwdParams {
   float* dq_accum = nullptr;              // [total_q, Hq, D], zeroed
   float* dk_accum = nullptr;              // [total_k, Hkv, D], zeroed
   float* dv_accum = nullptr;              // [total_k, Hkv, D], zeroed
+  // Deterministic mode (bitwise reproducible gradients): the plan's lists are sorted and the
+  // gradients accumulate as 64-bit fixed point (integer adds commute): value x fixed_scale_* is
+  // added to the zeroed int64 buffers below instead of the fp32 accumulators (then null).
+  bool deterministic = false;
+  unsigned long long* dq_fixed = nullptr;  // [total_q, Hq, D]
+  unsigned long long* dk_fixed = nullptr;  // [total_k, Hkv, D]
+  unsigned long long* dv_fixed = nullptr;  // [total_k, Hkv, D]
+  float fixed_scale_q = 0.f, fixed_scale_k = 0.f, fixed_scale_v = 0.f;  // powers of two
   const int32_t* cu_seqlens_q = nullptr;
   const int32_t* cu_seqlens_k = nullptr;
 

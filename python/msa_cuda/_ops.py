@@ -7,9 +7,11 @@ Ops (namespace ``msa_cuda``); every tensor argument has already passed the metad
 - ``select_blocks(q_idx, k_idx, cu_seqlens_q?, cu_seqlens_k?, max_seqlen_q, max_seqlen_k,
   block_size, topk, index_scale, init_blocks, local_blocks) -> block_indices`` (int32, no autograd)
 - ``block_sparse_attn(q, k, v, block_indices, cu_seqlens_q?, cu_seqlens_k?, max_seqlen_q,
-  max_seqlen_k, block_size, softmax_scale, validate) -> (out, lse)``; autograd to q, k, v
+  max_seqlen_k, block_size, softmax_scale, validate, deterministic) -> (out, lse)``; autograd to
+  q, k, v (deterministic: bitwise reproducible backward)
 - ``block_sparse_attn_backward(grad_out, grad_lse?, q, k, v, block_indices, out, lse, cu_seqlens_q?,
-  cu_seqlens_k?, max_seqlen_q, max_seqlen_k, block_size, softmax_scale) -> (dq, dk, dv)``
+  cu_seqlens_k?, max_seqlen_q, max_seqlen_k, block_size, softmax_scale, deterministic=False)
+  -> (dq, dk, dv)``
 - ``indexer_kl_loss(q, k, q_idx, k_idx, block_indices?, lse?, cu_seqlens_q?, cu_seqlens_k?,
   max_seqlen_q, max_seqlen_k, block_size, softmax_scale, index_scale, dense, need_grad)
   -> (loss, dloss/dq_idx, dloss/dk_idx)`` (0-dim float32 loss; with need_grad the gradients, computed
@@ -151,7 +153,7 @@ def _lse_shape(q: Tensor, varlen: bool):
 @torch.library.custom_op(f"{_NS}::block_sparse_attn", mutates_args=())
 def block_sparse_attn(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, cu_seqlens_q: Optional[Tensor],
                       cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, block_size: int,
-                      softmax_scale: float, validate: bool) -> Tuple[Tensor, Tensor]:
+                      softmax_scale: float, validate: bool, deterministic: bool) -> Tuple[Tensor, Tensor]:
     max_seqlen_q, max_seqlen_k = _seq_checks(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if validate:
         _validation.check_block_indices_values(
@@ -169,7 +171,7 @@ def block_sparse_attn(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, cu
 
 @block_sparse_attn.register_fake
 def _(q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, softmax_scale,
-      validate):
+      validate, deterministic):
     out = q.new_empty(q.shape)
     lse = q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=_real_dtype(q))
     return out, lse
@@ -199,14 +201,15 @@ def _block_sparse_attn_backward_reference(grad_out, grad_lse, q, k, v, block_ind
 def block_sparse_attn_backward(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
                                block_indices: Tensor, out: Tensor, lse: Tensor, cu_seqlens_q: Optional[Tensor],
                                cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
-                               block_size: int, softmax_scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+                               block_size: int, softmax_scale: float, deterministic: bool = False
+                               ) -> Tuple[Tensor, Tensor, Tensor]:
     # Inputs were validated by the forward op.
     if _use_kernel("block_sparse_attn_backward", q) and lse.dtype == torch.float32:
         _, max_seqlen_k = _seq_checks(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
         return _kernels.kernel("block_sparse_attn_backward")(
             grad_out.to(q.dtype).contiguous(), None if grad_lse is None else grad_lse.to(torch.float32).contiguous(),
             q.contiguous(), k.contiguous(), v.contiguous(), block_indices.contiguous(), out.contiguous(),
-            lse.contiguous(), cu_seqlens_q, cu_seqlens_k, max_seqlen_k, block_size, softmax_scale)
+            lse.contiguous(), cu_seqlens_q, cu_seqlens_k, max_seqlen_k, block_size, softmax_scale, deterministic)
     return _block_sparse_attn_backward_reference(grad_out, grad_lse, q, k, v, block_indices, cu_seqlens_q,
                                                  cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size,
                                                  softmax_scale)
@@ -214,29 +217,29 @@ def block_sparse_attn_backward(grad_out: Tensor, grad_lse: Optional[Tensor], q: 
 
 @block_sparse_attn_backward.register_fake
 def _(grad_out, grad_lse, q, k, v, block_indices, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-      max_seqlen_k, block_size, softmax_scale):
+      max_seqlen_k, block_size, softmax_scale, deterministic=False):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _attn_setup_context(ctx, inputs, output):
     (q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, softmax_scale,
-     _validate) = inputs
+     _validate, deterministic) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, block_indices, out, lse, cu_seqlens_q, cu_seqlens_k)
-    ctx.params = (max_seqlen_q, max_seqlen_k, block_size, softmax_scale)
+    ctx.params = (max_seqlen_q, max_seqlen_k, block_size, softmax_scale, deterministic)
 
 
 def _attn_backward(ctx, grad_out, grad_lse):
     q, k, v, block_indices, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-    max_seqlen_q, max_seqlen_k, block_size, softmax_scale = ctx.params
+    max_seqlen_q, max_seqlen_k, block_size, softmax_scale, deterministic = ctx.params
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv = torch.ops.msa_cuda.block_sparse_attn_backward(
         grad_out, grad_lse, q, k, v, block_indices, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-        max_seqlen_k, block_size, softmax_scale)
+        max_seqlen_k, block_size, softmax_scale, deterministic)
     needs = ctx.needs_input_grad
     return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
-            None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None)
 
 
 block_sparse_attn.register_autograd(_attn_backward, setup_context=_attn_setup_context)

@@ -114,6 +114,7 @@ def block_sparse_attn(
     max_seqlen_k: Optional[int] = None,
     return_lse: bool = False,
     validate: bool = True,
+    deterministic: bool = False,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Exact softmax attention over the selected key blocks (the MSA main branch).
 
@@ -126,7 +127,8 @@ def block_sparse_attn(
     a query-outer kernel for sequences of at most 32 key blocks and at most 2 x topk of them, and a
     KV-outer kernel (plan, main, combine) otherwise (``MSA_CUDA_FWD_PATH=kv_outer|query_outer``
     forces one); the backward accumulates dq, dk, dv in fp32 with atomics, so gradients can differ
-    run to run in the last bits.
+    run to run in the last bits unless ``deterministic=True``. The forward is bitwise reproducible
+    either way.
 
     Parameters
     ----------
@@ -150,6 +152,10 @@ def block_sparse_attn(
     validate : bool, default True
         Check ``block_indices`` values (range and uniqueness; ValueError otherwise). Costs one
         device-to-host sync; pass False only for selections known to be valid.
+    deterministic : bool, default False
+        Bitwise identical gradients run to run: the backward sorts its work lists and accumulates
+        in 64-bit fixed point (scaled from bounds on each gradient) instead of fp32. Costs twice
+        the accumulator memory (8 bytes per element of q, k, v), 64-bit atomics and one host sync.
 
     Returns
     -------
@@ -172,9 +178,10 @@ def block_sparse_attn(
         q, k, v, block_indices, block_size=block_size, softmax_scale=softmax_scale, cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, return_lse=return_lse,
         validate=validate)
+    _validation.check_bool("deterministic", deterministic)
     out, lse = torch.ops.msa_cuda.block_sparse_attn(
         q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, args.max_seqlen_q, args.max_seqlen_k, block_size,
-        args.softmax_scale, validate)
+        args.softmax_scale, validate, deterministic)
     return (out, lse) if return_lse else out
 
 
@@ -278,6 +285,7 @@ def sparse_attn(
     max_seqlen_q: Optional[int] = None,
     max_seqlen_k: Optional[int] = None,
     return_aux: bool = False,
+    deterministic: bool = False,
 ) -> Union[Tensor, Tuple[Tensor, SparseAttnAux]]:
     """MiniMax Sparse Attention: :func:`select_blocks` then :func:`block_sparse_attn`.
 
@@ -316,6 +324,8 @@ def sparse_attn(
     return_aux : bool, default False
         Also return a :class:`SparseAttnAux` with ``block_indices`` (int32, as from
         :func:`select_blocks`) and ``lse`` (float32 [B, Hq, Sq] / [Hq, Tq]).
+    deterministic : bool, default False
+        Bitwise reproducible gradients, as in :func:`block_sparse_attn`.
 
     Returns
     -------
@@ -339,13 +349,14 @@ def sparse_attn(
         q, k, v, q_idx, k_idx, block_size=block_size, topk=topk, softmax_scale=softmax_scale,
         index_scale=index_scale, init_blocks=init_blocks, local_blocks=local_blocks, cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, return_aux=return_aux)
+    _validation.check_bool("deterministic", deterministic)
     block_indices = torch.ops.msa_cuda.select_blocks(
         q_idx.detach(), args.k_idx.detach(), cu_seqlens_q, cu_seqlens_k, args.max_seqlen_q, args.max_seqlen_k,
         block_size, topk, args.index_scale, init_blocks, local_blocks)
     # The selection comes from select_blocks, so its values need no validation.
     out, lse = torch.ops.msa_cuda.block_sparse_attn(
         q, k, v, block_indices, cu_seqlens_q, cu_seqlens_k, args.max_seqlen_q, args.max_seqlen_k, block_size,
-        args.softmax_scale, False)
+        args.softmax_scale, False, deterministic)
     if return_aux:
         return out, SparseAttnAux(block_indices=block_indices, lse=lse)
     return out

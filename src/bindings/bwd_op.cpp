@@ -27,11 +27,13 @@ at::Tensor per_row(const at::Tensor& t, bool varlen, int64_t total_q, int64_t hq
 // dout, q, out [B, Sq, Hq, D] / [Tq, Hq, D]; k, v [B, Sk, Hkv, D] / [Tk, Hkv, D]; block_indices
 // as in the forward; lse (fp32) and the optional dlse [B, Hq, Sq] / [Hq, Tq]. cu_seqlens values and
 // max_seqlen_k are trusted (checked in Python). Returns dq, dk, dv in the inputs' dtype.
+// deterministic: bitwise-reproducible gradients (sorted plan, 64-bit fixed-point accumulation with
+// per-call power-of-two scales from bounds on each gradient; one host sync for the bounds).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd_cuda(
     const at::Tensor& dout, const c10::optional<at::Tensor>& dlse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& block_indices, const at::Tensor& out, const at::Tensor& lse,
     const c10::optional<at::Tensor>& cu_seqlens_q, const c10::optional<at::Tensor>& cu_seqlens_k,
-    int64_t max_seqlen_k, int64_t block_size, double softmax_scale) {
+    int64_t max_seqlen_k, int64_t block_size, double softmax_scale, bool deterministic) {
   const AttnShape shape =
       check_attn_inputs(q, k, &v, block_indices, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, block_size);
   const auto [varlen, batch, total_q, total_k, hq, hkv, d, topk, seqlen_q, seqlen_k, max_seqlen_k_checked] = shape;
@@ -51,9 +53,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd_cuda(
   TORCH_CHECK(std::isfinite(softmax_scale) && softmax_scale > 0, "softmax_scale must be finite and > 0");
 
   c10::cuda::CUDAGuard guard(q.device());
-  at::Tensor dq_accum = at::zeros({total_q, hq, d}, q.options().dtype(at::kFloat));
-  at::Tensor dk_accum = at::zeros({total_k, hkv, d}, q.options().dtype(at::kFloat));
-  at::Tensor dv_accum = at::zeros({total_k, hkv, d}, q.options().dtype(at::kFloat));
+  const auto accum_options = q.options().dtype(deterministic ? at::kLong : at::kFloat);
+  at::Tensor dq_accum = at::zeros({total_q, hq, d}, accum_options);
+  at::Tensor dk_accum = at::zeros({total_k, hkv, d}, accum_options);
+  at::Tensor dv_accum = at::zeros({total_k, hkv, d}, accum_options);
+  int fixed_exp_q = 0, fixed_exp_k = 0, fixed_exp_v = 0;
   if (total_q > 0 && batch > 0 && total_k > 0) {
     // Per-row preprocessing (memory bound, on the caller's stream): lse in log2 units (0 where a row
     // has no visible key: its P is 0 anyway) and delta = rowsum(dout * out) - dlse.
@@ -78,9 +82,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd_cuda(
     p.block_indices = block_indices.data_ptr<int32_t>();
     p.lse_log2 = lse_log2.data_ptr<float>();
     p.delta = delta.data_ptr<float>();
-    p.dq_accum = dq_accum.data_ptr<float>();
-    p.dk_accum = dk_accum.data_ptr<float>();
-    p.dv_accum = dv_accum.data_ptr<float>();
+    if (deterministic) {
+      // Bounds on |dq|, |dk|, |dv| (and on every partial sum): |dS| <= |dP| + |delta| with
+      // |dP| <= D max|dO| max|v|; a key block is chosen by at most total_q x G rows, a row chooses
+      // at most topk x block_size keys. Each scale puts its bound just below 2^61, so int64 holds
+      // every sum; even bounds 10^6x loose leave ~40 bits of resolution below the largest value.
+      auto max_abs = [](const at::Tensor& t) {
+        return std::max(std::abs(at::amax(t).item<double>()), std::abs(at::amin(t).item<double>()));
+      };
+      const double m_do = max_abs(dout), m_q = max_abs(q), m_k = max_abs(k), m_v = max_abs(v);
+      const double b_ds = static_cast<double>(d) * m_do * m_v + max_abs(delta);
+      const double rows = static_cast<double>(total_q) * (hq / hkv);
+      auto exponent = [](double bound) {
+        if (!(bound > 0) || !std::isfinite(bound)) return 0;
+        return static_cast<int>(std::clamp(61.0 - std::ceil(std::log2(bound)), -120.0, 120.0));
+      };
+      fixed_exp_q = exponent(softmax_scale * static_cast<double>(topk) * block_size * b_ds * m_k);
+      fixed_exp_k = exponent(softmax_scale * rows * b_ds * m_q);
+      fixed_exp_v = exponent(rows * m_do);
+      p.deterministic = true;
+      p.dq_fixed = reinterpret_cast<unsigned long long*>(dq_accum.data_ptr<int64_t>());
+      p.dk_fixed = reinterpret_cast<unsigned long long*>(dk_accum.data_ptr<int64_t>());
+      p.dv_fixed = reinterpret_cast<unsigned long long*>(dv_accum.data_ptr<int64_t>());
+      p.fixed_scale_q = std::ldexp(1.f, fixed_exp_q);
+      p.fixed_scale_k = std::ldexp(1.f, fixed_exp_k);
+      p.fixed_scale_v = std::ldexp(1.f, fixed_exp_v);
+    } else {
+      p.dq_accum = dq_accum.data_ptr<float>();
+      p.dk_accum = dk_accum.data_ptr<float>();
+      p.dv_accum = dv_accum.data_ptr<float>();
+    }
     p.cu_seqlens_q = varlen ? cu_seqlens_q->data_ptr<int32_t>() : nullptr;
     p.cu_seqlens_k = varlen ? cu_seqlens_k->data_ptr<int32_t>() : nullptr;
     p.dtype = dtype_of(q, "q");
@@ -101,8 +132,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd_cuda(
     check_launch(run_bwd(p, workspace.data_ptr(), c10::cuda::getCurrentCUDAStream()),
                  "msa_cuda block_sparse_attn backward kernel");
   }
-  return {dq_accum.to(q.scalar_type()).view(q.sizes()), dk_accum.to(k.scalar_type()).view(k.sizes()),
-          dv_accum.to(v.scalar_type()).view(v.sizes())};
+  auto finish = [&](const at::Tensor& accum, int fixed_exp, const at::Tensor& like) {
+    at::Tensor grad = deterministic ? accum.to(at::kDouble).mul_(std::ldexp(1.0, -fixed_exp)) : accum;
+    return grad.to(like.scalar_type()).view(like.sizes());
+  };
+  return {finish(dq_accum, fixed_exp_q, q), finish(dk_accum, fixed_exp_k, k), finish(dv_accum, fixed_exp_v, v)};
 }
 
 }  // namespace msa::bindings

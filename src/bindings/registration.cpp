@@ -19,7 +19,7 @@ TORCH_LIBRARY(msa_cuda_kernels, m) {
   m.def(
       "block_sparse_attn_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor block_indices, "
       "Tensor out, Tensor lse, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_k, int block_size, "
-      "float softmax_scale) -> (Tensor, Tensor, Tensor)");
+      "float softmax_scale, bool deterministic) -> (Tensor, Tensor, Tensor)");
   m.def(
       "indexer_kl(Tensor q, Tensor k, Tensor q_idx, Tensor k_idx, Tensor block_indices, Tensor lse, "
       "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_k, int block_size, float softmax_scale, "

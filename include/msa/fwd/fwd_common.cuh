@@ -20,7 +20,7 @@ struct PlanParams {
   int tokens_per_tile;
   int num_lists;     // batch * Hkv * num_blocks_max
   int32_t* counts;   // [num_lists], zeroed before count
-  int32_t* offsets;  // [num_lists]
+  int32_t* offsets;  // [num_lists + 1]; the last is the number of entries
   int32_t* cursor;   // [num_lists], zeroed before fill
   int32_t* entries;  // [(token_end - token_begin) * Hkv * topk]: pack_entry(token - token_begin, slot)
   int4* work;        // [max_work]: (list, first entry, number of entries, 0), then a sentinel

@@ -55,6 +55,7 @@ __global__ void __launch_bounds__(kThreads) plan_scan_kernel(const PlanParams p)
   }
   if (threadIdx.x == 0) {
     *p.num_work = carry.y;
+    p.offsets[p.num_lists] = carry.x;
     p.work[carry.y] = make_int4(-1, 0, 0, 0);  // sentinel: the main kernel's consumers stop here
     *p.work_counter = 0;
   }

@@ -16,6 +16,13 @@ constexpr int kRowsPerTile = 128;  // query rows of a work tile (tokens x G head
 // Defined in src/fwd/fwd_plan.cu: zero the counters, count, scan, fill.
 cudaError_t launch_fwd_plan(const PlanParams& plan, cudaStream_t stream);
 
+// The fill leaves each list's entries in atomic order. For bitwise-reproducible tiles (the
+// deterministic backward), sort_plan_entries writes every list's entries in ascending (token,
+// slot) order to `sorted` ([max_entries]), using `temp` of plan_sort_temp_bytes(...) bytes.
+size_t plan_sort_temp_bytes(int64_t max_entries, int num_lists);
+cudaError_t sort_plan_entries(const PlanParams& plan, int32_t* sorted, int64_t max_entries, void* temp,
+                              size_t temp_bytes, cudaStream_t stream);
+
 // Byte offsets of the plan's pieces for a chunk of `chunk_tokens` query tokens, 256-byte aligned,
 // starting at offset 0; `end` is where the caller's own pieces may follow (take()).
 struct PlanWorkspace {
@@ -36,7 +43,7 @@ struct PlanWorkspace {
     max_work = max_entries / tokens_per_tile + num_lists + 1;
     counts = take(sizeof(int32_t) * num_lists);
     cursor = take(sizeof(int32_t) * num_lists);
-    offsets = take(sizeof(int32_t) * num_lists);
+    offsets = take(sizeof(int32_t) * (num_lists + 1));
     entries = take(sizeof(int32_t) * max_entries);
     work = take(sizeof(int4) * max_work);
     num_work = take(sizeof(int32_t));
