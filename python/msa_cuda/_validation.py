@@ -509,6 +509,135 @@ def validate_sparse_attn(q, k, v, q_idx, k_idx, *, block_size, topk, softmax_sca
     )
 
 
+MAX_DECODE_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class KVCacheArgs:
+    k_idx_cache: torch.Tensor  # the size-1 head dim squeezed
+    k_idx: Optional[torch.Tensor]
+    softmax_scale: float
+    index_scale: float
+    capacity: int     # tokens one request's cache can hold
+    num_pages: int    # paged: pages in the cache; contiguous: 0
+
+
+def validate_sparse_attn_with_kvcache(q, k_cache, v_cache, q_idx, k_idx_cache, *, cache_seqlens, k, v, k_idx,
+                                      block_table, block_size, topk, softmax_scale, index_scale, init_blocks,
+                                      local_blocks, return_aux) -> KVCacheArgs:
+    """Metadata checks of :func:`msa_cuda.sparse_attn_with_kvcache`."""
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("q_idx", q_idx),
+                    ("k_idx_cache", k_idx_cache), ("cache_seqlens", cache_seqlens)):
+        check_tensor(name, t)
+    new = [("k", k), ("v", v), ("k_idx", k_idx)]
+    given = [n for n, t in new if t is not None]
+    if given and len(given) != 3:
+        raise ValueError(f"k, v and k_idx must be given together (to append to the caches), got only {given}")
+    for name, t in new:
+        if t is not None:
+            check_tensor(name, t)
+    if block_table is not None:
+        check_tensor("block_table", block_table)
+    device = check_same_device([("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("q_idx", q_idx),
+                                ("k_idx_cache", k_idx_cache), ("cache_seqlens", cache_seqlens), ("k", k),
+                                ("v", v), ("k_idx", k_idx), ("block_table", block_table)])
+    on_cpu = device.type == "cpu"
+    main = [("q", q), ("k_cache", k_cache), ("v_cache", v_cache)] + ([("k", k), ("v", v)] if given else [])
+    check_float_dtypes(main, all_on_cpu=on_cpu)
+    check_float_dtypes([("q_idx", q_idx), ("k_idx_cache", k_idx_cache)] + ([("k_idx", k_idx)] if given else []),
+                       all_on_cpu=on_cpu)
+    check_selection_options(block_size, topk, init_blocks, local_blocks)
+    check_bool("return_aux", return_aux)
+
+    check_rank("q", q, (4,), "[B, S_new, Hq, D]")
+    batch, s_new, heads_q, head_dim = q.shape
+    if not 1 <= s_new <= MAX_DECODE_TOKENS:
+        raise ValueError(f"q must have 1 to {MAX_DECODE_TOKENS} new tokens per request (dim 1), got {s_new}")
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"q must have head dim D in {SUPPORTED_HEAD_DIMS}, got {head_dim}")
+    paged = block_table is not None
+    layout = "[num_pages, page_size, Hkv, D] (paged)" if paged else "[B, S_max, Hkv, D]"
+    check_rank("k_cache", k_cache, (4,), layout)
+    if tuple(v_cache.shape) != tuple(k_cache.shape):
+        raise ValueError(f"v_cache must have the same shape as k_cache {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
+    heads_kv = k_cache.shape[2]
+    check_dim("k_cache", k_cache, 3, head_dim, "head dim D of q")
+    if heads_kv < 1 or heads_q % heads_kv != 0 or heads_q // heads_kv not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(f"q and k_cache must have Hq / Hkv in {SUPPORTED_GROUP_SIZES}, got Hq = {heads_q}, "
+                         f"Hkv = {heads_kv}")
+    check_rank("k_idx_cache", k_idx_cache, (3, 4), "[.., Di] or [.., 1, Di] over k_cache's first two dims")
+    if k_idx_cache.dim() == 4:
+        if k_idx_cache.shape[2] != 1:
+            raise ValueError(f"k_idx_cache must have a single index-key head, got shape {tuple(k_idx_cache.shape)}")
+        k_idx_cache = k_idx_cache.squeeze(2)
+    if tuple(k_idx_cache.shape[:2]) != tuple(k_cache.shape[:2]):
+        raise ValueError(f"k_idx_cache must match k_cache's first two dims {tuple(k_cache.shape[:2])}, got "
+                         f"{tuple(k_idx_cache.shape)}")
+    check_rank("q_idx", q_idx, (4,), "[B, S_new, Hkv, Di]")
+    if tuple(q_idx.shape[:3]) != (batch, s_new, heads_kv):
+        raise ValueError(f"q_idx must be [B, S_new, Hkv, Di] = [{batch}, {s_new}, {heads_kv}, Di], got "
+                         f"{tuple(q_idx.shape)}")
+    head_dim_idx = q_idx.shape[3]
+    if head_dim_idx not in SUPPORTED_INDEX_HEAD_DIMS:
+        raise ValueError(f"q_idx must have index head dim Di in {SUPPORTED_INDEX_HEAD_DIMS}, got {head_dim_idx}")
+    check_dim("k_idx_cache", k_idx_cache, 2, head_dim_idx, "index head dim Di of q_idx")
+    if cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"cache_seqlens must be int32, got {cache_seqlens.dtype}")
+    if tuple(cache_seqlens.shape) != (batch,):
+        raise ValueError(f"cache_seqlens must have shape [B] = [{batch}], got {tuple(cache_seqlens.shape)}")
+    if given:
+        for name, t in (("k", k), ("v", v)):
+            if tuple(t.shape) != (batch, s_new, heads_kv, head_dim):
+                raise ValueError(f"{name} must be [B, S_new, Hkv, D] = [{batch}, {s_new}, {heads_kv}, {head_dim}], "
+                                 f"got {tuple(t.shape)}")
+        if k_idx.dim() == 4 and k_idx.shape[2] == 1:
+            k_idx = k_idx.squeeze(2)
+        if tuple(k_idx.shape) != (batch, s_new, head_dim_idx):
+            raise ValueError(f"k_idx must be [B, S_new, Di] = [{batch}, {s_new}, {head_dim_idx}], got "
+                             f"{tuple(k_idx.shape)}")
+    if paged:
+        if block_table.dtype != torch.int32:
+            raise TypeError(f"block_table must be int32, got {block_table.dtype}")
+        check_rank("block_table", block_table, (2,), "[B, pages]")
+        check_dim("block_table", block_table, 0, batch, "batch size B of q")
+        page_size = k_cache.shape[1]
+        if page_size % block_size != 0:
+            raise ValueError(f"k_cache's page size must be a multiple of block_size ({block_size}), got {page_size}")
+        capacity, num_pages = block_table.shape[1] * page_size, k_cache.shape[0]
+    else:
+        check_dim("k_cache", k_cache, 0, batch, "batch size B of q")
+        capacity, num_pages = k_cache.shape[1], 0
+    softmax_scale = resolve_scale("softmax_scale", softmax_scale, 1.0 / math.sqrt(head_dim))
+    index_scale = resolve_scale("index_scale", index_scale, 1.0 / math.sqrt(head_dim_idx))
+    return KVCacheArgs(k_idx_cache, k_idx, softmax_scale, index_scale, capacity, num_pages)
+
+
+def check_kvcache_values(cache_seqlens: torch.Tensor, block_table: Optional[torch.Tensor], s_new: int,
+                         appended: bool, capacity: int, num_pages: int) -> list:
+    """Value checks of a decoding step (host read); returns every request's length after appending.
+
+    Each request needs S_new <= L_b (its queries are the last S_new of its L_b tokens) and
+    L_b <= the cache capacity; the pages holding its L_b tokens must exist.
+    """
+    lengths = (cache_seqlens.to("cpu", torch.int64) + (s_new if appended else 0)).tolist()
+    for b, length in enumerate(lengths):
+        if length < s_new:
+            raise ValueError(f"cache_seqlens[{b}] must leave at least S_new = {s_new} cached tokens to attend from "
+                             f"(the new queries are the last S_new positions), got {length - (s_new if appended else 0)}"
+                             f"{' before appending ' + str(s_new) if appended else ''}")
+        if length > capacity:
+            raise ValueError(f"cache_seqlens[{b}] (+ appended tokens) = {length} exceeds the cache capacity {capacity}")
+    if block_table is not None:
+        page_size = capacity // block_table.shape[1]
+        table = block_table.to("cpu", torch.int64)
+        for b, length in enumerate(lengths):
+            used = table[b, :-(-length // page_size)]
+            if bool(((used < 0) | (used >= num_pages)).any()):
+                raise ValueError(f"block_table[{b}] must name pages in [0, {num_pages}) for its {length} tokens, got "
+                                 f"{used.tolist()}")
+    return lengths
+
+
 # --------------------------------------------------------------------------------------------
 # Value checks (called eagerly inside the op bodies, before any kernel launch)
 # --------------------------------------------------------------------------------------------

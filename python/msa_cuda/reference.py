@@ -41,6 +41,9 @@ __all__ = [
     "block_sparse_attn",
     "indexer_kl_loss",
     "sparse_attn",
+    "sparse_attn_with_kvcache",
+    "append_to_kvcache",
+    "kvcache_sequence",
 ]
 
 # Byte budget of one chunk's [chunk, Hkv, Sk] token-score tensor (selection and checking).
@@ -816,3 +819,106 @@ def sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: torch.
                                  softmax_scale=softmax_scale, cu_seqlens_q=cu_seqlens_q,
                                  cu_seqlens_k=cu_seqlens_k, return_lse=True)
     return (out, SparseAttnAux(block_indices, lse)) if return_aux else out
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding with a KV cache (MSA_SPEC s.8)
+# ----------------------------------------------------------------------------------------------
+
+
+def kvcache_sequence(cache: torch.Tensor, b: int, length: int,
+                     block_table: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The first ``length`` tokens of request ``b`` of a cache.
+
+    Parameters
+    ----------
+    cache : contiguous ``[B, S_max, ...]``, or paged ``[num_pages, page_size, ...]`` with
+        ``block_table``.
+    block_table : int32 ``[B, pages]``, optional
+        Page ids of each request, in order.
+
+    Returns
+    -------
+    ``[length, ...]`` (a view for a contiguous cache, a copy for a paged one).
+    """
+    if block_table is None:
+        return cache[b, :length]
+    page_size = cache.shape[1]
+    pages = block_table[b, :-(-length // page_size)].long()
+    return cache.index_select(0, pages).flatten(0, 1)[:length]
+
+
+def append_to_kvcache(cache: torch.Tensor, new: torch.Tensor, cache_seqlens: torch.Tensor,
+                      block_table: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Write ``new`` ``[B, S_new, ...]`` into ``cache`` at positions ``cache_seqlens[b] + i``, in place.
+
+    Reads no tensor data on the host (usable under CUDA-graph capture). Returns ``cache``.
+    """
+    batch, s_new = new.shape[:2]
+    pos = cache_seqlens.long()[:, None] + torch.arange(s_new, device=new.device)
+    if block_table is None:
+        rows = torch.arange(batch, device=new.device)[:, None].expand(batch, s_new)
+        cache[rows, pos] = new.to(cache.dtype)
+    else:
+        page_size = cache.shape[1]
+        pages = torch.gather(block_table.long(), 1, pos // page_size)
+        cache[pages, pos % page_size] = new.to(cache.dtype)
+    return cache
+
+
+def sparse_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                             q_idx: torch.Tensor, k_idx_cache: torch.Tensor, *,
+                             cache_seqlens: torch.Tensor, k: Optional[torch.Tensor] = None,
+                             v: Optional[torch.Tensor] = None, k_idx: Optional[torch.Tensor] = None,
+                             block_table: Optional[torch.Tensor] = None, block_size: int = 128,
+                             topk: int = 16, softmax_scale: Optional[float] = None,
+                             index_scale: Optional[float] = None, init_blocks: int = 0,
+                             local_blocks: int = 1, return_aux: bool = False):
+    """MSA decoding step: append (optional), then select and attend for the new tokens.
+
+    Request ``b`` holds ``L_b = cache_seqlens[b]`` tokens (``+ S_new`` once ``k, v, k_idx`` are
+    appended in place at ``cache_seqlens[b]``); its ``S_new`` queries are the last ``S_new``
+    positions of those ``L_b`` (bottom-right alignment, as in a chunked prefill), so the result is
+    :func:`sparse_attn` of the request's queries against its first ``L_b`` cached tokens.
+
+    Parameters
+    ----------
+    q : ``[B, S_new, Hq, D]``; q_idx : ``[B, S_new, Hkv, Di]``.
+    k_cache, v_cache : ``[B, S_max, Hkv, D]``, or ``[num_pages, page_size, Hkv, D]`` with ``block_table``.
+    k_idx_cache : ``[B, S_max, Di]`` / ``[num_pages, page_size, Di]`` (a size-1 head dim before Di
+        is accepted).
+    cache_seqlens : int32 ``[B]``.
+    k, v : ``[B, S_new, Hkv, D]``; k_idx : ``[B, S_new, Di]`` (or ``[B, S_new, 1, Di]``), optional,
+        all three or none.
+    block_table : int32 ``[B, pages]``, optional (paged caches).
+    block_size, topk, softmax_scale, index_scale, init_blocks, local_blocks : as for :func:`sparse_attn`.
+    return_aux : bool
+
+    Returns
+    -------
+    out : ``[B, S_new, Hq, D]``; aux (``block_indices [B, S_new, Hkv, topk]``, ``lse [B, Hq, S_new]``)
+    when ``return_aux``.
+    """
+    squeeze = (lambda t: t.squeeze(-2) if t is not None and t.dim() == 4 else t)
+    k_idx_cache, k_idx = squeeze(k_idx_cache), squeeze(k_idx)
+    s_new = q.shape[1]
+    appended = k is not None
+    if appended:
+        for cache, new in ((k_cache, k), (v_cache, v), (k_idx_cache, k_idx)):
+            append_to_kvcache(cache, new, cache_seqlens, block_table)
+    lengths = (cache_seqlens.long() + (s_new if appended else 0)).tolist()
+    outs, sels, lses = [], [], []
+    for b, length in enumerate(lengths):
+        keys, values, index_keys = (kvcache_sequence(c, b, length, block_table)[None]
+                                    for c in (k_cache, v_cache, k_idx_cache))
+        out, aux = sparse_attn(q[b:b + 1], keys, values, q_idx[b:b + 1], index_keys, block_size=block_size,
+                               topk=topk, softmax_scale=softmax_scale, index_scale=index_scale,
+                               init_blocks=init_blocks, local_blocks=local_blocks, return_aux=True)
+        outs.append(out)
+        sels.append(aux.block_indices)
+        lses.append(aux.lse)
+    out = torch.cat(outs)
+    if return_aux:
+        return out, SparseAttnAux(torch.cat(sels), torch.cat(lses))
+    return out
+

@@ -1,0 +1,87 @@
+"""Time one decoding step of msa_cuda.sparse_attn_with_kvcache against dense cuDNN decoding.
+
+    python bench/bench_decode.py [--cases 131072x8 1048576x2] [--new-tokens 1] [--out DIR]
+
+M3 shape (Hq=64, Hkv=4, D=Di=128, block 128, topk 16), bf16, contiguous caches filled to the
+given length, one new token per request (no append). Dense baseline: torch SDPA (cuDNN, GQA) of
+the new queries over the whole cache, in the same process. Reports each median (CUDA events,
+L2 flushed before each rep), the speedup, and each side's bandwidth on the bytes it must read
+(dense: K and V of the whole cache; MSA: the index-key cache plus topk blocks of K and V per
+group). Issue 5's targets: >= 7x at 1M x 2 and 128K x 8 (bf16 index keys), and >= 85% of dense
+decoding's bandwidth. Today's decode path is the per-request composition of the prefill kernels
+(see msa_cuda/decode.py), so this is the baseline the decode kernels will be measured against.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import L2Flusher, run_metadata, time_op  # noqa: E402
+
+import msa_cuda  # noqa: E402
+
+HQ, HKV, D, DI, BS, TOPK = 64, 4, 128, 128, 128, 16
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", nargs="+", default=["131072x8", "1048576x2"], help="LENGTHxBATCH")
+    ap.add_argument("--new-tokens", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    flush = L2Flusher(dev)
+    rows = []
+    for case in args.cases:
+        length, batch = map(int, case.split("x"))
+        n = args.new_tokens
+        bf16 = dict(device=dev, dtype=torch.bfloat16)
+        k_cache = torch.randn(batch, length, HKV, D, **bf16)
+        v_cache = torch.randn(batch, length, HKV, D, **bf16)
+        ki_cache = torch.randn(batch, length, DI, **bf16)
+        q = torch.randn(batch, n, HQ, D, **bf16)
+        q_idx = torch.randn(batch, n, HKV, DI, **bf16)
+        lens = torch.full((batch,), length, dtype=torch.int32, device=dev)
+
+        def msa_step(_):
+            return msa_cuda.sparse_attn_with_kvcache(q, k_cache, v_cache, q_idx, ki_cache, cache_seqlens=lens,
+                                                     block_size=BS, topk=TOPK)
+
+        qt, kt, vt = q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2)
+        # n new tokens at the end of the cache: bottom-right causal only matters for n > 1.
+        mask = None
+        if n > 1:
+            pos = torch.arange(length, device=dev)
+            mask = (pos[None, :] <= (length - n + torch.arange(n, device=dev))[:, None])
+
+        def dense_step(_):
+            return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True)
+
+        t_msa = time_op(msa_step, flush, reps=args.reps)
+        t_dense = time_op(dense_step, flush, reps=args.reps)
+        dense_bytes = 2 * batch * length * HKV * D * 2
+        blocks = min(TOPK, -(-length // BS))
+        msa_bytes = batch * (length * DI * 2 + 2 * HKV * blocks * BS * D * 2)
+        row = dict(length=length, batch=batch, new_tokens=n, msa_ms=t_msa.median_ms, dense_ms=t_dense.median_ms,
+                   speedup=t_dense.median_ms / t_msa.median_ms,
+                   dense_gbps=dense_bytes / t_dense.median_ms / 1e6, msa_gbps=msa_bytes / t_msa.median_ms / 1e6)
+        row["bandwidth_ratio"] = row["msa_gbps"] / row["dense_gbps"]
+        rows.append(row)
+        print(f"{length:>8} x {batch}: MSA {t_msa.median_ms:8.3f} ms ({row['msa_gbps']:7.1f} GB/s)  dense "
+              f"{t_dense.median_ms:8.3f} ms ({row['dense_gbps']:7.1f} GB/s)  speedup {row['speedup']:.2f}x  "
+              f"bandwidth ratio {row['bandwidth_ratio']:.2f}", flush=True)
+        del k_cache, v_cache, ki_cache
+        torch.cuda.empty_cache()
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "decode.json").write_text(json.dumps(dict(meta=run_metadata(False), rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()
