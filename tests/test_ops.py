@@ -391,10 +391,9 @@ def test_select_dispatches_to_kernel_with_its_contract(monkeypatch, varlen):
 
 def test_package_surface():
     assert msa_cuda.__version__ == "0.1.0"
-    for name in ("select_blocks", "block_sparse_attn", "indexer_kl_loss", "sparse_attn", "reference",
-                 "compiled_variants"):
+    for name in ("select_blocks", "block_sparse_attn", "indexer_kl_loss", "sparse_attn", "sparse_attn_with_kvcache",
+                 "reference", "compiled_variants"):
         assert hasattr(msa_cuda, name), name
-    assert not hasattr(msa_cuda, "sparse_attn_with_kvcache")
     assert msa_cuda.reference is ref
     assert isinstance(msa_cuda.compiled_variants(), dict)
     if not _kernels.extension_loaded():
