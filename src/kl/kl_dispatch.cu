@@ -1,6 +1,8 @@
 // Runtime dispatch of the indexer distillation loss over (dtype, D, Di), and its workspace size.
 #include <cutlass/numeric_types.h>
+#include <math_constants.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "msa/kl/kl_launch.cuh"
@@ -21,6 +23,36 @@ cudaError_t run_kl_typed(const KlParams& p, void* workspace, cudaStream_t stream
 }
 
 }  // namespace
+
+namespace kl {
+
+// Between the passes: each (token, group)'s per-slot stats merged into the student's
+// log2-normaliser (0 when no slot saw a key). A separate pass, not the pass-2 producer's job: there
+// the topk dependent loads per row (one row per thread) stalled every tile's hand-over.
+__global__ void kl_logz_kernel(const float2* __restrict__ stats, float* __restrict__ logz, int64_t pairs, int topk) {
+  for (int64_t pair = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; pair < pairs;
+       pair += int64_t{gridDim.x} * blockDim.x) {
+    const float2* st = stats + pair * topk;
+    float m = -CUDART_INF_F, l = 0.f;
+    for (int s = 0; s < topk; ++s) {  // online merge: one pass over the slots
+      const float2 v = st[s];
+      if (v.y > 0.f) {
+        const float m_new = fmaxf(m, v.x);
+        l = l * exp2f(m - m_new) + v.y * exp2f(v.x - m_new);
+        m = m_new;
+      }
+    }
+    logz[pair] = l > 0.f ? m + __log2f(l) : 0.f;
+  }
+}
+
+cudaError_t launch_kl_logz(const float2* stats, float* logz, int64_t pairs, int topk, cudaStream_t stream) {
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>((pairs + 255) / 256, 4096));
+  kl_logz_kernel<<<grid, 256, 0, stream>>>(stats, logz, pairs, topk);
+  return cudaGetLastError();
+}
+
+}  // namespace kl
 
 size_t kl_workspace_bytes(const KlParams& p) {
   if (p.num_heads_kv <= 0 || p.block_size <= 0) return 0;

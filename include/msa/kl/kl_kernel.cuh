@@ -50,6 +50,7 @@ struct KlKernelParams {
   const Element* q_idx;      // [total_q, Hkv, Di]
   const float* lse_log2;     // [total_q, Hq]: lse in log2 units, +inf where lse = -inf
   float2* stats;             // [total_q, Hkv, topk]: (max s2, sum 2^(s2 - max)); zeroed, l = 0: no key
+  const float* logz;         // [total_q, Hkv]: the student's log2-normaliser (kl_logz_kernel, pass 2)
   float* dq_idx_accum;       // [total_q, Hkv, Di], zeroed
   float* dk_idx_accum;       // [total_k, Di], zeroed
   double* loss_sum;          // [1], zeroed: sum over pairs of KL (natural log)
@@ -249,23 +250,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         if (tid == 0) smem.t_item[tstage] = item;
         smem.t_row_slot[tstage][tid] = slot;
       } else {
-        // Merge the token's per-slot stats into the student's log-normaliser.
-        float logz = 0.f;
-        if (token >= 0) {
-          const float2* st = params.stats + (int64_t{token} * params.num_heads_kv + group) * params.topk;
-          float m = -CUDART_INF_F;
-          for (int s = 0; s < params.topk; ++s) {
-            const float2 v = st[s];
-            if (v.y > 0.f) m = fmaxf(m, v.x);
-          }
-          float l = 0.f;
-          for (int s = 0; s < params.topk; ++s) {
-            const float2 v = st[s];
-            if (v.y > 0.f) l += v.y * exp2f(v.x - m);
-          }
-          logz = l > 0.f ? m + __log2f(l) : 0.f;
-        }
-        smem.t_row_logz[tstage][tid] = logz;
+        smem.t_row_logz[tstage][tid] = token >= 0 ? params.logz[int64_t{token} * params.num_heads_kv + group] : 0.f;
       }
       sync_producer();
       gather_rows<kIdxDim>(qi_smem_thread + tstage * Traits::kQiStageBytes, params.q_idx, tid, [&](int row) {

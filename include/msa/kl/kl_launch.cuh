@@ -4,6 +4,8 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
+
 #include <cute/tensor.hpp>
 #include <cutlass/fast_math.h>
 #include <cutlass/numeric_types.h>
@@ -19,11 +21,12 @@ namespace msa::kl {
 // The plan for all query tokens at once, built with num_heads = Hkv so that a tile holds 128
 // tokens (one student row each) instead of 128 / G; then the stats of pass 1.
 struct KlWorkspaceLayout : fwd::PlanWorkspace {
-  size_t stats = 0;
+  size_t logz = 0, stats = 0;
   explicit KlWorkspaceLayout(const KlParams& p)
       : PlanWorkspace(p.total_q, p.batch, /*num_heads=*/p.num_heads_kv, p.num_heads_kv, p.topk, p.max_seqlen_k,
                       p.block_size) {
-    stats = take(sizeof(float2) * p.total_q * p.num_heads_kv * p.topk);
+    logz = take(sizeof(float) * p.total_q * p.num_heads_kv);
+    stats = take(sizeof(float2) * p.total_q * p.num_heads_kv * p.topk);  // last: zeroed to the end
   }
   size_t total() const { return end; }
 };
@@ -47,6 +50,7 @@ cudaError_t launch_kl_pass(const KlParams& p, const KlWorkspaceLayout& ws, char*
       static_cast<Element const*>(p.q_idx),
       p.lse_log2,
       reinterpret_cast<float2*>(workspace + ws.stats),
+      reinterpret_cast<const float*>(workspace + ws.logz),
       p.dq_idx_accum,
       p.dk_idx_accum,
       p.loss_sum,
@@ -70,6 +74,9 @@ cudaError_t launch_kl_pass(const KlParams& p, const KlWorkspaceLayout& ws, char*
   };
   return common::launch_with_smem(kl_kernel<Traits>, p.num_sms, Traits::kNumThreads, Traits::kSmemBytes, stream, kp);
 }
+
+// kl_logz_kernel over every (token, group); defined in src/kl/kl_dispatch.cu.
+cudaError_t launch_kl_logz(const float2* stats, float* logz, int64_t pairs, int topk, cudaStream_t stream);
 
 // Pass 1 depends on (dtype, Di, block) only: instantiated once, in src/kl/kl_stats_*.cu.
 template <class Element, int kIdxDim>
@@ -97,6 +104,9 @@ cudaError_t run_kl_for(const KlParams& p, void* workspace_ptr, cudaStream_t stre
   if (err != cudaSuccess) return err;
   err = launch_kl_stats<Element, kIdxDim>(p, ws, workspace, stream);
   if (err == cudaSuccess) err = cudaMemsetAsync(workspace + ws.work_counter, 0, sizeof(int32_t), stream);
+  if (err != cudaSuccess) return err;
+  err = launch_kl_logz(reinterpret_cast<const float2*>(workspace + ws.stats),
+                       reinterpret_cast<float*>(workspace + ws.logz), p.total_q * p.num_heads_kv, p.topk, stream);
   if (err != cudaSuccess) return err;
   return p.block_size == 128 ? launch_kl_pass<Element, kHeadDim, kIdxDim, 128, false>(p, ws, workspace, stream)
                              : launch_kl_pass<Element, kHeadDim, kIdxDim, 64, false>(p, ws, workspace, stream);
