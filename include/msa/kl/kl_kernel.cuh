@@ -222,13 +222,19 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         const uint32_t q_smem_thread = gather_base<kHeadDim>(
             make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{}), tid);
         const int heads = last ? 1 : G;
+        // Each head's lse is loaded one head ahead, so its latency overlaps the previous stage's
+        // acquire and gather instead of delaying this stage's hand-over.
+        const float* row_lse = token >= 0 ? params.lse_log2 + int64_t{token} * params.num_heads + group * G : nullptr;
+        float next_lse = row_lse != nullptr ? row_lse[0] : 0.f;
         for (int h = 0; h < heads; ++h) {
+          const float lse = next_lse;
+          if (row_lse != nullptr && h + 1 < heads) next_lse = row_lse[h + 1];
           q_pipeline.producer_acquire(q_state);
           const int stage = q_state.index();
           const int head = group * G + h;
           if (tid == 0) smem.q_item[stage] = item;
           smem.q_row_token[stage][tid] = token;
-          smem.q_row_lse[stage][tid] = token >= 0 ? params.lse_log2[int64_t{token} * params.num_heads + head] : 0.f;
+          smem.q_row_lse[stage][tid] = lse;
           sync_producer();
           gather_rows<kHeadDim>(q_smem_thread + stage * Traits::kQStageBytes, params.q, tid, [&](int row) {
             const int tok = smem.q_row_token[stage][row];
