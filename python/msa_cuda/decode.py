@@ -115,17 +115,11 @@ def sparse_attn_with_kvcache(
         if appended:
             for cache, new in ((k_cache, k), (v_cache, v), (args.k_idx_cache, args.k_idx)):
                 _ref.append_to_kvcache(cache, new, cache_seqlens, block_table)
-        outs, sels, lses = [], [], []
-        for b, length in enumerate(lengths):
-            keys, values, index_keys = (_ref.kvcache_sequence(c, b, length, block_table)[None]
-                                        for c in (k_cache, v_cache, args.k_idx_cache))
-            out, aux = sparse_attn(q[b:b + 1], keys, values, q_idx[b:b + 1], index_keys, block_size=block_size,
-                                   topk=topk, softmax_scale=args.softmax_scale, index_scale=args.index_scale,
-                                   init_blocks=init_blocks, local_blocks=local_blocks, return_aux=True)
-            outs.append(out)
-            sels.append(aux.block_indices)
-            lses.append(aux.lse)
-    out = torch.cat(outs)
-    if return_aux:
-        return out, SparseAttnAux(torch.cat(sels), torch.cat(lses))
-    return out
+
+        def attend(*tensors):
+            return sparse_attn(*tensors, block_size=block_size, topk=topk, softmax_scale=args.softmax_scale,
+                               index_scale=args.index_scale, init_blocks=init_blocks, local_blocks=local_blocks,
+                               return_aux=True)
+
+        return _ref.decode_per_request(attend, q, k_cache, v_cache, q_idx, args.k_idx_cache, lengths, block_table,
+                                       return_aux)

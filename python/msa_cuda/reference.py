@@ -907,13 +907,28 @@ def sparse_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
         for cache, new in ((k_cache, k), (v_cache, v), (k_idx_cache, k_idx)):
             append_to_kvcache(cache, new, cache_seqlens, block_table)
     lengths = (cache_seqlens.long() + (s_new if appended else 0)).tolist()
+
+    def attend(*tensors):
+        return sparse_attn(*tensors, block_size=block_size, topk=topk, softmax_scale=softmax_scale,
+                           index_scale=index_scale, init_blocks=init_blocks, local_blocks=local_blocks,
+                           return_aux=True)
+
+    return decode_per_request(attend, q, k_cache, v_cache, q_idx, k_idx_cache, lengths, block_table, return_aux)
+
+
+def decode_per_request(attend: Callable, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       q_idx: torch.Tensor, k_idx_cache: torch.Tensor, lengths: Sequence[int],
+                       block_table: Optional[torch.Tensor], return_aux: bool):
+    """A decoding step as one prefill call per request on its first ``lengths[b]`` cached tokens.
+
+    ``attend(q, k, v, q_idx, k_idx)`` is a sparse_attn with ``return_aux=True`` (this module's, or
+    the public one, which runs the kernels); ``k_idx_cache`` has no head dim.
+    """
     outs, sels, lses = [], [], []
     for b, length in enumerate(lengths):
         keys, values, index_keys = (kvcache_sequence(c, b, length, block_table)[None]
                                     for c in (k_cache, v_cache, k_idx_cache))
-        out, aux = sparse_attn(q[b:b + 1], keys, values, q_idx[b:b + 1], index_keys, block_size=block_size,
-                               topk=topk, softmax_scale=softmax_scale, index_scale=index_scale,
-                               init_blocks=init_blocks, local_blocks=local_blocks, return_aux=True)
+        out, aux = attend(q[b:b + 1], keys, values, q_idx[b:b + 1], index_keys)
         outs.append(out)
         sels.append(aux.block_indices)
         lses.append(aux.lse)

@@ -36,7 +36,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd_cuda(
     int64_t max_seqlen_k, int64_t block_size, double softmax_scale, bool deterministic) {
   const AttnShape shape =
       check_attn_inputs(q, k, &v, block_indices, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, block_size);
-  const auto [varlen, batch, total_q, total_k, hq, hkv, d, topk, seqlen_q, seqlen_k, max_seqlen_k_checked] = shape;
+  const auto [varlen, batch, total_q, total_k] = std::tuple{shape.varlen, shape.batch, shape.total_q, shape.total_k};
+  const auto [hq, hkv, d, topk] = std::tuple{shape.hq, shape.hkv, shape.d, shape.topk};
   for (auto [t, name] : {std::pair{&dout, "dout"}, {&out, "out"}}) {
     check_cuda_contiguous(*t, name);
     TORCH_CHECK(t->get_device() == q.get_device(), name, " must be on q's device");
@@ -112,22 +113,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd_cuda(
       p.dk_accum = dk_accum.data_ptr<float>();
       p.dv_accum = dv_accum.data_ptr<float>();
     }
-    p.cu_seqlens_q = varlen ? cu_seqlens_q->data_ptr<int32_t>() : nullptr;
-    p.cu_seqlens_k = varlen ? cu_seqlens_k->data_ptr<int32_t>() : nullptr;
-    p.dtype = dtype_of(q, "q");
-    p.total_q = total_q;
-    p.total_k = total_k;
-    p.batch = static_cast<int>(batch);
-    p.seqlen_q = seqlen_q;
-    p.seqlen_k = seqlen_k;
-    p.max_seqlen_k = max_seqlen_k_checked;
-    p.num_heads = static_cast<int>(hq);
-    p.num_heads_kv = static_cast<int>(hkv);
-    p.head_dim = static_cast<int>(d);
-    p.block_size = static_cast<int>(block_size);
-    p.topk = static_cast<int>(topk);
+    fill_attn_params(p, shape, q, cu_seqlens_q, cu_seqlens_k, block_size);
     p.softmax_scale = static_cast<float>(softmax_scale);
-    cudaDeviceGetAttribute(&p.num_sms, cudaDevAttrMultiProcessorCount, q.get_device());
     at::Tensor workspace = at::empty({static_cast<int64_t>(bwd_workspace_bytes(p))}, q.options().dtype(at::kByte));
     check_launch(run_bwd(p, workspace.data_ptr(), c10::cuda::getCurrentCUDAStream()),
                  "msa_cuda block_sparse_attn backward kernel");

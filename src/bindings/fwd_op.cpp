@@ -35,7 +35,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fwd_cuda(
     int64_t max_seqlen_k, int64_t block_size, double softmax_scale) {
   const AttnShape shape =
       check_attn_inputs(q, k, &v, block_indices, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, block_size);
-  const auto [varlen, batch, total_q, total_k, hq, hkv, d, topk, seqlen_q, seqlen_k, max_seqlen_k_checked] = shape;
+  const auto [varlen, batch, total_q, hq] = std::tuple{shape.varlen, shape.batch, shape.total_q, shape.hq};
   TORCH_CHECK(std::isfinite(softmax_scale) && softmax_scale > 0, "softmax_scale must be finite and > 0");
 
   at::Tensor out = at::empty_like(q);
@@ -51,23 +51,9 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fwd_cuda(
   p.block_indices = block_indices.data_ptr<int32_t>();
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  p.cu_seqlens_q = varlen ? cu_seqlens_q->data_ptr<int32_t>() : nullptr;
-  p.cu_seqlens_k = varlen ? cu_seqlens_k->data_ptr<int32_t>() : nullptr;
-  p.dtype = dtype_of(q, "q");
-  p.total_q = total_q;
-  p.total_k = total_k;
-  p.batch = static_cast<int>(batch);
-  p.seqlen_q = seqlen_q;
-  p.seqlen_k = seqlen_k;
-  p.max_seqlen_k = max_seqlen_k_checked;
-  p.num_heads = static_cast<int>(hq);
-  p.num_heads_kv = static_cast<int>(hkv);
-  p.head_dim = static_cast<int>(d);
-  p.block_size = static_cast<int>(block_size);
-  p.topk = static_cast<int>(topk);
+  fill_attn_params(p, shape, q, cu_seqlens_q, cu_seqlens_k, block_size);
   p.softmax_scale = static_cast<float>(softmax_scale);
   p.path = fwd_path_from_env();
-  cudaDeviceGetAttribute(&p.num_sms, cudaDevAttrMultiProcessorCount, q.get_device());
   at::Tensor workspace = at::empty({static_cast<int64_t>(fwd_workspace_bytes(p))}, q.options().dtype(at::kByte));
   check_launch(run_fwd(p, workspace.data_ptr(), c10::cuda::getCurrentCUDAStream()),
                "msa_cuda block_sparse_attn forward kernel");

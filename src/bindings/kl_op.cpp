@@ -25,7 +25,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> indexer_kl_cuda(
     double index_scale) {
   const AttnShape shape =
       check_attn_inputs(q, k, nullptr, block_indices, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, block_size);
-  const auto [varlen, batch, total_q, total_k, hq, hkv, d, topk, seqlen_q, seqlen_k, max_seqlen_k_checked] = shape;
+  const auto [batch, total_q, total_k] = std::tuple{shape.batch, shape.total_q, shape.total_k};
+  const auto [hkv, topk] = std::tuple{shape.hkv, shape.topk};
   for (auto [t, name] : {std::pair{&q_idx, "q_idx"}, {&k_idx, "k_idx"}}) {
     check_cuda_contiguous(*t, name);
     TORCH_CHECK(t->get_device() == q.get_device(), name, " must be on q's device");
@@ -64,24 +65,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> indexer_kl_cuda(
     p.dq_idx_accum = dq_idx.data_ptr<float>();
     p.dk_idx_accum = dk_idx.data_ptr<float>();
     p.loss_sum = loss_sum.data_ptr<double>();
-    p.cu_seqlens_q = varlen ? cu_seqlens_q->data_ptr<int32_t>() : nullptr;
-    p.cu_seqlens_k = varlen ? cu_seqlens_k->data_ptr<int32_t>() : nullptr;
-    p.dtype = dtype_of(q, "q");
-    p.total_q = total_q;
-    p.total_k = total_k;
-    p.batch = static_cast<int>(batch);
-    p.seqlen_q = seqlen_q;
-    p.seqlen_k = seqlen_k;
-    p.max_seqlen_k = max_seqlen_k_checked;
-    p.num_heads = static_cast<int>(hq);
-    p.num_heads_kv = static_cast<int>(hkv);
-    p.head_dim = static_cast<int>(d);
+    fill_attn_params(p, shape, q, cu_seqlens_q, cu_seqlens_k, block_size);
     p.head_dim_idx = static_cast<int>(di);
-    p.block_size = static_cast<int>(block_size);
-    p.topk = static_cast<int>(topk);
     p.softmax_scale = static_cast<float>(softmax_scale);
     p.index_scale = static_cast<float>(index_scale);
-    cudaDeviceGetAttribute(&p.num_sms, cudaDevAttrMultiProcessorCount, q.get_device());
     at::Tensor workspace = at::empty({static_cast<int64_t>(kl_workspace_bytes(p))}, q.options().dtype(at::kByte));
     check_launch(run_kl(p, workspace.data_ptr(), c10::cuda::getCurrentCUDAStream()),
                  "msa_cuda indexer_kl_loss kernel");

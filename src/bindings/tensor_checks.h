@@ -132,6 +132,28 @@ inline AttnShape check_attn_inputs(const at::Tensor& q, const at::Tensor& k, con
   return s;
 }
 
+// The fields every attention-shaped parameter struct (FwdParams, BwdParams, KlParams) shares:
+// sequence layout, sizes, dtype and the device's SM count.
+template <class Params>
+void fill_attn_params(Params& p, const AttnShape& s, const at::Tensor& q, const c10::optional<at::Tensor>& cu_seqlens_q,
+                      const c10::optional<at::Tensor>& cu_seqlens_k, int64_t block_size) {
+  p.cu_seqlens_q = s.varlen ? cu_seqlens_q->data_ptr<int32_t>() : nullptr;
+  p.cu_seqlens_k = s.varlen ? cu_seqlens_k->data_ptr<int32_t>() : nullptr;
+  p.dtype = dtype_of(q, "q");
+  p.total_q = s.total_q;
+  p.total_k = s.total_k;
+  p.batch = static_cast<int>(s.batch);
+  p.seqlen_q = s.seqlen_q;
+  p.seqlen_k = s.seqlen_k;
+  p.max_seqlen_k = s.max_seqlen_k;
+  p.num_heads = static_cast<int>(s.hq);
+  p.num_heads_kv = static_cast<int>(s.hkv);
+  p.head_dim = static_cast<int>(s.d);
+  p.block_size = static_cast<int>(block_size);
+  p.topk = static_cast<int>(s.topk);
+  cudaDeviceGetAttribute(&p.num_sms, cudaDevAttrMultiProcessorCount, q.get_device());
+}
+
 // lse-shaped [B, Hq, Sq] / [Hq, Tq] -> per query row [total_q, Hq] in log2 units (fp32,
 // contiguous); rows with lse = -inf (no visible key) become `neg_inf_value`.
 inline at::Tensor lse_rows_log2(const at::Tensor& lse, const AttnShape& s, double neg_inf_value) {
