@@ -351,7 +351,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});
     Tensor sQit = make_tensor(make_smem_ptr(smem.qi.data()), typename Traits::SmemLayoutQit{});
     Tensor sKit = make_tensor(make_smem_ptr(smem.ki.data()), typename Traits::SmemLayoutKit{});
-    Tensor sPt = make_tensor(make_smem_ptr(smem.staging.data()), typename Traits::SmemLayoutPt{});
+    Tensor sPt = make_tensor(make_smem_ptr(Traits::kStageInQ ? smem.q.data() : smem.staging.data()),
+                             typename Traits::SmemLayoutPt{});
     typename Traits::TiledMmaS tiled_mma_s;
     typename Traits::TiledMmaDq tiled_mma_dq;
     typename Traits::TiledMmaDk tiled_mma_dk;
@@ -372,7 +373,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         Layout<Shape<Shape<_2, _2, _2>, _1, Int<kBlockN / 16>>, Stride<Stride<_1, _2, _4>, _0, _8>>{});
     static_assert(decltype(size(tIrS))::value == decltype(size(tDQrdS))::value &&
                   decltype(size(tSrS))::value == decltype(size(tIrS))::value);
-    const uint32_t staging_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem.staging.data()));
+    const uint32_t q_smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem.q.data()));
+    const uint32_t own_staging_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem.staging.data()));
     const int dk_key_base = (Traits::kSplitKeys ? mma_wg * 64 : 0) + row_base;
     const int dk_col_base = (Traits::kSplitKeys ? 0 : mma_wg * (kIdxDim / 2)) + 2 * quad;
     constexpr int kDkCols = Traits::kSplitKeys ? kIdxDim : kIdxDim / 2;
@@ -385,6 +387,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       int4 item;
       int last_key[2];
       bool finished = false;
+      typename QPipeline::PipelineState last_q_state;  // the last head's stage: held for dS staging
       for (int h = 0; h < G; ++h) {
         q_pipeline.consumer_wait(q_state);
         const int stage = q_state.index();
@@ -403,7 +406,11 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         float row_lse[2];
 #pragma unroll
         for (int i = 0; i < 2; ++i) row_lse[i] = smem.q_row_lse[stage][mma_wg * 64 + row_base + 8 * i];
-        q_pipeline.consumer_release(q_state);
+        if (h + 1 < G) {
+          q_pipeline.consumer_release(q_state);
+        } else {
+          last_q_state = q_state;
+        }
         ++q_state;
 #pragma unroll
         for (int v = 0; v < size(tSrS); ++v) {
@@ -445,6 +452,9 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       }
 
       // dK_idx = dS^T q_idx through the staging tile.
+      const int staging_stage = Traits::kStageInQ ? last_q_state.index() : 0;
+      const uint32_t staging_base =
+          Traits::kStageInQ ? q_smem_base + staging_stage * Traits::kQStageBytes : own_staging_base;
       fwd::stage_rows_stmatrix<kBlockN>(
           [&](int v) {
             cutlass::Array<Element, 2> pair;
@@ -455,11 +465,14 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
           staging_base, mma_wg, warp_in_wg, lane);
       cutlass::arch::fence_view_async_shared();  // generic-proxy writes -> WGMMA reads
       cutlass::arch::NamedBarrier::sync(kMmaThreads, static_cast<int>(KlBarrier::StagingWritten));
-      common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_dk, tDKrPt, tDKrQi(_, _, _, tstage), tDKrDK);
-      // Both warpgroups have read the staging tile and the index queries: the tile stage is free.
+      common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_dk, tDKrPt(_, _, _, staging_stage),
+                                                 tDKrQi(_, _, _, tstage), tDKrDK);
+      // Both warpgroups have read the staging tile and the index queries: the tile stage and the
+      // last head's query stage are free.
       cutlass::arch::NamedBarrier::sync(kMmaThreads, static_cast<int>(KlBarrier::StagingRead));
       tile_pipeline.consumer_release(tile_state);
       ++tile_state;
+      q_pipeline.consumer_release(last_q_state);
       const int block_start = tc.block * kBlockN;
 #pragma unroll
       for (int i = 0; i < 2; ++i) {

@@ -5,6 +5,8 @@
 #include <cutlass/arch/barrier.h>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
+#include <type_traits>
+
 #include "msa/common/arch.cuh"
 
 namespace msa::kl {
@@ -49,7 +51,12 @@ struct KlTraits {
   // Pass 2 holds one tile stage (index queries + row data) and two teacher head stages; pass 1
   // has no teacher, so it double-buffers the tile stage instead.
   static constexpr int kTileStages = kStatsPass ? 2 : 1;
-  static constexpr int kQStages = 2;
+  // Three head stages: the teacher loop waits on gathered query rows (each stage is a 128-row
+  // gather from HBM), and with two the gathers could not stay ahead of the GEMM + exp of a head.
+  static constexpr int kQStages = 3;
+  // dS (tokens x keys) is staged in the tile's last query stage when it fits (block <= D), which
+  // the consumers hold until the dK GEMM has read it; else in a buffer of its own.
+  static constexpr bool kStageInQ = kBlockN <= kHeadDim;
 
   using SmemLayoutAtom = GMMA::Layout_K_SW128_Atom<Element>;
   // Teacher queries of one head (token, d, stage); index queries (token, di, stage).
@@ -86,8 +93,14 @@ struct KlTraits {
   static_assert(get_nonswizzle_portion(SmemLayoutP{})(8, 0) == 8 * 64 &&
                     (kBlockN == 64 || get_nonswizzle_portion(SmemLayoutP{})(0, 64) == kBlockM * 64),
                 "unexpected staging tile layout");
-  using SmemLayoutPt =
-      decltype(composition(SmemLayoutP{}, make_ordered_layout(Shape<Int<kBlockN>, Int<kBlockM>>{}, Step<_2, _1>{})));
+  // (key, token, stage) view of the staging tile: the MN-major A operand dS^T of dK_idx. In a
+  // query stage, the staging tile is the stage's first kBlockN columns (same atom and row pitch).
+  using SmemLayoutPt = std::conditional_t<
+      kStageInQ,
+      decltype(composition(SmemLayoutQ{}, make_ordered_layout(Shape<Int<kBlockN>, Int<kBlockM>, Int<kQStages>>{},
+                                                              Step<_2, _1, _3>{}))),
+      decltype(composition(SmemLayoutP{},
+                           make_ordered_layout(Shape<Int<kBlockN>, Int<kBlockM>, _1>{}, Step<_2, _1, _3>{})))>;
 
   // Teacher S = Q_h K^T and student s = q_idx k_idx^T (tokens x keys, 64 tokens per warpgroup).
   using TiledMmaS = decltype(make_tiled_mma(
@@ -123,13 +136,13 @@ struct KlTraits {
   using QPipeline = cutlass::PipelineAsync<kQStages>;
   using KVPipeline = cutlass::PipelineTmaAsync<1>;
 
-  // Pass 2 storage: D = Di = block = 128 takes 32 (q_idx) + 64 (Q) + 64 (K, k_idx) + 32 (dS) KB.
+  // Pass 2 storage: D = Di = block = 128 takes 32 (q_idx) + 96 (Q, dS) + 64 (K, k_idx) KB.
   struct SharedStorageMain {
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutQi>, 1024> qi;
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> q;
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>, 1024> k;
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutKi>, 1024> ki;
-    cute::array_aligned<Element, cute::cosize_v<SmemLayoutP>, 1024> staging;
+    cute::array_aligned<Element, kStageInQ ? 8 : cute::cosize_v<SmemLayoutP>, 1024> staging;  // unless kStageInQ
     int4 q_item[kQStages];                 // (list, first entry, entries, 0) of each head stage's tile
     int32_t q_row_token[kQStages][kBlockM];  // flat query token of each row, -1 = padding row
     float q_row_lse[kQStages][kBlockM];      // lse of the stage's head (log2 units, +inf: no key)
