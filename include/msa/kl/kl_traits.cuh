@@ -95,10 +95,12 @@ struct KlTraits {
                 "unexpected staging tile layout");
   // (key, token, stage) view of the staging tile: the MN-major A operand dS^T of dK_idx. In a
   // query stage, the staging tile is the stage's first kBlockN columns (same atom and row pitch).
+  // (The strides are in SmemLayoutQ's (row, column, stage) domain: a compact ordered layout would
+  // step stages by kBlockN columns, not by whole stages, when kBlockN < D.)
   using SmemLayoutPt = std::conditional_t<
       kStageInQ,
-      decltype(composition(SmemLayoutQ{}, make_ordered_layout(Shape<Int<kBlockN>, Int<kBlockM>, Int<kQStages>>{},
-                                                              Step<_2, _1, _3>{}))),
+      decltype(composition(SmemLayoutQ{}, Layout<Shape<Int<kBlockN>, Int<kBlockM>, Int<kQStages>>,
+                                                 Stride<Int<kBlockM>, _1, Int<kBlockM * kHeadDim>>>{})),
       decltype(composition(SmemLayoutP{},
                            make_ordered_layout(Shape<Int<kBlockN>, Int<kBlockM>, _1>{}, Step<_2, _1, _3>{})))>;
 
