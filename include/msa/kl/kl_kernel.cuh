@@ -386,6 +386,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       // Teacher: P summed over the group's heads, one query stage per head.
       int4 item;
       int last_key[2];
+      bool full_block = false;  // every row of this warp sees the whole block: no per-element mask
       bool finished = false;
       typename QPipeline::PipelineState last_q_state;  // the last head's stage: held for dS staging
       for (int h = 0; h < G; ++h) {
@@ -401,6 +402,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
           switch_block(item.x);
           last_keys(smem.q_row_token[stage], fwd::TileCoord(item.x, params.num_blocks_max_div, params.num_heads_kv_div),
                     last_key);
+          full_block = __all_sync(0xffffffff, min(last_key[0], last_key[1]) >= kBlockN - 1);
         }
         common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_s, tSrQ(_, _, _, stage), tSrK, tSrS);
         float row_lse[2];
@@ -412,12 +414,20 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
           last_q_state = q_state;
         }
         ++q_state;
+        if (full_block) {  // most tiles: a selected block wholly in the past of its tokens
 #pragma unroll
-        for (int v = 0; v < size(tSrS); ++v) {
-          const int i = (v / 2) % 2;
-          const int key = 8 * (v / 4) + 2 * quad + (v % 2);
-          const float p = key <= last_key[i] ? exp2f(tSrS(v) * params.scale_log2 - row_lse[i]) : 0.f;
-          tSrP(v) = h == 0 ? p : tSrP(v) + p;
+          for (int v = 0; v < size(tSrS); ++v) {
+            const float p = exp2f(tSrS(v) * params.scale_log2 - row_lse[(v / 2) % 2]);
+            tSrP(v) = h == 0 ? p : tSrP(v) + p;
+          }
+        } else {
+#pragma unroll
+          for (int v = 0; v < size(tSrS); ++v) {
+            const int i = (v / 2) % 2;
+            const int key = 8 * (v / 4) + 2 * quad + (v % 2);
+            const float p = key <= last_key[i] ? exp2f(tSrS(v) * params.scale_log2 - row_lse[i]) : 0.f;
+            tSrP(v) = h == 0 ? p : tSrP(v) + p;
+          }
         }
       }
       if (finished) break;
