@@ -338,14 +338,11 @@ def _(q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k, max_se
             k_idx.new_empty(k_idx.shape, dtype=real))
 
 
-def _indexer_kl_loss_backward_reference(grad_loss, q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q,
-                                        cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, softmax_scale,
-                                        index_scale, dense):
-    _, (dq_idx, dk_idx) = _kl_reference_with_grads(q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q,
-                                                   cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size,
-                                                   softmax_scale, index_scale, dense)
-    grad_loss = grad_loss.to(dq_idx.dtype)
-    return (grad_loss * dq_idx).to(q_idx.dtype).contiguous(), (grad_loss * dk_idx).to(k_idx.dtype).contiguous()
+def _scaled_grads(grad_loss: Tensor, dq_unit: Tensor, dk_unit: Tensor, q_idx: Tensor, k_idx: Tensor
+                  ) -> Tuple[Tensor, Tensor]:
+    """d loss / d q_idx and d loss / d k_idx times the incoming gradient, in q_idx's / k_idx's dtype."""
+    grad_loss = grad_loss.to(dq_unit.dtype)
+    return (grad_loss * dq_unit).to(q_idx.dtype).contiguous(), (grad_loss * dk_unit).to(k_idx.dtype).contiguous()
 
 
 @torch.library.custom_op(f"{_NS}::indexer_kl_loss_backward", mutates_args=())
@@ -361,10 +358,11 @@ def indexer_kl_loss_backward(grad_loss: Tensor, q: Tensor, k: Tensor, q_idx: Ten
         _, max_seqlen_k = _seq_checks(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
         _, dq_idx, dk_idx = _indexer_kl_kernel(q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k,
                                                max_seqlen_k, block_size, softmax_scale, index_scale)
-        return ((grad_loss * dq_idx).to(q_idx.dtype).contiguous(), (grad_loss * dk_idx).to(k_idx.dtype).contiguous())
-    return _indexer_kl_loss_backward_reference(grad_loss, q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q,
-                                               cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, softmax_scale,
-                                               index_scale, dense)
+    else:
+        _, (dq_idx, dk_idx) = _kl_reference_with_grads(q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q,
+                                                       cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size,
+                                                       softmax_scale, index_scale, dense)
+    return _scaled_grads(grad_loss, dq_idx, dk_idx, q_idx, k_idx)
 
 
 @indexer_kl_loss_backward.register_fake
@@ -389,8 +387,7 @@ def _kl_backward(ctx, grad_loss, _grad_dq_idx, _grad_dk_idx):
     dq_idx = dk_idx = None
     if needs[2] or needs[3]:
         if need_grad:  # computed by the forward: d loss / d x scaled by the incoming gradient
-            dq_idx = (grad_loss * dq_unit).to(q_idx.dtype)
-            dk_idx = (grad_loss * dk_unit).to(k_idx.dtype)
+            dq_idx, dk_idx = _scaled_grads(grad_loss, dq_unit, dk_unit, q_idx, k_idx)
         else:
             dq_idx, dk_idx = torch.ops.msa_cuda.indexer_kl_loss_backward(
                 grad_loss, q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
