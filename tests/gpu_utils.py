@@ -1,4 +1,6 @@
-"""Helpers for the GPU tests: device gating and allocator poisoning."""
+"""Helpers for the GPU tests: device gating, allocator poisoning, caller-made selections."""
+
+import itertools
 
 import pytest
 import torch
@@ -30,3 +32,20 @@ def poison_allocator(nbytes: int, value: int = 0x7F) -> None:
     blob = torch.full((max(nbytes, 1),), value, dtype=torch.uint8, device="cuda")
     torch.cuda.synchronize()
     del blob
+
+
+def random_selection(b, sq, sk, hkv, topk, block_size, seed, unsorted=True, device="cuda"):
+    """Caller-made selections [b, sq, hkv, topk] int32: random distinct blocks per (token, group),
+    shuffled (sorted when not ``unsorted``), -1 padded, some slots naming blocks past the query's
+    position (masked entirely)."""
+    g = torch.Generator().manual_seed(seed)
+    nblk = -(-sk // block_size)
+    sel = torch.full((b, sq, hkv, topk), -1, dtype=torch.int32)
+    for bi, i, h in itertools.product(range(b), range(sq), range(hkv)):
+        n = int(torch.randint(0, min(topk, nblk) + 1, (1,), generator=g))
+        ids = torch.randperm(nblk, generator=g)[:n]
+        if not unsorted:
+            ids = ids.sort().values
+        sel[bi, i, h, :n] = ids.to(torch.int32)
+    return sel.to(device)
+

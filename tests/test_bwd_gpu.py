@@ -15,22 +15,11 @@ import torch
 import msa_cuda
 from msa_cuda import reference as ref
 
-from gpu_utils import poison_allocator, requires_sm90
+from gpu_utils import poison_allocator, random_selection, requires_sm90
 
 pytestmark = [pytest.mark.gpu, requires_sm90]
 
 REL_TOL = {torch.bfloat16: 2.5e-2, torch.float16: 5e-3}
-
-
-def _random_selection(b, sq, sk, hkv, topk, block_size, seed):
-    """Random distinct blocks per (token, group), shuffled, -1 padded, some past the query."""
-    g = torch.Generator().manual_seed(seed)
-    nblk = -(-sk // block_size)
-    sel = torch.full((b, sq, hkv, topk), -1, dtype=torch.int32)
-    for bi, i, h in itertools.product(range(b), range(sq), range(hkv)):
-        n = int(torch.randint(0, min(topk, nblk) + 1, (1,), generator=g))
-        sel[bi, i, h, :n] = torch.randperm(nblk, generator=g)[:n].to(torch.int32)
-    return sel.cuda()
 
 
 def _grads(q, k, v, sel, block_size, dout, dlse, use_kernel, deterministic=False, **kw):
@@ -89,7 +78,7 @@ def test_bwd_caller_selections_with_lse_gradient(sq, sk, topk):
     # -1 padding, unsorted ids, blocks past the query, rows with no visible key; loss also uses lse.
     dtype, block_size = torch.bfloat16, 64
     q, k, v = _inputs(2, sq, sk, 8, 2, 128, dtype, seed=sq + sk + topk)
-    sel = _random_selection(2, sq, sk, 2, topk, block_size, seed=sq * topk)
+    sel = random_selection(2, sq, sk, 2, topk, block_size, seed=sq * topk)
     dlse = torch.randn(2, 8, sq, device="cuda")
     _check(q, k, v, sel, block_size, dtype, dlse=dlse, seed=topk)
 
@@ -110,15 +99,20 @@ def test_bwd_varlen():
            max_seqlen_k=max(lens_k))
 
 
-def test_bwd_m3_shape_many_tiles():
-    # Hot blocks (every query's own and first block) give long per-block lists: many tiles per block
-    # spread over CTAs, all adding into the same dK/dV rows.
+def _m3_hot_blocks(seed):
+    """M3 heads at 3000 tokens, block 128, the indexer's selection with block 0 forced: hot blocks
+    (every query's own and the first) give long per-block lists, many tiles per block spread over
+    CTAs, all adding into the same dK/dV rows. Returns (q, k, v, selection)."""
     s, hq, hkv, d, bs = 3000, 64, 4, 128, 128
-    q, k, v = _inputs(1, s, s, hq, hkv, d, torch.bfloat16, seed=21)
+    q, k, v = _inputs(1, s, s, hq, hkv, d, torch.bfloat16, seed=seed)
     q_idx = torch.randn(1, s, hkv, 128, device="cuda", dtype=torch.bfloat16)
     k_idx = torch.randn(1, s, 128, device="cuda", dtype=torch.bfloat16)
-    sel = msa_cuda.select_blocks(q_idx, k_idx, block_size=bs, topk=8, init_blocks=1)
-    _check(q, k, v, sel, bs, torch.bfloat16, seed=5)
+    return q, k, v, msa_cuda.select_blocks(q_idx, k_idx, block_size=bs, topk=8, init_blocks=1)
+
+
+def test_bwd_m3_shape_many_tiles():
+    q, k, v, sel = _m3_hot_blocks(seed=21)
+    _check(q, k, v, sel, 128, torch.bfloat16, seed=5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,21 +131,16 @@ def _check_bitwise(q, k, v, sel, block_size, dtype, dlse=None, seed=0, **kw):
 
 
 def test_bwd_deterministic_hot_blocks_m3_shape():
-    # Many CTAs add into the same dK/dV rows (block 0 and each query's own block are hot): the
-    # case where fp32 atomics give run-dependent bits.
-    s, hq, hkv, d, bs = 3000, 64, 4, 128, 128
-    q, k, v = _inputs(1, s, s, hq, hkv, d, torch.bfloat16, seed=31)
-    q_idx = torch.randn(1, s, hkv, 128, device="cuda", dtype=torch.bfloat16)
-    k_idx = torch.randn(1, s, 128, device="cuda", dtype=torch.bfloat16)
-    sel = msa_cuda.select_blocks(q_idx, k_idx, block_size=bs, topk=8, init_blocks=1)
-    _check_bitwise(q, k, v, sel, bs, torch.bfloat16, seed=7)
+    # Many CTAs add into the same dK/dV rows: the case where fp32 atomics give run-dependent bits.
+    q, k, v, sel = _m3_hot_blocks(seed=31)
+    _check_bitwise(q, k, v, sel, 128, torch.bfloat16, seed=7)
 
 
 @pytest.mark.parametrize("d,block_size", [(64, 64), (128, 64), (64, 128)])
 def test_bwd_deterministic_caller_selections(d, block_size):
     dtype, sq, sk, topk = torch.float16, 259, 700, 6
     q, k, v = _inputs(2, sq, sk, 8, 2, d, dtype, seed=d + block_size)
-    sel = _random_selection(2, sq, sk, 2, topk, block_size, seed=block_size)
+    sel = random_selection(2, sq, sk, 2, topk, block_size, seed=block_size)
     dlse = torch.randn(2, 8, sq, device="cuda")
     _check_bitwise(q, k, v, sel, block_size, dtype, dlse=dlse, seed=3)
 

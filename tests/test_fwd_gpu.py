@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import msa_cuda
 from msa_cuda import reference as ref
 
-from gpu_utils import poison_allocator, requires_sm90
+from gpu_utils import poison_allocator, random_selection, requires_sm90
 
 pytestmark = [pytest.mark.gpu, requires_sm90]
 
@@ -50,21 +50,6 @@ def _assert_close(out, lse, ref_out, ref_lse, dtype):
     assert err <= TOL[dtype], f"max abs error {err:.3e} > {TOL[dtype]:.1e}"
 
 
-def _random_selection(b, sq, sk, hkv, topk, block_size, seed, unsorted=True):
-    """Caller-made selections: random distinct visible blocks, shuffled, -1 padded, some slots
-    naming blocks past the query's position (masked entirely)."""
-    g = torch.Generator().manual_seed(seed)
-    nblk = -(-sk // block_size)
-    sel = torch.full((b, sq, hkv, topk), -1, dtype=torch.int32)
-    for bi, i, h in itertools.product(range(b), range(sq), range(hkv)):
-        n = int(torch.randint(0, min(topk, nblk) + 1, (1,), generator=g))
-        ids = torch.randperm(nblk, generator=g)[:n]
-        if not unsorted:
-            ids = ids.sort().values
-        sel[bi, i, h, :n] = ids.to(torch.int32)
-    return sel.cuda()
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("block_size", [64, 128])
@@ -86,7 +71,7 @@ def test_fwd_selected_by_the_indexer(dtype, d, block_size, g_size, fwd_path):
 def test_fwd_caller_selections_odd_lengths(sq, sk, topk, fwd_path):
     dtype, block_size = torch.bfloat16, 64
     q, k, v = _inputs(2, sq, sk, 8, 2, 128, dtype, seed=sq * 31 + sk + topk)
-    sel = _random_selection(2, sq, sk, 2, topk, block_size, seed=sq + topk)
+    sel = random_selection(2, sq, sk, 2, topk, block_size, seed=sq + topk)
     out, lse = _kernel_fwd(q, k, v, sel, block_size)
     ref_out, ref_lse = ref.block_sparse_attn(q, k, v, sel, block_size=block_size, return_lse=True)
     _assert_close(out, lse, ref_out, ref_lse, dtype)
@@ -191,7 +176,7 @@ def test_fwd_paths_agree_on_sparse_selections(g_size, monkeypatch):
     hkv = 2
     sq, sk = 500, 32 * bs
     q, k, v = _inputs(1, sq, sk, hkv * g_size, hkv, d, dtype, seed=99 + g_size)
-    sel = _random_selection(1, sq, sk, hkv, topk, bs, seed=5)
+    sel = random_selection(1, sq, sk, hkv, topk, bs, seed=5)
     sel[0, ::7] = -1  # some tokens select nothing: out 0, lse -inf
     results = {}
     for path in ("kv_outer", "query_outer"):

@@ -19,7 +19,7 @@ import torch
 import msa_cuda
 from msa_cuda import reference as ref
 
-from gpu_utils import poison_allocator, requires_sm90
+from gpu_utils import poison_allocator, random_selection, requires_sm90
 
 pytestmark = [pytest.mark.gpu, requires_sm90]
 
@@ -48,16 +48,12 @@ def _inputs(b, sq, sk, hq, hkv, d, di, dtype, seed, k_idx_head=False):
     return q, k, q_idx, k_idx
 
 
-def _random_selection(b, sq, sk, hkv, topk, block_size, seed):
+def _selection_with_empty_first_rows(b, sq, sk, hkv, topk, block_size, seed):
     """Caller-made selection: distinct random block ids per (token, group), shuffled, -1 padded,
     some past the query (invisible). Row 0 of every (batch, group) names only blocks past its
     query (empty support), or nothing when there are none."""
-    g = torch.Generator().manual_seed(seed)
+    sel = random_selection(b, sq, sk, hkv, topk, block_size, seed, device="cpu")
     nblk = -(-sk // block_size)
-    sel = torch.full((b, sq, hkv, topk), -1, dtype=torch.int32)
-    for bi, i, h in itertools.product(range(b), range(sq), range(hkv)):
-        n = int(torch.randint(0, min(topk, nblk) + 1, (1,), generator=g))
-        sel[bi, i, h, :n] = torch.randperm(nblk, generator=g)[:n].to(torch.int32)
     local = (sk - sq) // block_size  # local block of query 0
     future = torch.arange(local + 1, nblk, dtype=torch.int32).flip(0)[:topk]
     sel[:, 0] = -1
@@ -161,7 +157,7 @@ def test_kl_caller_selections(sq, sk, topk, with_lse):
     # in the mean), rows with no id at all.
     dtype, block_size = torch.bfloat16, 64
     q, k, q_idx, k_idx = _inputs(2, sq, sk, 8, 2, 128, 64, dtype, seed=sq + sk + topk)
-    sel = _random_selection(2, sq, sk, 2, topk, block_size, seed=sq * topk)
+    sel = _selection_with_empty_first_rows(2, sq, sk, 2, topk, block_size, seed=sq * topk)
     _check(q, k, q_idx, k_idx, sel, block_size, with_lse=with_lse)
 
 
