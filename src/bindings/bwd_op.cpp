@@ -28,7 +28,8 @@ at::Tensor per_row(const at::Tensor& t, bool varlen, int64_t total_q, int64_t hq
 // as in the forward; lse (fp32) and the optional dlse [B, Hq, Sq] / [Hq, Tq]. cu_seqlens values and
 // max_seqlen_k are trusted (checked in Python). Returns dq, dk, dv in the inputs' dtype.
 // deterministic: bitwise-reproducible gradients (sorted plan, 64-bit fixed-point accumulation with
-// per-call power-of-two scales from bounds on each gradient; one host sync for the bounds).
+// per-call power-of-two scales from bounds on each gradient; the bounds read max |x| of dout, q, k,
+// v and delta on the host: ten scalar reads, each a sync).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd_cuda(
     const at::Tensor& dout, const c10::optional<at::Tensor>& dlse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& block_indices, const at::Tensor& out, const at::Tensor& lse,
