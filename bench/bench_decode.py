@@ -4,12 +4,12 @@
 
 M3 shape (Hq=64, Hkv=4, D=Di=128, block 128, topk 16), bf16, contiguous caches filled to the
 given length, one new token per request (no append). Dense baseline: torch SDPA (cuDNN, GQA) of
-the new queries over the whole cache, in the same process. Reports each median (CUDA events,
-L2 flushed before each rep), the speedup, and each side's bandwidth on the bytes it must read
-(dense: K and V of the whole cache; MSA: the index-key cache plus topk blocks of K and V per
-group). Issue 5's targets: >= 7x at 1M x 2 and 128K x 8 (bf16 index keys), and >= 85% of dense
-decoding's bandwidth. Today's decode path is the per-request composition of the prefill kernels
-(see msa_cuda/decode.py), so this is the baseline the decode kernels will be measured against.
+the new queries over the whole cache, in the same process. Both sides are timed eagerly and as a
+captured CUDA graph (how a serving loop runs a decode step: no launch gaps); each median uses CUDA
+events with L2 flushed before each rep. Reports the speedup and each side's bandwidth on the bytes
+it must read (dense: K and V of the whole cache; MSA: the index-key cache plus topk blocks of K
+and V per group). Issue 5's targets: >= 7x at 1M x 2 and 128K x 8 (bf16 index keys), and >= 85%
+of dense decoding's bandwidth. --profile adds the per-kernel CUDA time of one MSA step.
 """
 
 import argparse
@@ -28,12 +28,45 @@ import msa_cuda  # noqa: E402
 HQ, HKV, D, DI, BS, TOPK = 64, 4, 128, 128, 128, 16
 
 
+def capture(step):
+    """A CUDA graph of step(None), after a warm-up on a side stream."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step(None)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(None)
+    return graph
+
+
+def profile_kernels(step, reps=10):
+    """Mean CUDA time per step of each kernel of step(None), in microseconds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step(None)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            step(None)
+        torch.cuda.synchronize()
+    times = {}
+    for ev in prof.key_averages():
+        if ev.device_type.name == "CUDA" or getattr(ev, "self_device_time_total", 0) > 0:
+            us = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
+            if us > 0:
+                times[ev.key[:90]] = us / reps
+    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", nargs="+", default=["131072x8", "1048576x2"], help="LENGTHxBATCH")
     ap.add_argument("--new-tokens", type=int, default=1)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", action="store_true", help="per-kernel times of the MSA step (torch.profiler)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     flush = L2Flusher(dev)
@@ -65,18 +98,28 @@ def main():
 
         t_msa = time_op(msa_step, flush, reps=args.reps)
         t_dense = time_op(dense_step, flush, reps=args.reps)
+        g_msa, g_dense = capture(msa_step), capture(dense_step)
+        tg_msa = time_op(lambda _: g_msa.replay(), flush, reps=args.reps)
+        tg_dense = time_op(lambda _: g_dense.replay(), flush, reps=args.reps)
         dense_bytes = 2 * batch * length * HKV * D * 2
         blocks = min(TOPK, -(-length // BS))
-        msa_bytes = batch * (length * DI * 2 + 2 * HKV * blocks * BS * D * 2)
+        msa_bytes = batch * (length * DI * 2 + n * 2 * HKV * blocks * BS * D * 2)
         row = dict(length=length, batch=batch, new_tokens=n, msa_ms=t_msa.median_ms, dense_ms=t_dense.median_ms,
-                   speedup=t_dense.median_ms / t_msa.median_ms,
-                   dense_gbps=dense_bytes / t_dense.median_ms / 1e6, msa_gbps=msa_bytes / t_msa.median_ms / 1e6)
-        row["bandwidth_ratio"] = row["msa_gbps"] / row["dense_gbps"]
+                   msa_graph_ms=tg_msa.median_ms, dense_graph_ms=tg_dense.median_ms)
+        for tag, tm, td in (("", t_msa, t_dense), ("graph_", tg_msa, tg_dense)):
+            row[tag + "speedup"] = td.median_ms / tm.median_ms
+            row[tag + "dense_gbps"] = dense_bytes / td.median_ms / 1e6
+            row[tag + "msa_gbps"] = msa_bytes / tm.median_ms / 1e6
+            row[tag + "bandwidth_ratio"] = row[tag + "msa_gbps"] / row[tag + "dense_gbps"]
+            print(f"{length:>8} x {batch} {'graph' if tag else 'eager'}: MSA {tm.median_ms:8.4f} ms "
+                  f"({row[tag + 'msa_gbps']:7.1f} GB/s)  dense {td.median_ms:8.4f} ms ({row[tag + 'dense_gbps']:7.1f} "
+                  f"GB/s)  speedup {row[tag + 'speedup']:.2f}x  bandwidth ratio {row[tag + 'bandwidth_ratio']:.2f}",
+                  flush=True)
+        if args.profile:
+            row["kernels_us"] = profile_kernels(msa_step)
+            for name, us in row["kernels_us"].items():
+                print(f"    {us:9.2f} us  {name}")
         rows.append(row)
-        print(f"{length:>8} x {batch}: MSA {t_msa.median_ms:8.3f} ms ({row['msa_gbps']:7.1f} GB/s)  dense "
-              f"{t_dense.median_ms:8.3f} ms ({row['dense_gbps']:7.1f} GB/s)  speedup {row['speedup']:.2f}x  "
-              f"bandwidth ratio {row['bandwidth_ratio']:.2f}", flush=True)
-        del k_cache, v_cache, ki_cache
         torch.cuda.empty_cache()
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)

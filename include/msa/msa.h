@@ -36,4 +36,11 @@ cudaError_t run_bwd(const BwdParams& params, void* workspace, cudaStream_t strea
 size_t kl_workspace_bytes(const KlParams& params);
 cudaError_t run_kl(const KlParams& params, void* workspace, cudaStream_t stream);
 
+// One decoding step over a KV cache (append -> split indexer + merge -> split sparse attention
+// + combine), no host synchronization and a launch shape fixed by the shapes, so the step can
+// be captured in a CUDA graph. `workspace` must hold decode_workspace_bytes(params) bytes.
+bool decode_is_supported(const DecodeParams& params);
+size_t decode_workspace_bytes(const DecodeParams& params);
+cudaError_t run_decode(const DecodeParams& params, void* workspace, cudaStream_t stream);
+
 }  // namespace msa

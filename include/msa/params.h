@@ -149,4 +149,47 @@ struct KlParams {
   int num_sms = 0;
 };
 
+// One decoding step over a KV cache (MSA_SPEC s.8): append (optional), select, attend.
+// Caches are flat row-major matrices of `cache_rows` token rows: contiguous caches [B, S_max, ..]
+// (row of request b, position j = b * S_max + j) or paged caches [num_pages, page_size, ..]
+// (row = block_table[b, j / page_size] * page_size + j % page_size).
+// Request b holds L_b = cache_seqlens[b] + appended_tokens tokens (clamped to the capacity on the
+// device, so a bad length cannot send a kernel out of the cache); its S_new queries sit at the last
+// S_new positions. Nothing here is read on the host: a step can be captured in a CUDA graph.
+struct DecodeParams {
+  const void* q = nullptr;             // [B, S_new, Hq, D]
+  const void* q_idx = nullptr;         // [B, S_new, Hkv, Di]
+  void* k_cache = nullptr;             // [cache_rows, Hkv, D]
+  void* v_cache = nullptr;             // [cache_rows, Hkv, D]
+  void* k_idx_cache = nullptr;         // [cache_rows, Di]
+  const void* k_new = nullptr;         // [B, S_new, Hkv, D] or null (nothing appended)
+  const void* v_new = nullptr;         // [B, S_new, Hkv, D]
+  const void* k_idx_new = nullptr;     // [B, S_new, Di]
+  const int32_t* cache_seqlens = nullptr;  // [B]
+  const int32_t* block_table = nullptr;    // [B, max_pages] or null (contiguous)
+  int32_t* block_indices = nullptr;    // [B, S_new, Hkv, topk]: the selection (output)
+  void* out = nullptr;                 // [B, S_new, Hq, D]
+  float* lse = nullptr;                // [B, Hq, S_new], natural log
+
+  DType dtype = DType::kBF16;
+  int batch = 0;
+  int s_new = 0;
+  int num_heads = 0;     // Hq
+  int num_heads_kv = 0;  // Hkv
+  int head_dim = 0;      // D
+  int head_dim_idx = 0;  // Di
+  int64_t cache_rows = 0;
+  int capacity = 0;      // tokens a request can hold: S_max, or max_pages * page_size
+  int page_size = 0;     // 0: contiguous
+  int max_pages = 0;     // block_table's second dim
+  int num_pages = 0;     // pages in the pool (paged)
+  int appended_tokens = 0;  // S_new when k_new/v_new/k_idx_new are appended first, else 0
+  int block_size = 128;
+  int topk = 16;
+  int init_blocks = 0;
+  int local_blocks = 1;  // effective count (>= 1)
+  float softmax_scale = 0.f;
+  int num_sms = 0;
+};
+
 }  // namespace msa

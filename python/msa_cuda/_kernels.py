@@ -45,6 +45,7 @@ _KERNEL_OPS = {
     "block_sparse_attn": "block_sparse_attn_fwd",
     "block_sparse_attn_backward": "block_sparse_attn_bwd",
     "indexer_kl_loss": "indexer_kl",
+    "sparse_attn_with_kvcache": "decode_step",
 }
 
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)

@@ -1,11 +1,12 @@
 """Decoding with a KV cache (MSA_SPEC s.8): :func:`sparse_attn_with_kvcache`.
 
-Today a decoding step appends in place on the device, then runs :func:`msa_cuda.sparse_attn`
-once per request on that request's cached tokens (so on an SM90 GPU the prefill kernels select
-and attend), after one host read of ``cache_seqlens``. The SM90 decode kernels (a split-K decode
-indexer with a fused top-k and a split-K sparse decode attention, with a fixed launch shape for
-CUDA-graph capture) are issue 5's remaining work; this function fixes the API and the semantics
-they are tested against.
+On an SM90 GPU a step runs the decode kernels (``torch.ops.msa_cuda_kernels.decode_step``): an
+append kernel; the decode indexer, split over the sequence (each CTA streams a slice of the
+index-key cache and keeps a running top-k per (token, index head)) and a merge of the slices'
+lists; the sparse attention split over the selected blocks (one CTA per (token, group, slot)) and
+the slot combine. No host synchronization and a launch shape fixed by the tensor shapes, so a step
+can be captured in a CUDA graph. Elsewhere (CPU, other GPUs, fp32, non-contiguous caches) the step
+runs :func:`msa_cuda.sparse_attn` once per request after a host read of ``cache_seqlens``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from . import _kernels
 from . import _validation
 from . import reference as _ref
 from .api import sparse_attn
@@ -54,8 +56,11 @@ def sparse_attn_with_kvcache(
     the main branch attends over them with the causal mask inside the local block. Requests of
     different lengths share one batch; lengths shorter than one block are fine.
 
-    Inference only: no gradients. One host read of ``cache_seqlens`` (and ``block_table``) per
-    call, so a step cannot be captured in a CUDA graph yet (the decode kernels will not read it).
+    Inference only: no gradients. On the SM90 kernel path nothing is read on the host, so a step
+    can be captured in a CUDA graph and replayed; the values of ``cache_seqlens`` and
+    ``block_table`` are then not checked (as in FlashAttention): the kernels clamp lengths to the
+    cache capacity and page ids to the pool, so bad values give wrong results, never out-of-bounds
+    accesses. The fallback path reads them on the host and raises on bad values.
 
     Parameters
     ----------
@@ -109,6 +114,14 @@ def sparse_attn_with_kvcache(
         index_scale=index_scale, init_blocks=init_blocks, local_blocks=local_blocks, return_aux=return_aux)
     s_new = q.shape[1]
     appended = k is not None
+    if _use_decode_kernel(q, k_cache, v_cache, q_idx, args.k_idx_cache, block_table):
+        new = [t.contiguous() for t in (k, v, args.k_idx)] if appended else [None, None, None]
+        with torch.no_grad():
+            out, lse, block_indices = _kernels.kernel("sparse_attn_with_kvcache")(
+                q.contiguous(), k_cache, v_cache, q_idx.contiguous(), args.k_idx_cache, cache_seqlens.contiguous(),
+                *new, None if block_table is None else block_table.contiguous(), block_size, topk,
+                args.softmax_scale, init_blocks, local_blocks)
+        return (out, SparseAttnAux(block_indices, lse)) if return_aux else out
     lengths = _validation.check_kvcache_values(cache_seqlens, block_table, s_new, appended, args.capacity,
                                                args.num_pages)
     with torch.no_grad():
@@ -123,3 +136,16 @@ def sparse_attn_with_kvcache(
 
         return _ref.decode_per_request(attend, q, k_cache, v_cache, q_idx, args.k_idx_cache, lengths, block_table,
                                        return_aux)
+
+
+def _use_decode_kernel(q: Tensor, k_cache: Tensor, v_cache: Tensor, q_idx: Tensor, k_idx_cache: Tensor,
+                       block_table: Optional[Tensor]) -> bool:
+    """Whether a step may run the SM90 decode kernels: they append in place, so the caches must be
+    contiguous and 16-byte aligned; q_idx and the index-key cache share q's dtype (the validation
+    has checked every shape and the supported sizes)."""
+    if not _kernels.has_kernel("sparse_attn_with_kvcache", q.device, q.dtype):
+        return False
+    if q_idx.dtype != q.dtype or k_idx_cache.dtype != q.dtype:
+        return False
+    caches = (k_cache, v_cache, k_idx_cache)
+    return all(c.is_contiguous() and c.data_ptr() % 16 == 0 for c in caches)

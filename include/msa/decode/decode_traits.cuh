@@ -1,0 +1,112 @@
+// Compile-time configuration of the decoding kernels: the split decode indexer (scores + block max
+// + running top-k over a slice of the index-key cache) and the split sparse decode attention (one
+// selected block per CTA).
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/pipeline/sm90_pipeline.hpp>
+
+#include "msa/common/arch.cuh"
+
+namespace msa::decode {
+
+using namespace cute;
+
+// Decode indexer. A CTA owns up to 64 packed (new token, index head) rows of one request (M3: 1 to
+// 16 tokens x 4 heads) and a contiguous slice of the request's candidate blocks. It streams that
+// slice of the index-key cache through a deep TMA ring, 64 keys per stage (a 64-key run never
+// crosses a page: pages hold whole blocks of 64 or 128 keys), and keeps per row a running top-k.
+// At M3 shape a stage costs 64 x 64 x 128 MACs per 16 KB read: far below the tensor cores'
+// rate, so one consumer warpgroup keeps up with HBM and the ring only has to cover its latency.
+template <class Element_, int kHeadDimIdx_, int kTopKCap_>
+struct DecodeSelectTraits {
+  using Element = Element_;
+  static constexpr int kHeadDimIdx = kHeadDimIdx_;
+  static constexpr int kTopKCap = kTopKCap_;
+  static_assert(kHeadDimIdx == 64 || kHeadDimIdx == 128, "Di must be 64 or 128");
+  static_assert(kTopKCap == 8 || kTopKCap == 16 || kTopKCap == 32, "list length must be 8, 16 or 32");
+
+  static constexpr int kBlockQ = 64;   // packed rows per CTA (one consumer warpgroup)
+  static constexpr int kBlockKV = 64;  // keys per stage
+  static constexpr int kNumThreads = 2 * common::kThreadsPerWarpGroup;  // producer + consumer warpgroups
+  // 192 KB of keys in flight per SM (one CTA per SM).
+  static constexpr int kStages = kHeadDimIdx == 128 ? 12 : 16;
+
+  using TiledMma = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<Int<kBlockQ>, Int<kBlockKV>, Int<kHeadDimIdx>>>()));
+
+  using SmemLayoutAtom = GMMA::Layout_K_SW128_Atom<Element>;
+  using SmemLayoutQ = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockQ>, Int<kHeadDimIdx>>{}));
+  using SmemLayoutK =
+      decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockKV>, Int<kHeadDimIdx>, Int<kStages>>{}));
+
+  using MainloopPipeline = cutlass::PipelineTmaAsync<kStages>;
+  using PipelineState = typename MainloopPipeline::PipelineState;
+  static constexpr uint32_t kTmaBytesK = kBlockKV * kHeadDimIdx * sizeof(Element);
+  static constexpr uint32_t kTmaBytesQ = kBlockQ * kHeadDimIdx * sizeof(Element);
+
+  // Gmem views of q_idx [B * S_new * Hkv, Di] and of the index-key cache [cache rows, Di].
+  using GmemShape = Shape<int32_t, Int<kHeadDimIdx>>;
+  using GmemStride = Stride<Int<kHeadDimIdx>, _1>;
+  using GmemTensor = decltype(make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), GmemShape{},
+                                          GmemStride{}));
+  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutQ{}));
+  using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutK{})));
+
+  struct SharedStorage {
+    cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> q;
+    cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>, 1024> k;
+    typename MainloopPipeline::SharedStorage pipeline_k;
+    cutlass::arch::ClusterTransactionBarrier barrier_q;
+  };
+  static constexpr int kSmemBytes = sizeof(SharedStorage);
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory budget exceeded");
+};
+
+// Sparse decode attention. A CTA owns one (request, new token, group, slot): the G query heads of
+// the token (rows 0..G-1 of a 64-row WGMMA tile) against the one key block the slot names. Decode
+// attention is bandwidth-bound (each block is read once per token and group), so the padding rows
+// cost only tensor-core time, which is idle anyway.
+template <class Element_, int kHeadDim_, int kBlockN_>
+struct DecodeAttnTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockN = kBlockN_;
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "D must be 64 or 128");
+  static_assert(kBlockN == 64 || kBlockN == 128, "block_size must be 64 or 128");
+
+  static constexpr int kBlockM = 64;
+  static constexpr int kNumThreads = common::kThreadsPerWarpGroup;
+
+  using TiledMmaQK = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<Int<kBlockM>, Int<kBlockN>, Int<kHeadDim>>>()));
+  using TiledMmaPV = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Element, Element, float, Shape<Int<kBlockM>, Int<kHeadDim>, Int<kBlockN>>,
+                           GMMA::Major::K, GMMA::Major::MN>()));
+
+  using SmemLayoutAtom = GMMA::Layout_K_SW128_Atom<Element>;
+  using SmemLayoutQ = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  // One K/V stage (a trailing stage mode of 1 keeps the shapes of the prefill's load_kv_block).
+  using SmemLayoutKV = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>, _1>{}));
+  using SmemLayoutVt = decltype(composition(
+      SmemLayoutKV{}, make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockN>, _1>{}, Step<_2, _1, _3>{})));
+  static constexpr uint32_t kTmaBytesKV = 2 * kBlockN * kHeadDim * sizeof(Element);
+
+  // K and V caches in gmem: (cache row, d, kv head), row stride Hkv * D.
+  using GmemShapeKV = Shape<int32_t, Int<kHeadDim>, int32_t>;
+  using GmemStrideKV = Stride<int64_t, _1, Int<kHeadDim>>;
+  using GmemTensorKV = decltype(make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), GmemShapeKV{},
+                                            GmemStrideKV{}));
+  using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensorKV{}, take<0, 2>(SmemLayoutKV{})));
+
+  struct SharedStorage {
+    cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> q;
+    cute::array_aligned<Element, cute::cosize_v<SmemLayoutKV>, 1024> k;
+    cute::array_aligned<Element, cute::cosize_v<SmemLayoutKV>, 1024> v;
+    cutlass::arch::ClusterTransactionBarrier barrier_kv;
+  };
+  static constexpr int kSmemBytes = sizeof(SharedStorage);
+};
+
+}  // namespace msa::decode

@@ -1,0 +1,6 @@
+// Sparse decode attention (+ slot combine) instantiations for fp16, D = 64, block 64 and 128.
+#include "msa/decode/decode_launch.cuh"
+
+namespace msa::decode {
+template cudaError_t launch_decode_attn<cutlass::half_t, 64>(const DecodeParams&, cutlass::half_t*, float2*, cudaStream_t);
+}  // namespace msa::decode

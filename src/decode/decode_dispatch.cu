@@ -1,0 +1,124 @@
+// A decoding step on the device: append -> split indexer + merge -> split attention + combine.
+// Runtime dispatch over (dtype, Di) and (dtype, D); the instantiations live in one file each so
+// they compile in parallel.
+#include <cutlass/numeric_types.h>
+
+#include "msa/decode/decode_cache.cuh"
+#include "msa/msa.h"
+
+namespace msa {
+namespace decode {
+template <class Element, int kHeadDimIdx>
+cudaError_t launch_decode_select(const DecodeParams& p, float* part_score, int32_t* part_id, int num_splits,
+                                 cudaStream_t stream);
+template <class Element, int kHeadDim>
+cudaError_t launch_decode_attn(const DecodeParams& p, Element* part_o, float2* part_stats, cudaStream_t stream);
+
+namespace {
+
+__global__ void __launch_bounds__(128) decode_append_kernel(const AppendParams p) {
+  const int b = blockIdx.x / p.s_new;
+  const int i = blockIdx.x % p.s_new;
+  const int64_t pos = static_cast<int64_t>(p.cache.cache_seqlens[b]) + i;
+  if (pos < 0 || pos >= p.cache.capacity) return;
+  const int64_t dst = p.cache.row(b, static_cast<int>(pos));
+  const int64_t src = blockIdx.x;
+  for (int c = threadIdx.x; c < p.kv_row_chunks; c += blockDim.x) {
+    p.k_cache[dst * p.kv_row_chunks + c] = p.k_new[src * p.kv_row_chunks + c];
+    p.v_cache[dst * p.kv_row_chunks + c] = p.v_new[src * p.kv_row_chunks + c];
+  }
+  for (int c = threadIdx.x; c < p.idx_row_chunks; c += blockDim.x) {
+    p.k_idx_cache[dst * p.idx_row_chunks + c] = p.k_idx_new[src * p.idx_row_chunks + c];
+  }
+}
+
+constexpr int kTopKListCap = 32;  // workspace sized for the longest list
+
+struct Workspace {
+  float* part_score;
+  int32_t* part_id;
+  void* part_o;
+  float2* part_stats;
+  size_t bytes;
+};
+
+size_t align_up(size_t x) { return (x + 255) / 256 * 256; }
+
+Workspace carve(const DecodeParams& p, void* base) {
+  const size_t rows = static_cast<size_t>(p.batch) * p.s_new * p.num_heads_kv;
+  const size_t list_entries = rows * decode_select_splits(p) * 2 * kTopKListCap;
+  const size_t pairs = static_cast<size_t>(p.batch) * p.s_new * p.num_heads * p.topk;
+  char* ptr = static_cast<char*>(base);
+  Workspace w{};
+  size_t off = 0;
+  w.part_score = reinterpret_cast<float*>(ptr + off);
+  off += align_up(list_entries * sizeof(float));
+  w.part_id = reinterpret_cast<int32_t*>(ptr + off);
+  off += align_up(list_entries * sizeof(int32_t));
+  w.part_o = ptr + off;
+  off += align_up(pairs * p.head_dim * 2);
+  w.part_stats = reinterpret_cast<float2*>(ptr + off);
+  off += align_up(pairs * sizeof(float2));
+  w.bytes = off;
+  return w;
+}
+
+}  // namespace
+}  // namespace decode
+
+bool decode_is_supported(const DecodeParams& p) {
+  const int g = p.num_heads_kv > 0 ? p.num_heads / p.num_heads_kv : 0;
+  return (p.head_dim == 64 || p.head_dim == 128) && (p.head_dim_idx == 64 || p.head_dim_idx == 128) &&
+         (p.block_size == 64 || p.block_size == 128) && p.topk >= 1 && p.topk <= 32 && g >= 1 && g <= 16 &&
+         (g & (g - 1)) == 0 && p.num_heads == g * p.num_heads_kv && p.s_new >= 1 && p.s_new <= 16 &&
+         (p.page_size == 0 || p.page_size % p.block_size == 0);
+}
+
+size_t decode_workspace_bytes(const DecodeParams& p) { return decode::carve(p, nullptr).bytes; }
+
+cudaError_t run_decode(const DecodeParams& p, void* workspace, cudaStream_t stream) {
+  if (!decode_is_supported(p)) return cudaErrorInvalidValue;
+  if (p.batch == 0) return cudaSuccess;
+  const decode::Workspace w = decode::carve(p, workspace);
+  const bool bf16 = p.dtype == DType::kBF16;
+
+  if (p.appended_tokens > 0) {
+    decode::AppendParams ap{decode::CacheGeometry::from(p),
+                            static_cast<const uint4*>(p.k_new),
+                            static_cast<const uint4*>(p.v_new),
+                            static_cast<const uint4*>(p.k_idx_new),
+                            static_cast<uint4*>(p.k_cache),
+                            static_cast<uint4*>(p.v_cache),
+                            static_cast<uint4*>(p.k_idx_cache),
+                            p.s_new,
+                            p.num_heads_kv * p.head_dim * 2 / 16,
+                            p.head_dim_idx * 2 / 16};
+    decode::decode_append_kernel<<<p.batch * p.s_new, 128, 0, stream>>>(ap);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+
+  const int splits = decode::decode_select_splits(p);
+  cudaError_t err;
+  if (p.head_dim_idx == 128) {
+    err = bf16 ? decode::launch_decode_select<cutlass::bfloat16_t, 128>(p, w.part_score, w.part_id, splits, stream)
+               : decode::launch_decode_select<cutlass::half_t, 128>(p, w.part_score, w.part_id, splits, stream);
+  } else {
+    err = bf16 ? decode::launch_decode_select<cutlass::bfloat16_t, 64>(p, w.part_score, w.part_id, splits, stream)
+               : decode::launch_decode_select<cutlass::half_t, 64>(p, w.part_score, w.part_id, splits, stream);
+  }
+  if (err != cudaSuccess) return err;
+
+  if (p.head_dim == 128) {
+    return bf16 ? decode::launch_decode_attn<cutlass::bfloat16_t, 128>(
+                      p, static_cast<cutlass::bfloat16_t*>(w.part_o), w.part_stats, stream)
+                : decode::launch_decode_attn<cutlass::half_t, 128>(p, static_cast<cutlass::half_t*>(w.part_o),
+                                                                    w.part_stats, stream);
+  }
+  return bf16 ? decode::launch_decode_attn<cutlass::bfloat16_t, 64>(p, static_cast<cutlass::bfloat16_t*>(w.part_o),
+                                                                     w.part_stats, stream)
+              : decode::launch_decode_attn<cutlass::half_t, 64>(p, static_cast<cutlass::half_t*>(w.part_o),
+                                                                 w.part_stats, stream);
+}
+
+}  // namespace msa

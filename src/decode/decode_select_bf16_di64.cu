@@ -1,0 +1,6 @@
+// Decode indexer instantiations for bf16, Di = 64 (all list lengths).
+#include "msa/decode/decode_launch.cuh"
+
+namespace msa::decode {
+template cudaError_t launch_decode_select<cutlass::bfloat16_t, 64>(const DecodeParams&, float*, int32_t*, int, cudaStream_t);
+}  // namespace msa::decode

@@ -1,0 +1,6 @@
+// Decode indexer instantiations for fp16, Di = 128 (all list lengths).
+#include "msa/decode/decode_launch.cuh"
+
+namespace msa::decode {
+template cudaError_t launch_decode_select<cutlass::half_t, 128>(const DecodeParams&, float*, int32_t*, int, cudaStream_t);
+}  // namespace msa::decode
