@@ -1,6 +1,7 @@
-// Sparse decode attention (+ slot combine) instantiations for fp16, D = 128, block 64 and 128.
+// Sparse decode attention instantiations (selection merge and slot combine included) for
+// fp16, D = 128, block 64 and 128, every list length.
 #include "msa/decode/decode_launch.cuh"
 
 namespace msa::decode {
-template cudaError_t launch_decode_attn<cutlass::half_t, 128>(const DecodeParams&, cutlass::half_t*, float2*, cudaStream_t);
+template cudaError_t launch_decode_attn<cutlass::half_t, 128>(const DecodeParams&, const DecodeWorkspace&, int, cudaStream_t);
 }  // namespace msa::decode

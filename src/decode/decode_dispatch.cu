@@ -1,4 +1,5 @@
-// A decoding step on the device: append -> split indexer + merge -> split attention + combine.
+// A decoding step on the device: append -> split indexer -> split attention (which merges the
+// indexer's lists first and the slots last).
 // Runtime dispatch over (dtype, Di) and (dtype, D); the instantiations live in one file each so
 // they compile in parallel.
 #include <cutlass/numeric_types.h>
@@ -9,10 +10,11 @@
 namespace msa {
 namespace decode {
 template <class Element, int kHeadDimIdx>
-cudaError_t launch_decode_select(const DecodeParams& p, float* part_score, int32_t* part_id, int num_splits,
+cudaError_t launch_decode_select(const DecodeParams& p, const DecodeWorkspace& ws, int num_splits,
                                  cudaStream_t stream);
 template <class Element, int kHeadDim>
-cudaError_t launch_decode_attn(const DecodeParams& p, Element* part_o, float2* part_stats, cudaStream_t stream);
+cudaError_t launch_decode_attn(const DecodeParams& p, const DecodeWorkspace& ws, int num_splits,
+                               cudaStream_t stream);
 
 namespace {
 
@@ -34,33 +36,26 @@ __global__ void __launch_bounds__(128) decode_append_kernel(const AppendParams p
 
 constexpr int kTopKListCap = 32;  // workspace sized for the longest list
 
-struct Workspace {
-  float* part_score;
-  int32_t* part_id;
-  void* part_o;
-  float2* part_stats;
-  size_t bytes;
-};
-
 size_t align_up(size_t x) { return (x + 255) / 256 * 256; }
 
-Workspace carve(const DecodeParams& p, void* base) {
+// Carves the step's scratch from `base` (null: only sizes it); returns the bytes used.
+size_t carve(const DecodeParams& p, void* base, DecodeWorkspace& w) {
   const size_t rows = static_cast<size_t>(p.batch) * p.s_new * p.num_heads_kv;
   const size_t list_entries = rows * decode_select_splits(p) * 2 * kTopKListCap;
   const size_t pairs = static_cast<size_t>(p.batch) * p.s_new * p.num_heads * p.topk;
   char* ptr = static_cast<char*>(base);
-  Workspace w{};
   size_t off = 0;
-  w.part_score = reinterpret_cast<float*>(ptr + off);
-  off += align_up(list_entries * sizeof(float));
-  w.part_id = reinterpret_cast<int32_t*>(ptr + off);
-  off += align_up(list_entries * sizeof(int32_t));
-  w.part_o = ptr + off;
-  off += align_up(pairs * p.head_dim * 2);
-  w.part_stats = reinterpret_cast<float2*>(ptr + off);
-  off += align_up(pairs * sizeof(float2));
-  w.bytes = off;
-  return w;
+  auto take = [&](size_t bytes) {
+    void* at = ptr + off;
+    off += align_up(bytes);
+    return at;
+  };
+  w.part_score = static_cast<float*>(take(list_entries * sizeof(float)));
+  w.part_id = static_cast<int32_t*>(take(list_entries * sizeof(int32_t)));
+  w.part_o = take(pairs * p.head_dim * 2);
+  w.part_stats = static_cast<float2*>(take(pairs * sizeof(float2)));
+  w.row_arrivals = static_cast<int32_t*>(take(rows * sizeof(int32_t)));
+  return off;
 }
 
 }  // namespace
@@ -74,12 +69,16 @@ bool decode_is_supported(const DecodeParams& p) {
          (p.page_size == 0 || p.page_size % p.block_size == 0);
 }
 
-size_t decode_workspace_bytes(const DecodeParams& p) { return decode::carve(p, nullptr).bytes; }
+size_t decode_workspace_bytes(const DecodeParams& p) {
+  decode::DecodeWorkspace w;
+  return decode::carve(p, nullptr, w);
+}
 
 cudaError_t run_decode(const DecodeParams& p, void* workspace, cudaStream_t stream) {
   if (!decode_is_supported(p)) return cudaErrorInvalidValue;
   if (p.batch == 0) return cudaSuccess;
-  const decode::Workspace w = decode::carve(p, workspace);
+  decode::DecodeWorkspace w;
+  decode::carve(p, workspace, w);
   const bool bf16 = p.dtype == DType::kBF16;
 
   if (p.appended_tokens > 0) {
@@ -101,24 +100,19 @@ cudaError_t run_decode(const DecodeParams& p, void* workspace, cudaStream_t stre
   const int splits = decode::decode_select_splits(p);
   cudaError_t err;
   if (p.head_dim_idx == 128) {
-    err = bf16 ? decode::launch_decode_select<cutlass::bfloat16_t, 128>(p, w.part_score, w.part_id, splits, stream)
-               : decode::launch_decode_select<cutlass::half_t, 128>(p, w.part_score, w.part_id, splits, stream);
+    err = bf16 ? decode::launch_decode_select<cutlass::bfloat16_t, 128>(p, w, splits, stream)
+               : decode::launch_decode_select<cutlass::half_t, 128>(p, w, splits, stream);
   } else {
-    err = bf16 ? decode::launch_decode_select<cutlass::bfloat16_t, 64>(p, w.part_score, w.part_id, splits, stream)
-               : decode::launch_decode_select<cutlass::half_t, 64>(p, w.part_score, w.part_id, splits, stream);
+    err = bf16 ? decode::launch_decode_select<cutlass::bfloat16_t, 64>(p, w, splits, stream)
+               : decode::launch_decode_select<cutlass::half_t, 64>(p, w, splits, stream);
   }
   if (err != cudaSuccess) return err;
-
   if (p.head_dim == 128) {
-    return bf16 ? decode::launch_decode_attn<cutlass::bfloat16_t, 128>(
-                      p, static_cast<cutlass::bfloat16_t*>(w.part_o), w.part_stats, stream)
-                : decode::launch_decode_attn<cutlass::half_t, 128>(p, static_cast<cutlass::half_t*>(w.part_o),
-                                                                    w.part_stats, stream);
+    return bf16 ? decode::launch_decode_attn<cutlass::bfloat16_t, 128>(p, w, splits, stream)
+                : decode::launch_decode_attn<cutlass::half_t, 128>(p, w, splits, stream);
   }
-  return bf16 ? decode::launch_decode_attn<cutlass::bfloat16_t, 64>(p, static_cast<cutlass::bfloat16_t*>(w.part_o),
-                                                                     w.part_stats, stream)
-              : decode::launch_decode_attn<cutlass::half_t, 64>(p, static_cast<cutlass::half_t*>(w.part_o),
-                                                                 w.part_stats, stream);
+  return bf16 ? decode::launch_decode_attn<cutlass::bfloat16_t, 64>(p, w, splits, stream)
+              : decode::launch_decode_attn<cutlass::half_t, 64>(p, w, splits, stream);
 }
 
 }  // namespace msa

@@ -2,5 +2,5 @@
 #include "msa/decode/decode_launch.cuh"
 
 namespace msa::decode {
-template cudaError_t launch_decode_select<cutlass::half_t, 64>(const DecodeParams&, float*, int32_t*, int, cudaStream_t);
+template cudaError_t launch_decode_select<cutlass::half_t, 64>(const DecodeParams&, const DecodeWorkspace&, int, cudaStream_t);
 }  // namespace msa::decode

@@ -40,17 +40,27 @@ struct CacheGeometry {
   }
 };
 
-// Splits of the indexer: enough CTAs (one per SM each, they are memory-bound) to cover the GPU
-// once, whatever the batch; bounded so the merge's lists fit in shared memory. A function of the
-// shapes only, so a captured step keeps its launch shape.
+// Splits of the indexer: enough CTAs to fill every SM's two CTA slots once, whatever the batch
+// (they are memory-bound and equal in work: each takes an equal share of its request's blocks);
+// bounded so the merge's lists fit in shared memory. A function of the shapes only, so a captured
+// step keeps its launch shape.
 inline int decode_select_splits(const DecodeParams& p) {
   const int rows = p.s_new * p.num_heads_kv;
   const int m_tiles = (rows + 63) / 64;
   const int max_blocks = (p.capacity + p.block_size - 1) / p.block_size;
-  int splits = p.num_sms / (p.batch * m_tiles);
+  int splits = 2 * p.num_sms / (p.batch * m_tiles);
   splits = splits < 1 ? 1 : (splits > 256 ? 256 : splits);
   return splits < max_blocks ? splits : (max_blocks < 1 ? 1 : max_blocks);
 }
+
+// Scratch of one decoding step (carved from one workspace by run_decode).
+struct DecodeWorkspace {
+  float* part_score;      // indexer lists: [B * S_new * Hkv, splits, 2, cap] scores
+  int32_t* part_id;       // and block ids
+  void* part_o;           // attention partials [B * S_new, Hq, topk, D] (q's dtype)
+  float2* part_stats;     // [B * S_new, Hq, topk]
+  int32_t* row_arrivals;  // [B * S_new * Hkv]
+};
 
 // Append: new token i of request b goes to position cache_seqlens[b] + i of k, v and the
 // index-key cache (positions past the capacity are dropped). One CTA per (request, new token);

@@ -13,10 +13,12 @@
 // Candidate blocks are fully visible to every row that may take them, so no key is masked, and no
 // index-scale is applied (it does not change the order).
 //
-// Pass 2 (decode_select_merge_kernel). One CTA per row: the 2 x splits sorted lists go to shared
-// memory, one warp merges them k-way (lane l owns lists l, l + 32, ...; each step a warp argmax of
-// the lane heads, ties to the lower block id), then writes forced leading blocks, the winners in
-// ascending order, and the forced recent blocks, -1 padded.
+// Pass 2 (merge_selection, the prologue of every attention CTA of the row): the 2 x splits sorted
+// lists go to shared memory, one warp merges them k-way (lane l owns lists l, l + 32, ...; each
+// step a warp argmax of the lane heads, ties to the lower block id), and the row's selection is
+// the forced leading blocks, the winners in ascending order and the forced recent blocks, -1
+// padded. Running it in the attention kernel saves a launch and its drain: the CTAs of a row
+// repeat it (a few KB from L2 each) instead of waiting for a merge kernel.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -46,6 +48,7 @@ struct DecodeSelectParams {
   int32_t cache_rows;
   float* part_score;     // [B * rows, num_splits, 2, kTopKCap]
   int32_t* part_id;
+  int32_t* row_arrivals; // [B * rows]: zeroed here for the attention's last-CTA count
   int s_new, num_idx_heads, num_splits;
   int block_size, init_blocks, local_blocks;
 };
@@ -70,7 +73,7 @@ struct SplitRange {
 };
 
 template <class Traits>
-__global__ void __launch_bounds__(Traits::kNumThreads, 1)
+__global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
     decode_select_split_kernel(CUTE_GRID_CONSTANT DecodeSelectParams<Traits> const params) {
 #if MSA_SM90_ENABLED
   using MainloopPipeline = typename Traits::MainloopPipeline;
@@ -96,6 +99,10 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
 
   const int warp_group = common::warp_group_idx();
   const int lane = threadIdx.x % 32;
+  if (split == 0 && threadIdx.x < kBlockQ && m_tile * kBlockQ + static_cast<int>(threadIdx.x) < rows) {
+    // The previous step's attention has finished (stream order); this step's starts after us.
+    params.row_arrivals[static_cast<int64_t>(b) * rows + m_tile * kBlockQ + threadIdx.x] = 0;
+  }
 
   typename MainloopPipeline::Params pipeline_params;
   pipeline_params.transaction_bytes = Traits::kTmaBytesK;
@@ -208,116 +215,136 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
 #endif
 }
 
-struct DecodeMergeParams {
-  CacheGeometry cache;
+// Where a row's lists live and the selection rule's options; filled by the launcher.
+struct SelectionLists {
   const float* part_score;  // [B * rows, num_splits, 2, cap]
   const int32_t* part_id;
-  int32_t* block_indices;   // [B * rows, topk]
-  int s_new, num_idx_heads, num_splits;
+  int num_splits;
   int block_size, topk, init_blocks, local_blocks;
 };
+
+// Shared-memory bytes merge_selection needs for the lists.
+template <int kTopKCap>
+constexpr int merge_smem_bytes(int num_splits) {
+  return 2 * num_splits * (kTopKCap * 8 + 4);
+}
 
 // a ranks before b: a real entry with a higher score, or the same score and a lower block id.
 __device__ __forceinline__ bool ranks_before(float sa, int ia, float sb, int ib) {
   return ia >= 0 && (ib < 0 || sa > sb || (sa == sb && ia < ib));
 }
 
+// The selection of packed row `row` (query position `pos`) into selection[0, topk). Every thread
+// of the CTA calls it (they load the lists); warp 0 merges. `lists_smem` holds
+// merge_smem_bytes(num_splits) bytes. Ends with a CTA barrier.
 template <int kTopKCap>
-__global__ void __launch_bounds__(128) decode_select_merge_kernel(const DecodeMergeParams p) {
-  extern __shared__ char smem_buf[];
+__device__ void merge_selection(const SelectionLists& p, int64_t row, int pos, char* lists_smem,
+                                int32_t* selection) {
   const int num_lists = 2 * p.num_splits;
-  float* s_score = reinterpret_cast<float*>(smem_buf);                 // [num_lists * cap]
-  int32_t* s_id = reinterpret_cast<int32_t*>(s_score + num_lists * kTopKCap);
-  int32_t* s_head = s_id + num_lists * kTopKCap;                       // [num_lists]
+  const int entries = num_lists * kTopKCap;
+  float* s_score = reinterpret_cast<float*>(lists_smem);
+  int32_t* s_id = reinterpret_cast<int32_t*>(s_score + entries);
+  int32_t* s_head = s_id + entries;
 
-  const int rows = p.s_new * p.num_idx_heads;
-  const int64_t row = blockIdx.x;  // b * rows + r
-  const int b = static_cast<int>(row / rows);
-  const int r = static_cast<int>(row % rows);
-  const int pos = p.cache.length(b) - p.s_new + r / p.num_idx_heads;
-  int32_t* out = p.block_indices + row * p.topk;
-  if (pos < 0) {  // a request shorter than its new tokens: this token sees nothing
-    for (int s = threadIdx.x; s < p.topk; s += blockDim.x) out[s] = -1;
-    return;
+  int num_selected = 0;
+  common::BlockRanges ranges(0, 0, 1);
+  if (pos >= 0) {
+    ranges = common::BlockRanges(pos / p.block_size, p.init_blocks, p.local_blocks);
+    num_selected = max(0, min(p.topk - ranges.num_forced(), ranges.num_candidates()));
   }
-  const common::BlockRanges ranges(pos / p.block_size, p.init_blocks, p.local_blocks);
-  const int num_selected = max(0, min(p.topk - ranges.num_forced(), ranges.num_candidates()));
-
   if (num_selected > 0) {
-    const int64_t base = row * num_lists * kTopKCap;
-    for (int e = threadIdx.x; e < num_lists * kTopKCap; e += blockDim.x) {
-      s_score[e] = p.part_score[base + e];
-      s_id[e] = p.part_id[base + e];
+    // 16-byte loads, four in flight per thread before any store (the lists are in L2).
+    const float4* src_score = reinterpret_cast<const float4*>(p.part_score + row * entries);
+    const int4* src_id = reinterpret_cast<const int4*>(p.part_id + row * entries);
+    const int n4 = entries / 4;
+    for (int base = threadIdx.x; base < n4; base += 4 * blockDim.x) {
+      float4 sc[4];
+      int4 id[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int e = base + u * blockDim.x;
+        if (e < n4) {
+          sc[u] = __ldcg(src_score + e);
+          id[u] = __ldcg(src_id + e);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int e = base + u * blockDim.x;
+        if (e < n4) {
+          reinterpret_cast<float4*>(s_score)[e] = sc[u];
+          reinterpret_cast<int4*>(s_id)[e] = id[u];
+        }
+      }
     }
     for (int l = threadIdx.x; l < num_lists; l += blockDim.x) s_head[l] = 0;
   }
   __syncthreads();
-  if (threadIdx.x >= 32) return;
-  const int lane = threadIdx.x;
 
-  // Lane best: the best current head among the lane's lists.
-  auto lane_best = [&](float& best_s, int& best_id, int& best_list) {
-    best_s = -CUDART_INF_F;
-    best_id = -1;
-    best_list = -1;
-    for (int l = lane; l < num_lists; l += 32) {
-      const int h = s_head[l];
-      if (h >= kTopKCap) continue;
-      const float s = s_score[l * kTopKCap + h];
-      const int id = s_id[l * kTopKCap + h];
-      if (ranks_before(s, id, best_s, best_id)) {
-        best_s = s;
-        best_id = id;
-        best_list = l;
-      }
-    }
-  };
-  float my_s;
-  int my_id, my_list;
-  int chosen = -1;  // lane k holds the k-th winner
-  int taken = 0;
-  if (num_selected > 0) {
-    lane_best(my_s, my_id, my_list);
-    for (; taken < num_selected; ++taken) {
-      float s = my_s;
-      int id = my_id;
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) {
-        const float so = __shfl_xor_sync(0xffffffff, s, o);
-        const int io = __shfl_xor_sync(0xffffffff, id, o);
-        if (ranks_before(so, io, s, id)) {
-          s = so;
-          id = io;
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    auto lane_best = [&](float& best_s, int& best_id, int& best_list) {
+      best_s = -CUDART_INF_F;
+      best_id = -1;
+      best_list = -1;
+      for (int l = lane; l < num_lists; l += 32) {
+        const int h = s_head[l];
+        if (h >= kTopKCap) continue;
+        const float sc = s_score[l * kTopKCap + h];
+        const int id = s_id[l * kTopKCap + h];
+        if (ranks_before(sc, id, best_s, best_id)) {
+          best_s = sc;
+          best_id = id;
+          best_list = l;
         }
       }
-      if (id < 0) break;  // every list ran out
-      if (lane == taken) chosen = id;
-      if (my_id == id) {  // ids are unique across lists: exactly one lane owns the winner
-        ++s_head[my_list];
-        lane_best(my_s, my_id, my_list);
+    };
+    int chosen = -1;  // lane k holds the k-th winner
+    int taken = 0;
+    if (num_selected > 0) {
+      float my_s;
+      int my_id, my_list;
+      lane_best(my_s, my_id, my_list);
+      for (; taken < num_selected; ++taken) {
+        float sc = my_s;
+        int id = my_id;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+          const float so = __shfl_xor_sync(0xffffffff, sc, o);
+          const int io = __shfl_xor_sync(0xffffffff, id, o);
+          if (ranks_before(so, io, sc, id)) {
+            sc = so;
+            id = io;
+          }
+        }
+        if (id < 0) break;  // every list ran out
+        if (lane == taken) chosen = id;
+        if (my_id == id) {  // ids are unique across lists: exactly one lane owns the winner
+          ++s_head[my_list];
+          lane_best(my_s, my_id, my_list);
+        }
+        __syncwarp();
       }
-      __syncwarp();
+    }
+    // Winners in ascending order: lane k's rank among them is its slot after the leading blocks.
+    int rank = 0;
+    for (int k = 0; k < taken; ++k) rank += __shfl_sync(0xffffffff, chosen, k) < chosen;
+    if (lane < taken) selection[ranges.init_end + rank] = chosen;
+    const int recent_begin = ranges.init_end + taken;
+    const int num_recent = pos >= 0 ? ranges.local - ranges.local_begin + 1 : 0;
+    for (int slot = lane; slot < p.topk; slot += 32) {
+      if (pos < 0) {
+        selection[slot] = -1;  // a request shorter than its new tokens: this token sees nothing
+      } else if (slot < ranges.init_end) {
+        selection[slot] = slot;
+      } else if (slot >= recent_begin && slot < recent_begin + num_recent) {
+        selection[slot] = ranges.local_begin + (slot - recent_begin);
+      } else if (slot >= recent_begin + num_recent) {
+        selection[slot] = -1;
+      }
     }
   }
-  // Winners in ascending order: lane k's rank among them is its slot after the leading blocks.
-  int rank = 0;
-  for (int k = 0; k < taken; ++k) {
-    const int other = __shfl_sync(0xffffffff, chosen, k);
-    rank += other < chosen;
-  }
-  if (lane < taken) out[ranges.init_end + rank] = chosen;
-  const int recent_begin = ranges.init_end + taken;
-  const int num_recent = ranges.local - ranges.local_begin + 1;
-  for (int slot = lane; slot < p.topk; slot += 32) {
-    if (slot < ranges.init_end) {
-      out[slot] = slot;
-    } else if (slot >= recent_begin && slot < recent_begin + num_recent) {
-      out[slot] = ranges.local_begin + (slot - recent_begin);
-    } else if (slot >= recent_begin + num_recent) {
-      out[slot] = -1;
-    }
-  }
-
+  __syncthreads();
 }
 
 }  // namespace msa::decode

@@ -19,6 +19,8 @@ using namespace cute;
 // crosses a page: pages hold whole blocks of 64 or 128 keys), and keeps per row a running top-k.
 // At M3 shape a stage costs 64 x 64 x 128 MACs per 16 KB read: far below the tensor cores'
 // rate, so one consumer warpgroup keeps up with HBM and the ring only has to cover its latency.
+// Two CTAs per SM (80 KB of keys in flight each): the launch covers the GPU twice, so a CTA's
+// pipeline fill and drain overlap its neighbour's streaming.
 template <class Element_, int kHeadDimIdx_, int kTopKCap_>
 struct DecodeSelectTraits {
   using Element = Element_;
@@ -30,8 +32,8 @@ struct DecodeSelectTraits {
   static constexpr int kBlockQ = 64;   // packed rows per CTA (one consumer warpgroup)
   static constexpr int kBlockKV = 64;  // keys per stage
   static constexpr int kNumThreads = 2 * common::kThreadsPerWarpGroup;  // producer + consumer warpgroups
-  // 192 KB of keys in flight per SM (one CTA per SM).
-  static constexpr int kStages = kHeadDimIdx == 128 ? 12 : 16;
+  static constexpr int kCtasPerSm = 2;
+  static constexpr int kStages = kHeadDimIdx == 128 ? 5 : 10;
 
   using TiledMma = decltype(make_tiled_mma(
       GMMA::ss_op_selector<Element, Element, float, Shape<Int<kBlockQ>, Int<kBlockKV>, Int<kHeadDimIdx>>>()));
@@ -61,13 +63,14 @@ struct DecodeSelectTraits {
     cutlass::arch::ClusterTransactionBarrier barrier_q;
   };
   static constexpr int kSmemBytes = sizeof(SharedStorage);
-  static_assert(kSmemBytes <= 227 * 1024, "shared memory budget exceeded");
+  static_assert(kSmemBytes * kCtasPerSm <= 226 * 1024, "shared memory budget exceeded");
 };
 
-// Sparse decode attention. A CTA owns one (request, new token, group, slot): the G query heads of
-// the token (rows 0..G-1 of a 64-row WGMMA tile) against the one key block the slot names. Decode
-// attention is bandwidth-bound (each block is read once per token and group), so the padding rows
-// cost only tensor-core time, which is idle anyway.
+// Sparse decode attention. A CTA owns one (request, new token, group, slot): it merges the
+// indexer's lists into the row's selection, then attends the G query heads of the token (rows
+// 0..G-1 of a 64-row WGMMA tile) over the one key block the slot names; the last CTA of the row
+// to finish merges the slots. Decode attention is bandwidth-bound (each block is read once per
+// token and group), so the padding rows cost only tensor-core time, which is idle anyway.
 template <class Element_, int kHeadDim_, int kBlockN_>
 struct DecodeAttnTraits {
   using Element = Element_;
@@ -91,7 +94,6 @@ struct DecodeAttnTraits {
   using SmemLayoutKV = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>, _1>{}));
   using SmemLayoutVt = decltype(composition(
       SmemLayoutKV{}, make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockN>, _1>{}, Step<_2, _1, _3>{})));
-  static constexpr uint32_t kTmaBytesKV = 2 * kBlockN * kHeadDim * sizeof(Element);
 
   // K and V caches in gmem: (cache row, d, kv head), row stride Hkv * D.
   using GmemShapeKV = Shape<int32_t, Int<kHeadDim>, int32_t>;
@@ -100,13 +102,20 @@ struct DecodeAttnTraits {
                                             GmemStrideKV{}));
   using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensorKV{}, take<0, 2>(SmemLayoutKV{})));
 
+  // The small fields first: the indexer's lists, read before any tile is loaded, alias q/k/v
+  // (and may run past them: the launch sizes the dynamic shared memory for both).
   struct SharedStorage {
+    cutlass::arch::ClusterTransactionBarrier barrier_k;
+    cutlass::arch::ClusterTransactionBarrier barrier_v;
+    int32_t selection[32];  // the row's merged selection
+    int is_last;            // this CTA is the row's last to finish: it merges the slots
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> q;
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutKV>, 1024> k;
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutKV>, 1024> v;
-    cutlass::arch::ClusterTransactionBarrier barrier_kv;
   };
   static constexpr int kSmemBytes = sizeof(SharedStorage);
+  static constexpr int kListsOffset = 1024;  // where q starts: the first 1024-byte boundary
+  static constexpr uint32_t kTmaBytesBlock = kBlockN * kHeadDim * sizeof(Element);
 };
 
 }  // namespace msa::decode

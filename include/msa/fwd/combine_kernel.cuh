@@ -48,36 +48,44 @@ __device__ __forceinline__ uint4 load_streaming_16(const void* ptr, bool pred) {
   return r;
 }
 
-template <class Element, int kHeadDim>
-__global__ void __launch_bounds__(128) combine_kernel(const CombineParams<Element> p) {
+// 16-byte load of data written earlier in the same kernel by other CTAs (after their
+// __threadfence): cached in L2 only (ld.cg), never the read-only (.nc) path.
+__device__ __forceinline__ uint4 load_coherent_16(const uint4* ptr, bool pred) {
+  return pred ? __ldcg(ptr) : make_uint4(0, 0, 0, 0);
+}
+
+// One (query, head) row, by one warp: lane s (< topk) says whether slot s is `valid`; `part`
+// points at the row's topk partial rows ([topk, D]), `stats` at its topk (max, lse) pairs (log2
+// units). Writes the merged row to `out` (D elements) and returns the natural-log lse (-inf
+// when no slot saw a key; out is then 0). kCoherent: the partials were written by other CTAs of
+// the running kernel (plain loads instead of read-only streaming ones).
+template <class Element, int kHeadDim, bool kCoherent = false>
+__device__ __forceinline__ float combine_slots(bool valid, const Element* part, const float2* stats, Element* out,
+                                               int lane) {
   constexpr int kLanesPerRow = kHeadDim / 8;            // 16-byte chunks of a partial row
   constexpr int kRowsPerLoad = 32 / kLanesPerRow;       // slots one warp-wide load covers
   constexpr int kMaxLoads = 32 / kRowsPerLoad;          // topk <= 32
-  const int64_t pair = blockIdx.x * 4LL + threadIdx.x / 32;  // (chunk token, head)
-  const int lane = threadIdx.x % 32;
-  if (pair >= (p.token_end - p.token_begin) * p.num_heads) return;
-  const int64_t q_local = pair / p.num_heads;
-  const int head = static_cast<int>(pair % p.num_heads);
-  const int64_t token = p.token_begin + q_local;
-  const int group = head / (p.num_heads / p.num_heads_kv);
-  const int b = sequence_of_query(token, p.cu_seqlens_q, p.batch, p.seqlen_q);
-  const common::SeqInfo seq(b, p.cu_seqlens_q, p.cu_seqlens_k, p.seqlen_q, p.seqlen_k);
-  const int num_blocks = min(num_key_blocks(seq, p.block_size), p.num_blocks_max);
-
-  const bool valid =
-      lane < p.topk && slot_is_valid(p.block_indices[(token * p.num_heads_kv + group) * p.topk + lane], num_blocks);
   const unsigned valid_mask = __ballot_sync(0xffffffff, valid);
-  const float2 stats = valid ? p.part_stats[pair * p.topk + lane] : make_float2(0.f, -CUDART_INF_F);
-  const float slot_lse = stats.y;
+  float2 slot_stats = make_float2(0.f, -CUDART_INF_F);
+  if (valid) {
+    if constexpr (kCoherent) {
+      slot_stats = __ldcg(stats + lane);
+    } else {
+      slot_stats = stats[lane];
+    }
+  }
+  const float slot_lse = slot_stats.y;
   // Lane l reads chunk l % kLanesPerRow of slots l / kLanesPerRow + kRowsPerLoad * k.
   const int chunk = lane % kLanesPerRow;
   const int slot_in_load = lane / kLanesPerRow;
-  const uint4* part = reinterpret_cast<const uint4*>(p.part_o + pair * p.topk * kHeadDim) + chunk;
+  const uint4* rows_base = reinterpret_cast<const uint4*>(part) + chunk;
   uint4 rows[kMaxLoads];
 #pragma unroll
   for (int k = 0; k < kMaxLoads; ++k) {
     const int s = slot_in_load + kRowsPerLoad * k;
-    rows[k] = load_streaming_16(part + s * kLanesPerRow, (valid_mask >> s) & 1u);
+    const bool pred = (valid_mask >> s) & 1u;
+    rows[k] = kCoherent ? load_coherent_16(rows_base + s * kLanesPerRow, pred)
+                        : load_streaming_16(rows_base + s * kLanesPerRow, pred);
   }
 
   float m = slot_lse;
@@ -85,7 +93,7 @@ __global__ void __launch_bounds__(128) combine_kernel(const CombineParams<Elemen
   for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
   // -inf: invalid slot or a row with no visible key in the block.
   float total = slot_lse == -CUDART_INF_F ? 0.f : exp2f(slot_lse - m);
-  const float weight = slot_lse == -CUDART_INF_F ? 0.f : exp2f(stats.x - m);
+  const float weight = slot_lse == -CUDART_INF_F ? 0.f : exp2f(slot_stats.x - m);
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffff, total, o);
 
@@ -106,13 +114,33 @@ __global__ void __launch_bounds__(128) combine_kernel(const CombineParams<Elemen
   }
   const float inv_total = total > 0.f ? 1.f / total : 0.f;
   if (lane < kLanesPerRow) {
-    cutlass::Array<Element, 8> out;
+    cutlass::Array<Element, 8> res;
 #pragma unroll
-    for (int d = 0; d < 8; ++d) out[d] = static_cast<Element>(acc[d] * inv_total);
-    *reinterpret_cast<cutlass::Array<Element, 8>*>(p.out + (token * p.num_heads + head) * kHeadDim + chunk * 8) = out;
+    for (int d = 0; d < 8; ++d) res[d] = static_cast<Element>(acc[d] * inv_total);
+    *reinterpret_cast<cutlass::Array<Element, 8>*>(out + chunk * 8) = res;
   }
+  return total > 0.f ? (m + __log2f(total)) * 0.69314718055994531f : -CUDART_INF_F;
+}
+
+template <class Element, int kHeadDim>
+__global__ void __launch_bounds__(128) combine_kernel(const CombineParams<Element> p) {
+  const int64_t pair = blockIdx.x * 4LL + threadIdx.x / 32;  // (chunk token, head)
+  const int lane = threadIdx.x % 32;
+  if (pair >= (p.token_end - p.token_begin) * p.num_heads) return;
+  const int64_t q_local = pair / p.num_heads;
+  const int head = static_cast<int>(pair % p.num_heads);
+  const int64_t token = p.token_begin + q_local;
+  const int group = head / (p.num_heads / p.num_heads_kv);
+  const int b = sequence_of_query(token, p.cu_seqlens_q, p.batch, p.seqlen_q);
+  const common::SeqInfo seq(b, p.cu_seqlens_q, p.cu_seqlens_k, p.seqlen_q, p.seqlen_k);
+  const int num_blocks = min(num_key_blocks(seq, p.block_size), p.num_blocks_max);
+
+  const bool valid =
+      lane < p.topk && slot_is_valid(p.block_indices[(token * p.num_heads_kv + group) * p.topk + lane], num_blocks);
+  const float lse = combine_slots<Element, kHeadDim>(valid, p.part_o + pair * p.topk * kHeadDim,
+                                                     p.part_stats + pair * p.topk,
+                                                     p.out + (token * p.num_heads + head) * kHeadDim, lane);
   if (lane == 0) {
-    const float lse = total > 0.f ? (m + __log2f(total)) * 0.69314718055994531f : -CUDART_INF_F;
     const int64_t idx = p.cu_seqlens_q != nullptr
                             ? head * p.total_q + token
                             : (static_cast<int64_t>(b) * p.num_heads + head) * p.seqlen_q + (token - seq.q_token_start);

@@ -72,22 +72,24 @@ __device__ __forceinline__ Pipeline make_kv_ring(typename Pipeline::SharedStorag
   return Pipeline(storage, params, Shape<_1, _1, _1>{});
 }
 
-// One key block of K and V (rows key_row .. key_row + kBlockN of kv head `group`) into K/V stage
-// `stage` by TMA, counted on `barrier`. Called by one thread.
+// One key block of K or V (rows key_row .. key_row + kBlockN of kv head `group`) into stage
+// `stage` of sX by TMA, counted on `barrier`. Called by one thread.
+template <class Traits, class TensorMX, class TensorSX>
+__device__ __forceinline__ void load_block(typename Traits::TmaKV const& tma, TensorMX const& mX, TensorSX& sX,
+                                           uint64_t* barrier, int stage, int key_row, int group) {
+  Tensor gX = local_tile(domain_offset(make_coord(key_row, _0{}), mX(_, _, group)),
+                         Shape<Int<Traits::kBlockN>, Int<Traits::kHeadDim>>{}, make_coord(_0{}, _0{}));
+  auto [tXgX, tXsX] = tma_partition(tma, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sX), group_modes<0, 2>(gX));
+  copy(tma.with(*barrier, 0), tXgX, tXsX(_, stage));
+}
+
+// K and V of one key block into K/V stage `stage`, both counted on `barrier`.
 template <class Traits, class TensorMK, class TensorSK>
 __device__ __forceinline__ void load_kv_block(typename Traits::TmaKV const& tma_k, typename Traits::TmaKV const& tma_v,
                                               TensorMK const& mK, TensorMK const& mV, TensorSK& sK, TensorSK& sV,
                                               uint64_t* barrier, int stage, int key_row, int group) {
-  constexpr int kBlockN = Traits::kBlockN;
-  constexpr int kHeadDim = Traits::kHeadDim;
-  Tensor gK = local_tile(domain_offset(make_coord(key_row, _0{}), mK(_, _, group)), Shape<Int<kBlockN>, Int<kHeadDim>>{},
-                         make_coord(_0{}, _0{}));
-  Tensor gV = local_tile(domain_offset(make_coord(key_row, _0{}), mV(_, _, group)), Shape<Int<kBlockN>, Int<kHeadDim>>{},
-                         make_coord(_0{}, _0{}));
-  auto [tKgK, tKsK] = tma_partition(tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
-  auto [tVgV, tVsV] = tma_partition(tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
-  copy(tma_k.with(*barrier, 0), tKgK, tKsK(_, stage));
-  copy(tma_v.with(*barrier, 0), tVgV, tVsV(_, stage));
+  load_block<Traits>(tma_k, mK, sK, barrier, stage, key_row, group);
+  load_block<Traits>(tma_v, mV, sV, barrier, stage, key_row, group);
 }
 
 // Masks the keys of a block a row may not see: column c of row i stays when c <= last_col[i]

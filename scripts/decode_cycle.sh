@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Decode-focused GPU cycle: build, decode tests, the whole suite, decode bench (+ per-kernel profile).
+#   usage: scripts/decode_cycle.sh OUT_DIR [steps: build,dtest,test,bench,sanitize]
+set -uo pipefail
+OUT=${1:?usage}; STEPS=${2:-build,dtest,bench}
+has() { [[ ",$STEPS," == *",$1,"* ]]; }
+mkdir -p "$OUT"
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
+export PYTHONPATH=/tmp/site
+nvidia-smi --query-gpu=name --format=csv,noheader
+if has build; then
+  s=$(date +%s); python3 -m pip install --no-build-isolation --no-deps --no-index -v . > /tmp/build.log 2>&1
+  echo "build rc=$? $(( $(date +%s) - s ))s"; grep -E "error|decode.*(registers|stack)" /tmp/build.log | head -30
+fi
+if has dtest; then
+  timeout 240 python3 -m pytest tests/test_decode_gpu.py tests/test_kvcache.py -q -x -rs > "$OUT/dtests.log" 2>&1
+  echo "decode tests rc=$?"; tail -30 "$OUT/dtests.log"
+fi
+if has test; then
+  timeout 200 python3 -m pytest tests -q -x > "$OUT/tests.log" 2>&1; echo "tests rc=$?"; tail -3 "$OUT/tests.log"
+fi
+if has bench; then
+  timeout 200 python3 bench/bench_decode.py --profile --out "$OUT" 2>&1 | tail -40
+fi
+if has sanitize; then
+  for tool in memcheck racecheck; do
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 200 compute-sanitizer --tool $tool --print-limit 10 python3 -m pytest \
+      tests/test_decode_gpu.py -q -x -k "test_decode_configs and bf16-d128-di128 or test_decode_bad_lengths or test_decode_topk_and_forced_blocks and 7" \
+      > "$OUT/san_$tool.log" 2>&1
+    echo "$tool rc=$? $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/san_$tool.log" | tr '\n' ' ')"
+  done
+fi
