@@ -1,7 +1,7 @@
-// Sparse decode attention instantiations (selection merge and slot combine included) for
-// bf16, D = 128, block 64 and 128, every list length.
+// Sparse decode attention instantiations (slot combine included) for
+// bf16, D = 128, block 64 and 128.
 #include "msa/decode/decode_launch.cuh"
 
 namespace msa::decode {
-template cudaError_t launch_decode_attn<cutlass::bfloat16_t, 128>(const DecodeParams&, const DecodeWorkspace&, int, cudaStream_t);
+template cudaError_t launch_decode_attn<cutlass::bfloat16_t, 128>(const DecodeParams&, const DecodeWorkspace&, cudaStream_t);
 }  // namespace msa::decode

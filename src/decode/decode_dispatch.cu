@@ -1,5 +1,5 @@
-// A decoding step on the device: append -> split indexer -> split attention (which merges the
-// indexer's lists first and the slots last).
+// A decoding step on the device: append -> split indexer -> merge of its lists -> split attention
+// (whose last CTA per row merges the slots).
 // Runtime dispatch over (dtype, Di) and (dtype, D); the instantiations live in one file each so
 // they compile in parallel.
 #include <cutlass/numeric_types.h>
@@ -13,8 +13,7 @@ template <class Element, int kHeadDimIdx>
 cudaError_t launch_decode_select(const DecodeParams& p, const DecodeWorkspace& ws, int num_splits,
                                  cudaStream_t stream);
 template <class Element, int kHeadDim>
-cudaError_t launch_decode_attn(const DecodeParams& p, const DecodeWorkspace& ws, int num_splits,
-                               cudaStream_t stream);
+cudaError_t launch_decode_attn(const DecodeParams& p, const DecodeWorkspace& ws, cudaStream_t stream);
 
 namespace {
 
@@ -108,11 +107,11 @@ cudaError_t run_decode(const DecodeParams& p, void* workspace, cudaStream_t stre
   }
   if (err != cudaSuccess) return err;
   if (p.head_dim == 128) {
-    return bf16 ? decode::launch_decode_attn<cutlass::bfloat16_t, 128>(p, w, splits, stream)
-                : decode::launch_decode_attn<cutlass::half_t, 128>(p, w, splits, stream);
+    return bf16 ? decode::launch_decode_attn<cutlass::bfloat16_t, 128>(p, w, stream)
+                : decode::launch_decode_attn<cutlass::half_t, 128>(p, w, stream);
   }
-  return bf16 ? decode::launch_decode_attn<cutlass::bfloat16_t, 64>(p, w, splits, stream)
-              : decode::launch_decode_attn<cutlass::half_t, 64>(p, w, splits, stream);
+  return bf16 ? decode::launch_decode_attn<cutlass::bfloat16_t, 64>(p, w, stream)
+              : decode::launch_decode_attn<cutlass::half_t, 64>(p, w, stream);
 }
 
 }  // namespace msa

@@ -15,4 +15,25 @@ cudaError_t launch_with_smem(Kernel kernel, unsigned grid, int threads, int smem
   return cudaGetLastError();
 }
 
+// Launches kernel as a programmatic dependent of the stream's previous kernel: it may start while
+// that one drains, and must execute griddepcontrol.wait before reading anything it wrote. Raises
+// the dynamic shared memory limit first, as above. Kept as a dependency edge under graph capture.
+template <class Kernel, class Params>
+cudaError_t launch_dependent(Kernel kernel, dim3 grid, int threads, int smem_bytes, cudaStream_t stream,
+                             Params const& params) {
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+  if (err != cudaSuccess) return err;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(threads, 1, 1);
+  config.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
+  config.stream = stream;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, params);
+}
+
 }  // namespace msa::common

@@ -1,8 +1,7 @@
 // Sparse decode attention (MSA_SPEC s.5, s.8), split over the selected blocks.
 //
-// Grid (slot, new token x group, request). A CTA first merges the indexer's lists into its row's
-// selection (merge_selection; the slot-0 CTA writes it out), then takes the block named by its
-// slot and the token's G query heads (rows 0..G-1 of a 64-row tile). One thread issues the TMA of
+// Grid (slot, new token x group, request). A CTA takes the block named by its slot of its
+// (token, group) row of the selection and the token's G query heads (rows 0..G-1 of a 64-row tile). One thread issues the TMA of
 // the block's K and V on two barriers (the block sits at one cache row: contiguous, or inside one
 // page) while the warpgroup copies the G query rows into the SW128 tile; then S = Q K^T (WGMMA,
 // fp32) as soon as K lands, the causal mask at the token's position, P = exp2(S - max), O = P V
@@ -22,7 +21,6 @@
 #include "msa/common/arch.cuh"
 #include "msa/common/gemm.cuh"
 #include "msa/decode/decode_cache.cuh"
-#include "msa/decode/decode_select_kernel.cuh"
 #include "msa/decode/decode_traits.cuh"
 #include "msa/fwd/combine_kernel.cuh"
 #include "msa/fwd/fwd_collective.cuh"
@@ -38,9 +36,8 @@ struct DecodeAttnParams {
   typename Traits::TmaKV tma_v;
   CacheGeometry cache;
   int32_t cache_rows;
-  SelectionLists lists;
   const Element* q;               // [B, S_new, Hq, D]
-  int32_t* block_indices;         // [B, S_new, Hkv, topk]: the selection, written by slot 0's CTA
+  const int32_t* block_indices;   // [B, S_new, Hkv, topk]: the selection
   Element* part_o;                // [B * S_new, Hq, topk, D], normalized
   float2* part_stats;             // [B * S_new, Hq, topk]: (lse, lse), log2 units
   int32_t* row_arrivals;          // [B * S_new * Hkv], zeroed by the indexer
@@ -50,7 +47,7 @@ struct DecodeAttnParams {
   float scale_log2;
 };
 
-template <class Traits, int kTopKCap>
+template <class Traits>
 __global__ void __launch_bounds__(Traits::kNumThreads, 2)
     decode_attn_kernel(CUTE_GRID_CONSTANT DecodeAttnParams<Traits> const params) {
 #if MSA_SM90_ENABLED
@@ -72,10 +69,10 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 2)
   const int length = params.cache.length(b);
   const int query_pos = length - params.s_new + token_in_req;
 
-  merge_selection<kTopKCap>(params.lists, row, query_pos, smem_buf + Traits::kListsOffset, smem.selection);
-  if (slot == 0 && threadIdx.x < params.topk) {
-    params.block_indices[row * params.topk + threadIdx.x] = smem.selection[threadIdx.x];
-  }
+  // Launched early (programmatic dependent launch): the selection is complete past this point.
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  if (threadIdx.x < params.topk) smem.selection[threadIdx.x] = params.block_indices[row * params.topk + threadIdx.x];
+  __syncthreads();
   const int blk = smem.selection[slot];
   // The merge below reads exactly the slots with 0 <= id < num_blocks_max.
   const bool attend = blk >= 0 && blk < params.num_blocks_max;
@@ -96,8 +93,6 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 2)
       smem.barrier_k.init(1);
       smem.barrier_v.init(1);
       cutlass::arch::fence_barrier_init();
-      // The lists' generic-proxy writes to this memory come before the TMA's async-proxy ones.
-      cutlass::arch::fence_view_async_shared();
       Tensor mK = params.tma_k.get_tma_tensor(make_shape(params.cache_rows, Int<kHeadDim>{}, params.num_heads_kv));
       Tensor mV = params.tma_v.get_tma_tensor(make_shape(params.cache_rows, Int<kHeadDim>{}, params.num_heads_kv));
       const int key_row = static_cast<int>(params.cache.row(b, block_start));

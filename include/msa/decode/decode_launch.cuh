@@ -4,7 +4,6 @@
 
 #include <cuda_runtime.h>
 
-#include <cstddef>
 
 #include <cute/tensor.hpp>
 
@@ -50,7 +49,13 @@ cudaError_t launch_decode_select_cap(const DecodeParams& p, const DecodeWorkspac
   if (err != cudaSuccess) return err;
   const dim3 grid(num_splits, (rows + Traits::kBlockQ - 1) / Traits::kBlockQ, p.batch);
   kernel<<<grid, Traits::kNumThreads, Traits::kSmemBytes, stream>>>(kp);
-  return cudaGetLastError();
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+
+  DecodeMergeParams mp{CacheGeometry::from(p), ws.part_score, ws.part_id, p.block_indices, p.s_new, p.num_heads_kv,
+                       num_splits, p.block_size, p.topk, p.init_blocks, p.local_blocks};
+  return common::launch_dependent(decode_select_merge_kernel<kTopKCap>, dim3(p.batch * rows), kMergeThreads,
+                                  merge_smem_bytes<kTopKCap>(num_splits), stream, mp);
 }
 
 template <class Element, int kHeadDimIdx>
@@ -66,11 +71,9 @@ cudaError_t launch_decode_select(const DecodeParams& p, const DecodeWorkspace& w
   }
 }
 
-template <class Element, int kHeadDim, int kBlockN, int kTopKCap>
-cudaError_t launch_decode_attn_block(const DecodeParams& p, const DecodeWorkspace& ws, int num_splits,
-                                     cudaStream_t stream) {
+template <class Element, int kHeadDim, int kBlockN>
+cudaError_t launch_decode_attn_block(const DecodeParams& p, const DecodeWorkspace& ws, cudaStream_t stream) {
   using Traits = DecodeAttnTraits<Element, kHeadDim, kBlockN>;
-  static_assert(offsetof(typename Traits::SharedStorage, q) == Traits::kListsOffset, "lists must start at q");
   const int32_t cache_rows = static_cast<int32_t>(p.cache_rows);
   const auto kv_stride = make_stride(static_cast<int64_t>(p.num_heads_kv) * kHeadDim, _1{}, Int<kHeadDim>{});
   auto gK = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.k_cache)),
@@ -83,7 +86,6 @@ cudaError_t launch_decode_attn_block(const DecodeParams& p, const DecodeWorkspac
       make_tma_copy(SM90_TMA_LOAD{}, gV, smem_tile),
       CacheGeometry::from(p),
       cache_rows,
-      SelectionLists{ws.part_score, ws.part_id, num_splits, p.block_size, p.topk, p.init_blocks, p.local_blocks},
       static_cast<const Element*>(p.q),
       p.block_indices,
       static_cast<Element*>(ws.part_o),
@@ -99,33 +101,15 @@ cudaError_t launch_decode_attn_block(const DecodeParams& p, const DecodeWorkspac
       (p.capacity + kBlockN - 1) / kBlockN,
       p.softmax_scale * 1.4426950408889634f,
   };
-  const int lists_bytes = Traits::kListsOffset + merge_smem_bytes<kTopKCap>(num_splits);
-  const int smem = lists_bytes > Traits::kSmemBytes ? lists_bytes : Traits::kSmemBytes;
   const dim3 grid(p.topk, p.s_new * p.num_heads_kv, p.batch);
-  auto kernel = decode_attn_kernel<Traits, kTopKCap>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  kernel<<<grid, Traits::kNumThreads, smem, stream>>>(kp);
-  return cudaGetLastError();
-}
-
-template <class Element, int kHeadDim, int kBlockN>
-cudaError_t launch_decode_attn_for_block(const DecodeParams& p, const DecodeWorkspace& ws, int num_splits,
-                                         cudaStream_t stream) {
-  switch (decode_topk_cap(p.topk)) {
-    case 8:
-      return launch_decode_attn_block<Element, kHeadDim, kBlockN, 8>(p, ws, num_splits, stream);
-    case 16:
-      return launch_decode_attn_block<Element, kHeadDim, kBlockN, 16>(p, ws, num_splits, stream);
-    default:
-      return launch_decode_attn_block<Element, kHeadDim, kBlockN, 32>(p, ws, num_splits, stream);
-  }
+  return common::launch_dependent(decode_attn_kernel<Traits>, grid, Traits::kNumThreads, Traits::kSmemBytes, stream,
+                                  kp);
 }
 
 template <class Element, int kHeadDim>
-cudaError_t launch_decode_attn(const DecodeParams& p, const DecodeWorkspace& ws, int num_splits, cudaStream_t stream) {
-  return p.block_size == 64 ? launch_decode_attn_for_block<Element, kHeadDim, 64>(p, ws, num_splits, stream)
-                            : launch_decode_attn_for_block<Element, kHeadDim, 128>(p, ws, num_splits, stream);
+cudaError_t launch_decode_attn(const DecodeParams& p, const DecodeWorkspace& ws, cudaStream_t stream) {
+  return p.block_size == 64 ? launch_decode_attn_block<Element, kHeadDim, 64>(p, ws, stream)
+                            : launch_decode_attn_block<Element, kHeadDim, 128>(p, ws, stream);
 }
 
 }  // namespace msa::decode

@@ -13,12 +13,14 @@
 // Candidate blocks are fully visible to every row that may take them, so no key is masked, and no
 // index-scale is applied (it does not change the order).
 //
-// Pass 2 (merge_selection, the prologue of every attention CTA of the row): the 2 x splits sorted
-// lists go to shared memory, one warp merges them k-way (lane l owns lists l, l + 32, ...; each
-// step a warp argmax of the lane heads, ties to the lower block id), and the row's selection is
-// the forced leading blocks, the winners in ascending order and the forced recent blocks, -1
-// padded. Running it in the attention kernel saves a launch and its drain: the CTAs of a row
-// repeat it (a few KB from L2 each) instead of waiting for a merge kernel.
+// Pass 2 (decode_select_merge_kernel, one CTA per row): the 2 x splits sorted lists go to shared
+// memory (16-byte loads, all in flight), then a two-level tournament: each of the 8 warps merges
+// its share of the lists k-way into its best N (lane l owns lists l, l + 32, ... of the share;
+// a step is two warp reductions, the max score key and then the min id among the lanes holding
+// it, so ties go to the lower block id), and warp 0 merges the 8 lists of N the same way. The
+// row's selection is the forced leading blocks, the winners in ascending order and the forced
+// recent blocks, -1 padded. (Merging in every attention CTA instead cost more than the launch it
+// saved: the merge sat on each CTA's critical path.)
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -202,6 +204,9 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
     }
   }
 
+  // The merge kernel may launch now (programmatic dependent launch); it waits for this grid to
+  // finish before reading the lists.
+  asm volatile("griddepcontrol.launch_dependents;");
   if (row_valid) {
     const int64_t list = ((static_cast<int64_t>(b) * rows + row_in_req) * params.num_splits + split) * 2 + my_parity;
     float* scores = params.part_score + list * kTopKCap;
@@ -215,136 +220,175 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
 #endif
 }
 
-// Where a row's lists live and the selection rule's options; filled by the launcher.
-struct SelectionLists {
+struct DecodeMergeParams {
+  CacheGeometry cache;
   const float* part_score;  // [B * rows, num_splits, 2, cap]
   const int32_t* part_id;
-  int num_splits;
+  int32_t* block_indices;   // [B * rows, topk]
+  int s_new, num_idx_heads, num_splits;
   int block_size, topk, init_blocks, local_blocks;
 };
 
-// Shared-memory bytes merge_selection needs for the lists.
+constexpr int kMergeThreads = 256;
+constexpr int kMergeWarps = kMergeThreads / 32;
+
+// Shared-memory bytes of the merge kernel: the lists, plus each warp's best kTopKCap.
 template <int kTopKCap>
 constexpr int merge_smem_bytes(int num_splits) {
-  return 2 * num_splits * (kTopKCap * 8 + 4);
+  return 2 * num_splits * kTopKCap * 8 + kMergeWarps * kTopKCap * 8;
 }
 
-// a ranks before b: a real entry with a higher score, or the same score and a lower block id.
-__device__ __forceinline__ bool ranks_before(float sa, int ia, float sb, int ib) {
-  return ia >= 0 && (ib < 0 || sa > sb || (sa == sb && ia < ib));
+// Order-preserving map of a finite score to a key > 0 (0 = nothing).
+__device__ __forceinline__ uint32_t score_key(float s) {
+  const uint32_t bits = __float_as_uint(s);
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
-// The selection of packed row `row` (query position `pos`) into selection[0, topk). Every thread
-// of the CTA calls it (they load the lists); warp 0 merges. `lists_smem` holds
-// merge_smem_bytes(num_splits) bytes. Ends with a CTA barrier.
+__device__ __forceinline__ float key_score(uint32_t key) {
+  return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
+}
+
+// k-way merge of sorted (descending) lists by one warp: lists [0, num_lists) of `stride` entries
+// (scores, ids; id < 0 ends a list), lane l owning lists l, l + 32, .... Takes up to `count`
+// winners; lane k gets the k-th (key 0 when none). Returns how many were taken.
+__device__ __forceinline__ int warp_kway_merge(const float* scores, const int32_t* ids, int num_lists, int stride,
+                                               int count, int lane, uint32_t& won_key, int& won_id) {
+  int head[8];  // lists per lane: num_lists <= 256
+#pragma unroll
+  for (int k = 0; k < 8; ++k) head[k] = 0;
+  auto lane_best = [&](uint32_t& key, int& id, int& which) {
+    key = 0;
+    id = -1;
+    which = -1;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const int l = lane + 32 * k;
+      if (l < num_lists && head[k] < stride) {
+        const int e = l * stride + head[k];
+        const int cid = ids[e];
+        const uint32_t ckey = cid >= 0 ? score_key(scores[e]) : 0u;
+        if (ckey > key || (ckey == key && ckey != 0 && cid < id)) {
+          key = ckey;
+          id = cid;
+          which = k;
+        }
+      }
+    }
+  };
+  uint32_t my_key;
+  int my_id, my_which;
+  lane_best(my_key, my_id, my_which);
+  won_key = 0;
+  won_id = -1;
+  int taken = 0;
+  for (; taken < count; ++taken) {
+    const uint32_t top = __reduce_max_sync(0xffffffff, my_key);
+    if (top == 0) break;  // every list ran out
+    const int top_id = __reduce_min_sync(0xffffffff, my_key == top ? my_id : 0x7fffffff);
+    if (lane == taken) {
+      won_key = top;
+      won_id = top_id;
+    }
+    if (my_key == top && my_id == top_id) {  // ids are unique: one lane owns the winner
+#pragma unroll
+      for (int k = 0; k < 8; ++k) head[k] += k == my_which;
+      lane_best(my_key, my_id, my_which);
+    }
+  }
+  return taken;
+}
+
 template <int kTopKCap>
-__device__ void merge_selection(const SelectionLists& p, int64_t row, int pos, char* lists_smem,
-                                int32_t* selection) {
+__global__ void __launch_bounds__(kMergeThreads) decode_select_merge_kernel(const DecodeMergeParams p) {
+  extern __shared__ char smem_buf[];
   const int num_lists = 2 * p.num_splits;
   const int entries = num_lists * kTopKCap;
-  float* s_score = reinterpret_cast<float*>(lists_smem);
+  float* s_score = reinterpret_cast<float*>(smem_buf);
   int32_t* s_id = reinterpret_cast<int32_t*>(s_score + entries);
-  int32_t* s_head = s_id + entries;
+  float* w_score = reinterpret_cast<float*>(s_id + entries);  // [warps, kTopKCap]
+  int32_t* w_id = reinterpret_cast<int32_t*>(w_score + kMergeWarps * kTopKCap);
 
-  int num_selected = 0;
-  common::BlockRanges ranges(0, 0, 1);
-  if (pos >= 0) {
-    ranges = common::BlockRanges(pos / p.block_size, p.init_blocks, p.local_blocks);
-    num_selected = max(0, min(p.topk - ranges.num_forced(), ranges.num_candidates()));
+  const int rows = p.s_new * p.num_idx_heads;
+  const int64_t row = blockIdx.x;  // b * rows + r
+  const int b = static_cast<int>(row / rows);
+  const int r = static_cast<int>(row % rows);
+  const int pos = p.cache.length(b) - p.s_new + r / p.num_idx_heads;
+  int32_t* out = p.block_indices + row * p.topk;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  // The indexer (the previous grid) must be complete before its lists are read; the attention
+  // kernel may launch meanwhile (it waits for this grid in turn).
+  asm volatile("griddepcontrol.launch_dependents;");
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  if (pos < 0) {  // a request shorter than its new tokens: this token sees nothing
+    for (int s = threadIdx.x; s < p.topk; s += blockDim.x) out[s] = -1;
+    return;
   }
+  const common::BlockRanges ranges(pos / p.block_size, p.init_blocks, p.local_blocks);
+  const int num_selected = max(0, min(p.topk - ranges.num_forced(), ranges.num_candidates()));
+
+  int taken = 0;
+  uint32_t won_key = 0;
+  int won_id = -1;
   if (num_selected > 0) {
-    // 16-byte loads, four in flight per thread before any store (the lists are in L2).
     const float4* src_score = reinterpret_cast<const float4*>(p.part_score + row * entries);
     const int4* src_id = reinterpret_cast<const int4*>(p.part_id + row * entries);
     const int n4 = entries / 4;
-    for (int base = threadIdx.x; base < n4; base += 4 * blockDim.x) {
+    for (int base = threadIdx.x; base < n4; base += 4 * kMergeThreads) {
       float4 sc[4];
       int4 id[4];
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
-        const int e = base + u * blockDim.x;
+        const int e = base + u * kMergeThreads;
         if (e < n4) {
-          sc[u] = __ldcg(src_score + e);
-          id[u] = __ldcg(src_id + e);
+          sc[u] = src_score[e];
+          id[u] = src_id[e];
         }
       }
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
-        const int e = base + u * blockDim.x;
+        const int e = base + u * kMergeThreads;
         if (e < n4) {
           reinterpret_cast<float4*>(s_score)[e] = sc[u];
           reinterpret_cast<int4*>(s_id)[e] = id[u];
         }
       }
     }
-    for (int l = threadIdx.x; l < num_lists; l += blockDim.x) s_head[l] = 0;
-  }
-  __syncthreads();
-
-  if (threadIdx.x < 32) {
-    const int lane = threadIdx.x;
-    auto lane_best = [&](float& best_s, int& best_id, int& best_list) {
-      best_s = -CUDART_INF_F;
-      best_id = -1;
-      best_list = -1;
-      for (int l = lane; l < num_lists; l += 32) {
-        const int h = s_head[l];
-        if (h >= kTopKCap) continue;
-        const float sc = s_score[l * kTopKCap + h];
-        const int id = s_id[l * kTopKCap + h];
-        if (ranks_before(sc, id, best_s, best_id)) {
-          best_s = sc;
-          best_id = id;
-          best_list = l;
-        }
-      }
-    };
-    int chosen = -1;  // lane k holds the k-th winner
-    int taken = 0;
-    if (num_selected > 0) {
-      float my_s;
-      int my_id, my_list;
-      lane_best(my_s, my_id, my_list);
-      for (; taken < num_selected; ++taken) {
-        float sc = my_s;
-        int id = my_id;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-          const float so = __shfl_xor_sync(0xffffffff, sc, o);
-          const int io = __shfl_xor_sync(0xffffffff, id, o);
-          if (ranks_before(so, io, sc, id)) {
-            sc = so;
-            id = io;
-          }
-        }
-        if (id < 0) break;  // every list ran out
-        if (lane == taken) chosen = id;
-        if (my_id == id) {  // ids are unique across lists: exactly one lane owns the winner
-          ++s_head[my_list];
-          lane_best(my_s, my_id, my_list);
-        }
-        __syncwarp();
-      }
+    __syncthreads();
+    // Level 1: warp w merges lists [w * share, (w + 1) * share) into its best num_selected.
+    const int share = (num_lists + kMergeWarps - 1) / kMergeWarps;
+    const int first = min(num_lists, warp * share);
+    const int mine = min(num_lists, first + share) - first;
+    uint32_t key;
+    int id;
+    const int got = warp_kway_merge(s_score + first * kTopKCap, s_id + first * kTopKCap, mine, kTopKCap,
+                                    num_selected, lane, key, id);
+    if (lane < kTopKCap) {
+      w_score[warp * kTopKCap + lane] = lane < got ? key_score(key) : 0.f;
+      w_id[warp * kTopKCap + lane] = lane < got ? id : -1;
     }
-    // Winners in ascending order: lane k's rank among them is its slot after the leading blocks.
-    int rank = 0;
-    for (int k = 0; k < taken; ++k) rank += __shfl_sync(0xffffffff, chosen, k) < chosen;
-    if (lane < taken) selection[ranges.init_end + rank] = chosen;
-    const int recent_begin = ranges.init_end + taken;
-    const int num_recent = pos >= 0 ? ranges.local - ranges.local_begin + 1 : 0;
-    for (int slot = lane; slot < p.topk; slot += 32) {
-      if (pos < 0) {
-        selection[slot] = -1;  // a request shorter than its new tokens: this token sees nothing
-      } else if (slot < ranges.init_end) {
-        selection[slot] = slot;
-      } else if (slot >= recent_begin && slot < recent_begin + num_recent) {
-        selection[slot] = ranges.local_begin + (slot - recent_begin);
-      } else if (slot >= recent_begin + num_recent) {
-        selection[slot] = -1;
-      }
+    __syncthreads();
+    if (warp != 0) return;
+    // Level 2: warp 0 merges the warps' lists.
+    taken = warp_kway_merge(w_score, w_id, kMergeWarps, kTopKCap, num_selected, lane, won_key, won_id);
+  } else if (warp != 0) {
+    return;
+  }
+  // Winners in ascending order: lane k's rank among them is its slot after the leading blocks.
+  int rank = 0;
+  for (int k = 0; k < taken; ++k) rank += __shfl_sync(0xffffffff, won_id, k) < won_id;
+  if (lane < taken) out[ranges.init_end + rank] = won_id;
+  const int recent_begin = ranges.init_end + taken;
+  const int num_recent = ranges.local - ranges.local_begin + 1;
+  for (int slot = lane; slot < p.topk; slot += 32) {
+    if (slot < ranges.init_end) {
+      out[slot] = slot;
+    } else if (slot >= recent_begin && slot < recent_begin + num_recent) {
+      out[slot] = ranges.local_begin + (slot - recent_begin);
+    } else if (slot >= recent_begin + num_recent) {
+      out[slot] = -1;
     }
   }
-  __syncthreads();
 }
 
 }  // namespace msa::decode

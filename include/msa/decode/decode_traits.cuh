@@ -66,10 +66,9 @@ struct DecodeSelectTraits {
   static_assert(kSmemBytes * kCtasPerSm <= 226 * 1024, "shared memory budget exceeded");
 };
 
-// Sparse decode attention. A CTA owns one (request, new token, group, slot): it merges the
-// indexer's lists into the row's selection, then attends the G query heads of the token (rows
-// 0..G-1 of a 64-row WGMMA tile) over the one key block the slot names; the last CTA of the row
-// to finish merges the slots. Decode attention is bandwidth-bound (each block is read once per
+// Sparse decode attention. A CTA owns one (request, new token, group, slot): it attends the G
+// query heads of the token (rows 0..G-1 of a 64-row WGMMA tile) over the one key block the slot
+// names; the last CTA of the row to finish merges the slots. Decode attention is bandwidth-bound (each block is read once per
 // token and group), so the padding rows cost only tensor-core time, which is idle anyway.
 template <class Element_, int kHeadDim_, int kBlockN_>
 struct DecodeAttnTraits {
@@ -102,8 +101,6 @@ struct DecodeAttnTraits {
                                             GmemStrideKV{}));
   using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensorKV{}, take<0, 2>(SmemLayoutKV{})));
 
-  // The small fields first: the indexer's lists, read before any tile is loaded, alias q/k/v
-  // (and may run past them: the launch sizes the dynamic shared memory for both).
   struct SharedStorage {
     cutlass::arch::ClusterTransactionBarrier barrier_k;
     cutlass::arch::ClusterTransactionBarrier barrier_v;
@@ -114,7 +111,6 @@ struct DecodeAttnTraits {
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutKV>, 1024> v;
   };
   static constexpr int kSmemBytes = sizeof(SharedStorage);
-  static constexpr int kListsOffset = 1024;  // where q starts: the first 1024-byte boundary
   static constexpr uint32_t kTmaBytesBlock = kBlockN * kHeadDim * sizeof(Element);
 };
 
