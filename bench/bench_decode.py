@@ -14,6 +14,7 @@ of dense decoding's bandwidth. --profile adds the per-kernel CUDA time of one MS
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -42,9 +43,12 @@ def capture(step):
 
 
 def profile_kernels(step, reps=10):
-    """Mean CUDA time per step of each kernel of step(None), in microseconds."""
+    """Mean CUDA time per step of each kernel of step(None), in microseconds. The decode kernels
+    are launched one after the other for this (MSA_CUDA_DECODE_PDL=0): with programmatic launches a
+    kernel's span would include its wait for the one before."""
     from torch.profiler import ProfilerActivity, profile
 
+    os.environ["MSA_CUDA_DECODE_PDL"] = "0"
     step(None)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -57,6 +61,7 @@ def profile_kernels(step, reps=10):
             us = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
             if us > 0:
                 times[ev.key[:90]] = us / reps
+    del os.environ["MSA_CUDA_DECODE_PDL"]
     return dict(sorted(times.items(), key=lambda kv: -kv[1]))
 
 

@@ -190,6 +190,10 @@ struct DecodeParams {
   int local_blocks = 1;  // effective count (>= 1)
   float softmax_scale = 0.f;
   int num_sms = 0;
+  // Launch the merge and attention kernels as programmatic dependents of the kernel before them
+  // (overlaps each launch with the previous kernel's drain). Off only to profile the kernels
+  // one at a time (MSA_CUDA_DECODE_PDL=0).
+  bool programmatic_launch = true;
 };
 
 }  // namespace msa

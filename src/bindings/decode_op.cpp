@@ -4,6 +4,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <tuple>
 #include <utility>
 
@@ -130,6 +132,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_step_cuda(
   p.init_blocks = static_cast<int>(init_blocks);
   p.local_blocks = static_cast<int>(local_blocks < 1 ? 1 : local_blocks);
   p.softmax_scale = static_cast<float>(softmax_scale);
+  // MSA_CUDA_DECODE_PDL=0 launches the decode kernels one after the other (for profiling).
+  const char* pdl = std::getenv("MSA_CUDA_DECODE_PDL");
+  p.programmatic_launch = pdl == nullptr || std::strcmp(pdl, "0") != 0;
   TORCH_CHECK(init_blocks >= 0 && local_blocks >= 1 && init_blocks + local_blocks <= topk,
               "need init_blocks >= 0, local_blocks >= 1 and init_blocks + local_blocks <= topk");
   TORCH_CHECK(decode_is_supported(p), "unsupported decode configuration: D and Di must be 64 or 128, block_size 64 "

@@ -15,12 +15,13 @@ cudaError_t launch_with_smem(Kernel kernel, unsigned grid, int threads, int smem
   return cudaGetLastError();
 }
 
-// Launches kernel as a programmatic dependent of the stream's previous kernel: it may start while
-// that one drains, and must execute griddepcontrol.wait before reading anything it wrote. Raises
-// the dynamic shared memory limit first, as above. Kept as a dependency edge under graph capture.
+// Launches kernel, when `programmatic`, as a programmatic dependent of the stream's previous
+// kernel: it may start while that one drains, and must execute griddepcontrol.wait before reading
+// anything it wrote (a no-op in a plain launch). Raises the dynamic shared memory limit first, as
+// above. Kept as a dependency edge under graph capture.
 template <class Kernel, class Params>
 cudaError_t launch_dependent(Kernel kernel, dim3 grid, int threads, int smem_bytes, cudaStream_t stream,
-                             Params const& params) {
+                             Params const& params, bool programmatic = true) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
   if (err != cudaSuccess) return err;
   cudaLaunchAttribute attr[1];
@@ -32,7 +33,7 @@ cudaError_t launch_dependent(Kernel kernel, dim3 grid, int threads, int smem_byt
   config.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
   config.stream = stream;
   config.attrs = attr;
-  config.numAttrs = 1;
+  config.numAttrs = programmatic ? 1 : 0;
   return cudaLaunchKernelEx(&config, kernel, params);
 }
 

@@ -55,7 +55,7 @@ cudaError_t launch_decode_select_cap(const DecodeParams& p, const DecodeWorkspac
   DecodeMergeParams mp{CacheGeometry::from(p), ws.part_score, ws.part_id, p.block_indices, p.s_new, p.num_heads_kv,
                        num_splits, p.block_size, p.topk, p.init_blocks, p.local_blocks};
   return common::launch_dependent(decode_select_merge_kernel<kTopKCap>, dim3(p.batch * rows), kMergeThreads,
-                                  merge_smem_bytes<kTopKCap>(num_splits), stream, mp);
+                                  merge_smem_bytes<kTopKCap>(num_splits), stream, mp, p.programmatic_launch);
 }
 
 template <class Element, int kHeadDimIdx>
@@ -103,7 +103,7 @@ cudaError_t launch_decode_attn_block(const DecodeParams& p, const DecodeWorkspac
   };
   const dim3 grid(p.topk, p.s_new * p.num_heads_kv, p.batch);
   return common::launch_dependent(decode_attn_kernel<Traits>, grid, Traits::kNumThreads, Traits::kSmemBytes, stream,
-                                  kp);
+                                  kp, p.programmatic_launch);
 }
 
 template <class Element, int kHeadDim>
