@@ -40,7 +40,7 @@ size_t align_up(size_t x) { return (x + 255) / 256 * 256; }
 // Carves the step's scratch from `base` (null: only sizes it); returns the bytes used.
 size_t carve(const DecodeParams& p, void* base, DecodeWorkspace& w) {
   const size_t rows = static_cast<size_t>(p.batch) * p.s_new * p.num_heads_kv;
-  const size_t list_entries = rows * decode_select_splits(p) * 2 * kTopKListCap;
+  const size_t list_entries = rows * decode_select_splits(p) * kTopKListCap;
   const size_t pairs = static_cast<size_t>(p.batch) * p.s_new * p.num_heads * p.topk;
   char* ptr = static_cast<char*>(base);
   size_t off = 0;

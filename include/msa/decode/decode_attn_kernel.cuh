@@ -1,16 +1,17 @@
 // Sparse decode attention (MSA_SPEC s.5, s.8), split over the selected blocks.
 //
-// Grid (slot, new token x group, request). A CTA takes the block named by its slot of its
-// (token, group) row of the selection and the token's G query heads (rows 0..G-1 of a 64-row tile). One thread issues the TMA of
-// the block's K and V on two barriers (the block sits at one cache row: contiguous, or inside one
-// page) while the warpgroup copies the G query rows into the SW128 tile; then S = Q K^T (WGMMA,
-// fp32) as soon as K lands, the causal mask at the token's position, P = exp2(S - max), O = P V
-// (RS WGMMA), and the normalized O (q's dtype) with its lse (log2 units) goes to the slot's
-// partial. Every CTA of the row (empty slots too) then counts itself in; the last one merges the
-// row's slots (combine_slots, reading the partials through L2) into out and lse, so no combine
-// kernel runs. Rows of the block past the request's length are stale cache memory: their V rows
-// are zeroed in shared memory before P V (a masked score gives P = 0, but 0 x NaN would still
-// poison O).
+// Grid (chunk, new token x group, request). A row (token, group) of the selection is split into
+// chunks of slots_per_cta consecutive slots, sized on the host so the grid covers the GPU about
+// once. A CTA copies the token's G query heads into rows 0..G-1 of a 64-row SW128 tile (zeros
+// below) and walks its chunk's blocks with an online softmax: one thread keeps two blocks of K
+// and V in flight (TMA, a barrier each, at the block's cache row: contiguous, or inside one page),
+// and per block the warpgroup runs S = Q K^T (WGMMA, fp32) as soon as K lands, the causal mask at
+// the token's position, the running max / sum, and O += P V (RS WGMMA). The normalized O (q's
+// dtype) and its lse (log2 units) go to the chunk's partial. Every CTA of the row (empty chunks
+// too) then counts itself in; the last one merges the row's chunks (combine_slots, reading the
+// partials through L2) into out and lse, so no combine kernel runs. Rows of a block past the
+// request's length are stale cache memory: their V rows are zeroed in shared memory before P V (a
+// masked score gives P = 0, but 0 x NaN would still poison O).
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -38,17 +39,18 @@ struct DecodeAttnParams {
   int32_t cache_rows;
   const Element* q;               // [B, S_new, Hq, D]
   const int32_t* block_indices;   // [B, S_new, Hkv, topk]: the selection
-  Element* part_o;                // [B * S_new, Hq, topk, D], normalized
-  float2* part_stats;             // [B * S_new, Hq, topk]: (lse, lse), log2 units
+  Element* part_o;                // [B * S_new, Hq, num_chunks, D], normalized
+  float2* part_stats;             // [B * S_new, Hq, num_chunks]: (lse, lse), log2 units
   int32_t* row_arrivals;          // [B * S_new * Hkv], zeroed by the indexer
   Element* out;                   // [B, S_new, Hq, D]
   float* lse;                     // [B, Hq, S_new], natural log
   int s_new, num_heads, num_heads_kv, group_size, topk, num_blocks_max;
+  int slots_per_cta, num_chunks;
   float scale_log2;
 };
 
 template <class Traits>
-__global__ void __launch_bounds__(Traits::kNumThreads, 2)
+__global__ void __launch_bounds__(Traits::kNumThreads, 1)
     decode_attn_kernel(CUTE_GRID_CONSTANT DecodeAttnParams<Traits> const params) {
 #if MSA_SM90_ENABLED
   using Element = typename Traits::Element;
@@ -60,7 +62,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 2)
   extern __shared__ char smem_buf[];
   auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_buf);
 
-  const int slot = blockIdx.x;
+  const int chunk = blockIdx.x;
   const int token_in_req = blockIdx.y / params.num_heads_kv;
   const int group = blockIdx.y % params.num_heads_kv;
   const int b = blockIdx.z;
@@ -68,87 +70,113 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 2)
   const int64_t row = token * params.num_heads_kv + group;  // the indexer's packed row
   const int length = params.cache.length(b);
   const int query_pos = length - params.s_new + token_in_req;
+  const int G = params.group_size;
+  const int lane = threadIdx.x % 32;
+
+  Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutKV{});
+  Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), typename Traits::SmemLayoutKV{});
+  Tensor sVt = make_tensor(make_smem_ptr(smem.v.data()), typename Traits::SmemLayoutVt{});
+
+  // The token's G query rows (contiguous in q) into rows 0..G-1 of the tile, zeros below: q is
+  // not written by the kernels before this one, so this runs before waiting for them.
+  const Element* q_rows = params.q + (token * params.num_heads + group * G) * kHeadDim;
+  for (int idx = threadIdx.x; idx < kBlockM * kChunksPerRow; idx += Traits::kNumThreads) {
+    const int r = idx / kChunksPerRow;
+    const int c = idx % kChunksPerRow;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (r < G) v = *reinterpret_cast<const uint4*>(q_rows + r * kHeadDim + c * 8);
+    *reinterpret_cast<uint4*>(&sQ(r, c * 8)) = v;
+  }
+  cutlass::arch::fence_view_async_shared();  // generic-proxy writes -> WGMMA reads
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int st = 0; st < Traits::kStages; ++st) {
+      smem.barrier_k[st].init(1);
+      smem.barrier_v[st].init(1);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
 
   // Launched early (programmatic dependent launch): the selection is complete past this point.
   asm volatile("griddepcontrol.wait;" ::: "memory");
   if (threadIdx.x < params.topk) smem.selection[threadIdx.x] = params.block_indices[row * params.topk + threadIdx.x];
   __syncthreads();
-  const int blk = smem.selection[slot];
-  // The merge below reads exactly the slots with 0 <= id < num_blocks_max.
-  const bool attend = blk >= 0 && blk < params.num_blocks_max;
-  const int G = params.group_size;
-  const int lane = threadIdx.x % 32;
-
-  if (attend) {
-    const int block_start = blk * kBlockN;
-    const int last_col = query_pos - block_start;               // keys [0, last_col] are visible
-    const int valid_rows = min(kBlockN, length - block_start);  // rows holding written tokens
-
-    Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});
-    Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutKV{});
-    Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), typename Traits::SmemLayoutKV{});
-    Tensor sVt = make_tensor(make_smem_ptr(smem.v.data()), typename Traits::SmemLayoutVt{});
-
-    if (threadIdx.x == 0) {
-      smem.barrier_k.init(1);
-      smem.barrier_v.init(1);
-      cutlass::arch::fence_barrier_init();
-      Tensor mK = params.tma_k.get_tma_tensor(make_shape(params.cache_rows, Int<kHeadDim>{}, params.num_heads_kv));
-      Tensor mV = params.tma_v.get_tma_tensor(make_shape(params.cache_rows, Int<kHeadDim>{}, params.num_heads_kv));
-      const int key_row = static_cast<int>(params.cache.row(b, block_start));
-      smem.barrier_k.arrive_and_expect_tx(Traits::kTmaBytesBlock);
-      fwd::load_block<Traits>(params.tma_k, mK, sK, reinterpret_cast<uint64_t*>(&smem.barrier_k), 0, key_row, group);
-      smem.barrier_v.arrive_and_expect_tx(Traits::kTmaBytesBlock);
-      fwd::load_block<Traits>(params.tma_v, mV, sV, reinterpret_cast<uint64_t*>(&smem.barrier_v), 0, key_row, group);
+  if (threadIdx.x == 0) {
+    // The chunk's blocks the merge below will count: ids naming a block of the cache.
+    const int slot_end = min(params.topk, (chunk + 1) * params.slots_per_cta);
+    int n = 0;
+    for (int s = chunk * params.slots_per_cta; s < slot_end; ++s) {
+      const int blk = smem.selection[s];
+      if (blk >= 0 && blk < params.num_blocks_max) smem.blocks[n++] = blk;
     }
+    smem.num_blocks = n;
+  }
+  __syncthreads();
+  const int num_blocks = smem.num_blocks;
 
-    // The token's G query rows (contiguous in q) into rows 0..G-1 of the tile, zeros below.
-    const Element* q_rows = params.q + (token * params.num_heads + group * G) * kHeadDim;
-    for (int idx = threadIdx.x; idx < kBlockM * kChunksPerRow; idx += Traits::kNumThreads) {
-      const int r = idx / kChunksPerRow;
-      const int c = idx % kChunksPerRow;
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (r < G) v = *reinterpret_cast<const uint4*>(q_rows + r * kHeadDim + c * 8);
-      *reinterpret_cast<uint4*>(&sQ(r, c * 8)) = v;
-    }
-    cutlass::arch::fence_view_async_shared();  // generic-proxy writes -> WGMMA reads
-    __syncthreads();  // also publishes the barriers' initialization
+  Tensor mK = params.tma_k.get_tma_tensor(make_shape(params.cache_rows, Int<kHeadDim>{}, params.num_heads_kv));
+  Tensor mV = params.tma_v.get_tma_tensor(make_shape(params.cache_rows, Int<kHeadDim>{}, params.num_heads_kv));
+  auto issue = [&](int n) {  // block n of the chunk into stage n % kStages; thread 0 only
+    const int st = n % Traits::kStages;
+    const int key_row = static_cast<int>(params.cache.row(b, smem.blocks[n] * kBlockN));
+    smem.barrier_k[st].arrive_and_expect_tx(Traits::kTmaBytesBlock);
+    fwd::load_block<Traits>(params.tma_k, mK, sK, reinterpret_cast<uint64_t*>(&smem.barrier_k[st]), st, key_row, group);
+    smem.barrier_v[st].arrive_and_expect_tx(Traits::kTmaBytesBlock);
+    fwd::load_block<Traits>(params.tma_v, mV, sV, reinterpret_cast<uint64_t*>(&smem.barrier_v[st]), st, key_row, group);
+  };
+  if (threadIdx.x == 0) {
+    for (int n = 0; n < min(num_blocks, Traits::kStages); ++n) issue(n);
+  }
 
-    typename Traits::TiledMmaQK tiled_mma_qk;
-    typename Traits::TiledMmaPV tiled_mma_pv;
-    auto thr_mma_qk = tiled_mma_qk.get_thread_slice(threadIdx.x);
-    auto thr_mma_pv = tiled_mma_pv.get_thread_slice(threadIdx.x);
-    Tensor tSrQ = thr_mma_qk.partition_fragment_A(sQ);
-    Tensor tSrK = thr_mma_qk.partition_fragment_B(sK);
-    Tensor tOrVt = thr_mma_pv.partition_fragment_B(sVt);
-    Tensor tSrS = partition_fragment_C(tiled_mma_qk, Shape<Int<kBlockM>, Int<kBlockN>>{});
-    Tensor tOrO = partition_fragment_C(tiled_mma_pv, Shape<Int<kBlockM>, Int<kHeadDim>>{});
-    // P as the A operand of O = P V: value 8s + v of S is value v of k-slice s.
-    Tensor tOrP = make_tensor<Element>(
-        Layout<Shape<Shape<_2, _2, _2>, _1, Int<kBlockN / 16>>, Stride<Stride<_1, _2, _4>, _0, _8>>{});
+  typename Traits::TiledMmaQK tiled_mma_qk;
+  typename Traits::TiledMmaPV tiled_mma_pv;
+  auto thr_mma_qk = tiled_mma_qk.get_thread_slice(threadIdx.x);
+  auto thr_mma_pv = tiled_mma_pv.get_thread_slice(threadIdx.x);
+  Tensor tSrQ = thr_mma_qk.partition_fragment_A(sQ);
+  Tensor tSrK = thr_mma_qk.partition_fragment_B(sK);
+  Tensor tOrVt = thr_mma_pv.partition_fragment_B(sVt);
+  Tensor tSrS = partition_fragment_C(tiled_mma_qk, Shape<Int<kBlockM>, Int<kBlockN>>{});
+  Tensor tOrO = partition_fragment_C(tiled_mma_pv, Shape<Int<kBlockM>, Int<kHeadDim>>{});
+  // P as the A operand of O = P V: value 8s + v of S is value v of k-slice s.
+  Tensor tOrP = make_tensor<Element>(
+      Layout<Shape<Shape<_2, _2, _2>, _1, Int<kBlockN / 16>>, Stride<Stride<_1, _2, _4>, _0, _8>>{});
+  const int quad = lane % 4;
 
-    smem.barrier_k.wait(0);
-    common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_qk, tSrQ, tSrK(_, _, _, 0), tSrS);
-    const int quad = lane % 4;
-    const int cols[2] = {last_col, last_col};
+  // Online softmax state per row (log2 units of the scaled scores).
+  float row_max[2] = {-CUDART_INF_F, -CUDART_INF_F}, row_sum[2] = {0.f, 0.f};
+  clear(tOrO);
+  for (int n = 0; n < num_blocks; ++n) {
+    const int st = n % Traits::kStages;
+    const uint32_t phase = (n / Traits::kStages) & 1;
+    const int block_start = smem.blocks[n] * kBlockN;
+    smem.barrier_k[st].wait(phase);
+    common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_qk, tSrQ, tSrK(_, _, _, st), tSrS);
+    const int cols[2] = {query_pos - block_start, query_pos - block_start};  // visible: [0, cols]
     fwd::mask_block_columns<kBlockN>(tSrS, cols, quad);
-    float row_max[2], row_sum[2];
+    float alpha[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const float m = fwd::block_row_max<kBlockN>(tSrS, i);
-      row_max[i] = m == -CUDART_INF_F ? 0.f : m * params.scale_log2;  // no visible key: P = 0
-      row_sum[i] = fwd::exp2_row_sum<kBlockN>(tSrS, i, params.scale_log2, row_max[i]);
+      const float new_max = m == -CUDART_INF_F ? row_max[i] : fmaxf(row_max[i], m * params.scale_log2);
+      const float base = new_max == -CUDART_INF_F ? 0.f : new_max;  // no visible key yet: P = 0
+      alpha[i] = exp2f(row_max[i] - base);
+      row_sum[i] = row_sum[i] * alpha[i] + fwd::exp2_row_sum<kBlockN>(tSrS, i, params.scale_log2, base);
+      row_max[i] = new_max;
     }
+#pragma unroll
+    for (int v = 0; v < size(tOrO); ++v) tOrO(v) *= alpha[(v / 2) % 2];
 #pragma unroll
     for (int v = 0; v < size(tSrS); ++v) tOrP(v) = static_cast<Element>(tSrS(v));
     warpgroup_fence_operand(tOrP);
 
-    smem.barrier_v.wait(0);
+    smem.barrier_v[st].wait(phase);
+    const int valid_rows = min(kBlockN, length - block_start);  // rows holding written tokens
     if (valid_rows < kBlockN) {
       // Zero the V rows past the request's end: row r is the 128-byte line r of each 64-column
       // half (the 128-byte swizzle permutes chunks within a line only).
       constexpr int kHalves = kHeadDim / 64;
-      char* v_bytes = reinterpret_cast<char*>(smem.v.data());
+      char* v_bytes = reinterpret_cast<char*>(&sV(0, 0, st));
       for (int idx = threadIdx.x; idx < kBlockN * kHalves * 8; idx += Traits::kNumThreads) {
         const int r = idx / (kHalves * 8);
         const int rest = idx % (kHalves * 8);
@@ -160,44 +188,46 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 2)
       cutlass::arch::fence_view_async_shared();
       __syncthreads();
     }
-    common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_pv, tOrP, tOrVt(_, _, _, 0), tOrO);
-
-    // Rows 16 warp + lane / 4 (+ 8); columns 8 j + 2 quad + {0, 1}.
-    const int row_base = (threadIdx.x / 32) * 16 + lane / 4;
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int r = row_base + 8 * i;
-      if (r >= G) continue;
-      const int64_t pair = token * params.num_heads + group * G + r;
-      const float scale = row_sum[i] > 0.f ? 1.f / row_sum[i] : 0.f;
-      uint32_t* dst = reinterpret_cast<uint32_t*>(params.part_o + (pair * params.topk + slot) * kHeadDim);
-#pragma unroll
-      for (int j = 0; j < kHeadDim / 8; ++j) {
-        dst[4 * j + quad] = fwd::pack_pair<Element>(tOrO(4 * j + 2 * i) * scale, tOrO(4 * j + 2 * i + 1) * scale);
-      }
-      if (quad == 0) {
-        const float lse2 = row_sum[i] > 0.f ? row_max[i] + __log2f(row_sum[i]) : -CUDART_INF_F;
-        params.part_stats[pair * params.topk + slot] = make_float2(lse2, lse2);
-      }
-    }
-    __threadfence();  // the partial is visible device-wide before this CTA counts itself in
+    common::warpgroup_gemm</*kZeroInit=*/false>(tiled_mma_pv, tOrP, tOrVt(_, _, _, st), tOrO);
+    // Every thread is done with this stage: refill it.
+    __syncthreads();
+    if (threadIdx.x == 0 && n + Traits::kStages < num_blocks) issue(n + Traits::kStages);
   }
 
-  // Every CTA of the row counts itself in; the last merges the row's slots, one warp per head.
+  // The chunk's partial (an empty chunk writes O = 0, lse = -inf).
+  const int row_base = (threadIdx.x / 32) * 16 + lane / 4;  // rows row_base, row_base + 8
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = row_base + 8 * i;
+    if (r >= G) continue;
+    const int64_t pair = token * params.num_heads + group * G + r;
+    const float scale = row_sum[i] > 0.f ? 1.f / row_sum[i] : 0.f;
+    uint32_t* dst = reinterpret_cast<uint32_t*>(params.part_o + (pair * params.num_chunks + chunk) * kHeadDim);
+#pragma unroll
+    for (int j = 0; j < kHeadDim / 8; ++j) {
+      dst[4 * j + quad] = fwd::pack_pair<Element>(tOrO(4 * j + 2 * i) * scale, tOrO(4 * j + 2 * i + 1) * scale);
+    }
+    if (quad == 0) {
+      const float lse2 = row_sum[i] > 0.f ? row_max[i] + __log2f(row_sum[i]) : -CUDART_INF_F;
+      params.part_stats[pair * params.num_chunks + chunk] = make_float2(lse2, lse2);
+    }
+  }
+  __threadfence();  // the partial is visible device-wide before this CTA counts itself in
+
+  // Every CTA of the row counts itself in; the last merges the row's chunks, one warp per head.
   __syncthreads();
   if (threadIdx.x == 0) {
-    smem.is_last = atomicAdd(params.row_arrivals + row, 1) == params.topk - 1;
+    smem.is_last = atomicAdd(params.row_arrivals + row, 1) == params.num_chunks - 1;
   }
   __syncthreads();
   if (!smem.is_last) return;
   __threadfence();
-  const int sel = lane < params.topk ? smem.selection[lane] : -1;
-  const bool valid = sel >= 0 && sel < params.num_blocks_max;
+  const bool valid = lane < params.num_chunks;
   for (int r = threadIdx.x / 32; r < G; r += Traits::kNumThreads / 32) {
     const int head = group * G + r;
     const int64_t pair = token * params.num_heads + head;
     const float lse = fwd::combine_slots<Element, kHeadDim, /*kCoherent=*/true>(
-        valid, params.part_o + pair * params.topk * kHeadDim, params.part_stats + pair * params.topk,
+        valid, params.part_o + pair * params.num_chunks * kHeadDim, params.part_stats + pair * params.num_chunks,
         params.out + pair * kHeadDim, lane);
     if (lane == 0) {
       params.lse[(static_cast<int64_t>(b) * params.num_heads + head) * params.s_new + token_in_req] = lse;

@@ -49,13 +49,13 @@ inline int decode_select_splits(const DecodeParams& p) {
   const int m_tiles = (rows + 63) / 64;
   const int max_blocks = (p.capacity + p.block_size - 1) / p.block_size;
   int splits = 2 * p.num_sms / (p.batch * m_tiles);
-  splits = splits < 1 ? 1 : (splits > 256 ? 256 : splits);
+  splits = splits < 1 ? 1 : (splits > 256 ? 256 : splits);  // <= the merge's kMaxSplits
   return splits < max_blocks ? splits : (max_blocks < 1 ? 1 : max_blocks);
 }
 
 // Scratch of one decoding step (carved from one workspace by run_decode).
 struct DecodeWorkspace {
-  float* part_score;      // indexer lists: [B * S_new * Hkv, splits, 2, cap] scores
+  float* part_score;      // indexer lists: [B * S_new * Hkv, splits, cap] scores
   int32_t* part_id;       // and block ids
   void* part_o;           // attention partials [B * S_new, Hq, topk, D] (q's dtype)
   float2* part_stats;     // [B * S_new, Hq, topk]

@@ -21,6 +21,7 @@ template <class Element, int kHeadDimIdx, int kTopKCap>
 cudaError_t launch_decode_select_cap(const DecodeParams& p, const DecodeWorkspace& ws, int num_splits,
                                      cudaStream_t stream) {
   using Traits = DecodeSelectTraits<Element, kHeadDimIdx, kTopKCap>;
+  if (num_splits > kMaxSplits) return cudaErrorInvalidValue;
   const int rows = p.s_new * p.num_heads_kv;
   const int32_t total_q_rows = p.batch * rows;
   const int32_t cache_rows = static_cast<int32_t>(p.cache_rows);
@@ -99,9 +100,16 @@ cudaError_t launch_decode_attn_block(const DecodeParams& p, const DecodeWorkspac
       p.num_heads / p.num_heads_kv,
       p.topk,
       (p.capacity + kBlockN - 1) / kBlockN,
+      0,
+      0,
       p.softmax_scale * 1.4426950408889634f,
   };
-  const dim3 grid(p.topk, p.s_new * p.num_heads_kv, p.batch);
+  // Chunks per row: about one CTA per SM in all (one CTA per SM: two K/V stages of up to 64 KB).
+  const int rows = p.batch * p.s_new * p.num_heads_kv;
+  const int want_chunks = (p.num_sms + rows - 1) / rows;
+  kp.slots_per_cta = (p.topk + want_chunks - 1) / want_chunks;
+  kp.num_chunks = (p.topk + kp.slots_per_cta - 1) / kp.slots_per_cta;
+  const dim3 grid(kp.num_chunks, p.s_new * p.num_heads_kv, p.batch);
   return common::launch_dependent(decode_attn_kernel<Traits>, grid, Traits::kNumThreads, Traits::kSmemBytes, stream,
                                   kp, p.programmatic_launch);
 }

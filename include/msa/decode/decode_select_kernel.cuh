@@ -9,15 +9,17 @@
 // nothing extra); warpgroup 1 = consumer: S = q_idx k_idx^T per stage (WGMMA m64n64, fp32), per
 // row the max over each block (a 128-key block spans two stages), offered to a running top-k in
 // registers: the two list owners of a row keep even and odd blocks apart, as in the prefill
-// selector. Each CTA writes its lists ([row, split, parity, cap], -1 padded) whatever its slice.
+// selector; at the end the two are merged into the row's list for the split ([row, split, cap],
+// -1 padded), which every CTA writes whatever its slice.
 // Candidate blocks are fully visible to every row that may take them, so no key is masked, and no
 // index-scale is applied (it does not change the order).
 //
-// Pass 2 (decode_select_merge_kernel, one CTA per row): the 2 x splits sorted lists go to shared
-// memory (16-byte loads, all in flight), then a two-level tournament: each of the 8 warps merges
-// its share of the lists k-way into its best N (lane l owns lists l, l + 32, ... of the share;
-// a step is two warp reductions, the max score key and then the min id among the lanes holding
-// it, so ties go to the lower block id), and warp 0 merges the 8 lists of N the same way. The
+// Pass 2 (decode_select_merge_kernel, one CTA per row): the row's lists (one per split, at most
+// 256) go to shared memory (16-byte loads, all in flight), then a two-level tournament: each of
+// the 8 warps merges its share (at most 32 lists, one per lane) k-way into its best N, and warp 0
+// merges the 8 lists of N the same way. A step is two warp reductions (the max score key, then
+// the min id among the lanes holding it, so ties go to the lower block id); the winning lane
+// moves to its list's next entry, already in registers. The
 // row's selection is the forced leading blocks, the winners in ascending order and the forced
 // recent blocks, -1 padded. (Merging in every attention CTA instead cost more than the launch it
 // saved: the merge sat on each CTA's critical path.)
@@ -41,6 +43,11 @@ namespace msa::decode {
 
 using namespace cute;
 
+// a ranks before b: a real entry with a higher score, or the same score and a lower block id.
+__device__ __forceinline__ bool ranks_before(float sa, int ia, float sb, int ib) {
+  return ia >= 0 && (ib < 0 || sa > sb || (sa == sb && ia < ib));
+}
+
 template <class Traits>
 struct DecodeSelectParams {
   typename Traits::TmaQ tma_q;
@@ -48,7 +55,7 @@ struct DecodeSelectParams {
   CacheGeometry cache;
   int32_t total_q_rows;  // B * S_new * Hkv
   int32_t cache_rows;
-  float* part_score;     // [B * rows, num_splits, 2, kTopKCap]
+  float* part_score;     // [B * rows, num_splits, kTopKCap]
   int32_t* part_id;
   int32_t* row_arrivals; // [B * rows]: zeroed here for the attention's last-CTA count
   int s_new, num_idx_heads, num_splits;
@@ -207,14 +214,37 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
   // The merge kernel may launch now (programmatic dependent launch); it waits for this grid to
   // finish before reading the lists.
   asm volatile("griddepcontrol.launch_dependents;");
-  if (row_valid) {
-    const int64_t list = ((static_cast<int64_t>(b) * rows + row_in_req) * params.num_splits + split) * 2 + my_parity;
-    float* scores = params.part_score + list * kTopKCap;
-    int32_t* ids = params.part_id + list * kTopKCap;
+  // The row's two parity lists -> one: both go to shared memory (the consumed K stages), the
+  // even-list lane merges them and writes the row's list for this split.
+  float* lists_score = reinterpret_cast<float*>(smem.k.data());  // [kBlockQ][2][kTopKCap]
+  int32_t* lists_id = reinterpret_cast<int32_t*>(lists_score + kBlockQ * 2 * kTopKCap);
+  {
+    float* my_scores = lists_score + (my_row * 2 + my_parity) * kTopKCap;
+    int32_t* my_ids = lists_id + (my_row * 2 + my_parity) * kTopKCap;
 #pragma unroll
     for (int p = 0; p < kTopKCap; ++p) {
-      scores[p] = top.score[p];
-      ids[p] = top.id[p];
+      my_scores[p] = top.score[p];
+      my_ids[p] = top.id[p];
+    }
+  }
+  cutlass::arch::NamedBarrier::sync(common::kThreadsPerWarpGroup, 0);
+  if (row_valid && my_parity == 0) {
+    const float* a_score = lists_score + my_row * 2 * kTopKCap;
+    const int32_t* a_id = lists_id + my_row * 2 * kTopKCap;
+    const float* b_score = a_score + kTopKCap;
+    const int32_t* b_id = a_id + kTopKCap;
+    const int64_t list = (static_cast<int64_t>(b) * rows + row_in_req) * params.num_splits + split;
+    float* out_score = params.part_score + list * kTopKCap;
+    int32_t* out_id = params.part_id + list * kTopKCap;
+    int ia = 0, ib = 0;
+    for (int p = 0; p < kTopKCap; ++p) {
+      const float sa = a_score[min(ia, kTopKCap - 1)], sb = b_score[min(ib, kTopKCap - 1)];
+      const int da = ia < kTopKCap ? a_id[ia] : -1, db = ib < kTopKCap ? b_id[ib] : -1;
+      const bool take_a = ranks_before(sa, da, sb, db);
+      out_score[p] = take_a ? sa : sb;
+      out_id[p] = take_a ? da : db;  // -1 once both lists ran out
+      ia += take_a;
+      ib += !take_a;
     }
   }
 #endif
@@ -222,7 +252,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
 
 struct DecodeMergeParams {
   CacheGeometry cache;
-  const float* part_score;  // [B * rows, num_splits, 2, cap]
+  const float* part_score;  // [B * rows, num_splits, cap]
   const int32_t* part_id;
   int32_t* block_indices;   // [B * rows, topk]
   int s_new, num_idx_heads, num_splits;
@@ -231,11 +261,12 @@ struct DecodeMergeParams {
 
 constexpr int kMergeThreads = 256;
 constexpr int kMergeWarps = kMergeThreads / 32;
+constexpr int kMaxSplits = 32 * kMergeWarps;  // one list per lane in the first merge level
 
 // Shared-memory bytes of the merge kernel: the lists, plus each warp's best kTopKCap.
 template <int kTopKCap>
 constexpr int merge_smem_bytes(int num_splits) {
-  return 2 * num_splits * kTopKCap * 8 + kMergeWarps * kTopKCap * 8;
+  return num_splits * kTopKCap * 8 + kMergeWarps * kTopKCap * 8;
 }
 
 // Order-preserving map of a finite score to a key > 0 (0 = nothing).
@@ -248,51 +279,38 @@ __device__ __forceinline__ float key_score(uint32_t key) {
   return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
 }
 
-// k-way merge of sorted (descending) lists by one warp: lists [0, num_lists) of `stride` entries
-// (scores, ids; id < 0 ends a list), lane l owning lists l, l + 32, .... Takes up to `count`
-// winners; lane k gets the k-th (key 0 when none). Returns how many were taken.
+// k-way merge of at most 32 sorted (descending) lists by one warp, lane l owning list l: lists of
+// `stride` entries (scores, ids; id < 0 ends a list). Takes up to `count` winners; lane k gets
+// the k-th (its key and id). Returns how many were taken.
 __device__ __forceinline__ int warp_kway_merge(const float* scores, const int32_t* ids, int num_lists, int stride,
                                                int count, int lane, uint32_t& won_key, int& won_id) {
-  int head[8];  // lists per lane: num_lists <= 256
-#pragma unroll
-  for (int k = 0; k < 8; ++k) head[k] = 0;
-  auto lane_best = [&](uint32_t& key, int& id, int& which) {
-    key = 0;
-    id = -1;
-    which = -1;
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      const int l = lane + 32 * k;
-      if (l < num_lists && head[k] < stride) {
-        const int e = l * stride + head[k];
-        const int cid = ids[e];
-        const uint32_t ckey = cid >= 0 ? score_key(scores[e]) : 0u;
-        if (ckey > key || (ckey == key && ckey != 0 && cid < id)) {
-          key = ckey;
-          id = cid;
-          which = k;
-        }
-      }
-    }
+  const float* my_scores = scores + lane * stride;
+  const int32_t* my_ids = ids + lane * stride;
+  const bool owner = lane < num_lists;
+  auto entry = [&](int h, uint32_t& key, int& id) {
+    id = owner && h < stride ? my_ids[h] : -1;
+    key = id >= 0 ? score_key(my_scores[h]) : 0u;
   };
-  uint32_t my_key;
-  int my_id, my_which;
-  lane_best(my_key, my_id, my_which);
+  uint32_t key, next_key;
+  int id, next_id, head = 0;
+  entry(0, key, id);
+  entry(1, next_key, next_id);
   won_key = 0;
   won_id = -1;
   int taken = 0;
   for (; taken < count; ++taken) {
-    const uint32_t top = __reduce_max_sync(0xffffffff, my_key);
+    const uint32_t top = __reduce_max_sync(0xffffffff, key);
     if (top == 0) break;  // every list ran out
-    const int top_id = __reduce_min_sync(0xffffffff, my_key == top ? my_id : 0x7fffffff);
+    const int top_id = __reduce_min_sync(0xffffffff, key == top ? id : 0x7fffffff);
     if (lane == taken) {
       won_key = top;
       won_id = top_id;
     }
-    if (my_key == top && my_id == top_id) {  // ids are unique: one lane owns the winner
-#pragma unroll
-      for (int k = 0; k < 8; ++k) head[k] += k == my_which;
-      lane_best(my_key, my_id, my_which);
+    if (key == top && id == top_id) {  // ids are unique: one lane owns the winner
+      key = next_key;
+      id = next_id;
+      ++head;
+      entry(head + 1, next_key, next_id);
     }
   }
   return taken;
@@ -301,8 +319,7 @@ __device__ __forceinline__ int warp_kway_merge(const float* scores, const int32_
 template <int kTopKCap>
 __global__ void __launch_bounds__(kMergeThreads) decode_select_merge_kernel(const DecodeMergeParams p) {
   extern __shared__ char smem_buf[];
-  const int num_lists = 2 * p.num_splits;
-  const int entries = num_lists * kTopKCap;
+  const int entries = p.num_splits * kTopKCap;
   float* s_score = reinterpret_cast<float*>(smem_buf);
   int32_t* s_id = reinterpret_cast<int32_t*>(s_score + entries);
   float* w_score = reinterpret_cast<float*>(s_id + entries);  // [warps, kTopKCap]
@@ -331,6 +348,8 @@ __global__ void __launch_bounds__(kMergeThreads) decode_select_merge_kernel(cons
   uint32_t won_key = 0;
   int won_id = -1;
   if (num_selected > 0) {
+    const int num_lists = p.num_splits;
+    const int entries = num_lists * kTopKCap;
     const float4* src_score = reinterpret_cast<const float4*>(p.part_score + row * entries);
     const int4* src_id = reinterpret_cast<const int4*>(p.part_id + row * entries);
     const int n4 = entries / 4;

@@ -66,10 +66,12 @@ struct DecodeSelectTraits {
   static_assert(kSmemBytes * kCtasPerSm <= 226 * 1024, "shared memory budget exceeded");
 };
 
-// Sparse decode attention. A CTA owns one (request, new token, group, slot): it attends the G
-// query heads of the token (rows 0..G-1 of a 64-row WGMMA tile) over the one key block the slot
-// names; the last CTA of the row to finish merges the slots. Decode attention is bandwidth-bound (each block is read once per
-// token and group), so the padding rows cost only tensor-core time, which is idle anyway.
+// Sparse decode attention. A CTA owns one (request, new token, group) row and a chunk of its
+// selection's slots: it attends the G query heads of the token (rows 0..G-1 of a 64-row WGMMA
+// tile) over the chunk's blocks with an online softmax, K/V streaming through a two-stage TMA
+// ring; the last CTA of the row to finish merges the chunks. Decode attention is bandwidth-bound
+// (each block is read once per token and group), so the padding rows cost only tensor-core time,
+// which is idle anyway.
 template <class Element_, int kHeadDim_, int kBlockN_>
 struct DecodeAttnTraits {
   using Element = Element_;
@@ -80,6 +82,7 @@ struct DecodeAttnTraits {
 
   static constexpr int kBlockM = 64;
   static constexpr int kNumThreads = common::kThreadsPerWarpGroup;
+  static constexpr int kStages = 2;
 
   using TiledMmaQK = decltype(make_tiled_mma(
       GMMA::ss_op_selector<Element, Element, float, Shape<Int<kBlockM>, Int<kBlockN>, Int<kHeadDim>>>()));
@@ -89,10 +92,10 @@ struct DecodeAttnTraits {
 
   using SmemLayoutAtom = GMMA::Layout_K_SW128_Atom<Element>;
   using SmemLayoutQ = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
-  // One K/V stage (a trailing stage mode of 1 keeps the shapes of the prefill's load_kv_block).
-  using SmemLayoutKV = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>, _1>{}));
+  using SmemLayoutKV =
+      decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));
   using SmemLayoutVt = decltype(composition(
-      SmemLayoutKV{}, make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockN>, _1>{}, Step<_2, _1, _3>{})));
+      SmemLayoutKV{}, make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{}, Step<_2, _1, _3>{})));
 
   // K and V caches in gmem: (cache row, d, kv head), row stride Hkv * D.
   using GmemShapeKV = Shape<int32_t, Int<kHeadDim>, int32_t>;
@@ -101,16 +104,20 @@ struct DecodeAttnTraits {
                                             GmemStrideKV{}));
   using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensorKV{}, take<0, 2>(SmemLayoutKV{})));
 
+  static constexpr int kMaxSlots = 32;
   struct SharedStorage {
-    cutlass::arch::ClusterTransactionBarrier barrier_k;
-    cutlass::arch::ClusterTransactionBarrier barrier_v;
-    int32_t selection[32];  // the row's merged selection
-    int is_last;            // this CTA is the row's last to finish: it merges the slots
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> q;
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutKV>, 1024> k;
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutKV>, 1024> v;
+    cutlass::arch::ClusterTransactionBarrier barrier_k[kStages];
+    cutlass::arch::ClusterTransactionBarrier barrier_v[kStages];
+    int32_t selection[kMaxSlots];  // the row's selection
+    int32_t blocks[kMaxSlots];     // the chunk's blocks to attend, in slot order
+    int num_blocks;
+    int is_last;                   // this CTA is the row's last to finish: it merges the chunks
   };
   static constexpr int kSmemBytes = sizeof(SharedStorage);
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory budget exceeded");
   static constexpr uint32_t kTmaBytesBlock = kBlockN * kHeadDim * sizeof(Element);
 };
 
