@@ -49,8 +49,8 @@ fi
 if has sanitize; then
   for tool in memcheck racecheck; do
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool $tool --print-limit 20 \
-      python3 -m pytest tests/test_select_gpu.py tests/test_fwd_gpu.py tests/test_bwd_gpu.py tests/test_kl_gpu.py -q -x \
-      -k "test_kl_varlen or test_kl_every_support_empty or test_select_topk_exceeds_blocks or test_select_varlen_matches_padded or test_fwd_varlen_matches_padded or test_fwd_paths_agree_on_sparse_selections or test_select_cu_seqlens_overrunning or test_bwd_varlen" \
+      python3 -m pytest tests/test_select_gpu.py tests/test_fwd_gpu.py tests/test_bwd_gpu.py tests/test_kl_gpu.py tests/test_decode_gpu.py -q -x \
+      -k "test_decode_bad_lengths or test_decode_append_in_place or test_kl_varlen or test_kl_every_support_empty or test_select_topk_exceeds_blocks or test_select_varlen_matches_padded or test_fwd_varlen_matches_padded or test_fwd_paths_agree_on_sparse_selections or test_select_cu_seqlens_overrunning or test_bwd_varlen" \
       > "$OUT/sanitizer_$tool.log" 2>&1
     summary+=("$tool rc=$? : $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/sanitizer_$tool.log" | tr '\n' ' ')")
   done
