@@ -72,6 +72,7 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", action="store_true", help="per-kernel times of the MSA step (torch.profiler)")
+    ap.add_argument("--fp8", action="store_true", help="also time the step over an fp8 (e4m3) index-key cache")
     args = ap.parse_args()
     dev = torch.device("cuda")
     flush = L2Flusher(dev)
@@ -124,6 +125,27 @@ def main():
             row["kernels_us"] = profile_kernels(msa_step)
             for name, us in row["kernels_us"].items():
                 print(f"    {us:9.2f} us  {name}")
+        if args.fp8:
+            keys, scales = msa_cuda.quantize_index_keys(ki_cache)
+
+            def msa_fp8_step(_):
+                return msa_cuda.sparse_attn_with_kvcache(q, k_cache, v_cache, q_idx, keys, k_idx_scale_cache=scales,
+                                                         cache_seqlens=lens, block_size=BS, topk=TOPK)
+
+            g_fp8 = capture(msa_fp8_step)
+            tg_fp8 = time_op(lambda _: g_fp8.replay(), flush, reps=args.reps)
+            fp8_bytes = batch * (length * (DI + 4) + n * 2 * HKV * blocks * BS * D * 2)
+            row.update(fp8_graph_ms=tg_fp8.median_ms, fp8_graph_speedup=tg_dense.median_ms / tg_fp8.median_ms,
+                       fp8_graph_gbps=fp8_bytes / tg_fp8.median_ms / 1e6)
+            row["fp8_graph_bandwidth_ratio"] = row["fp8_graph_gbps"] / row["graph_dense_gbps"]
+            print(f"{length:>8} x {batch} graph, fp8 index keys: MSA {tg_fp8.median_ms:8.4f} ms "
+                  f"({row['fp8_graph_gbps']:7.1f} GB/s)  speedup {row['fp8_graph_speedup']:.2f}x  bandwidth ratio "
+                  f"{row['fp8_graph_bandwidth_ratio']:.2f}", flush=True)
+            if args.profile:
+                row["fp8_kernels_us"] = profile_kernels(msa_fp8_step)
+                for name, us in row["fp8_kernels_us"].items():
+                    print(f"    {us:9.2f} us  {name}")
+            del keys, scales, g_fp8
         rows.append(row)
         torch.cuda.empty_cache()
     if args.out:

@@ -24,9 +24,11 @@ from gpu_utils import poison_allocator, requires_sm90
 pytestmark = [pytest.mark.gpu, requires_sm90]
 
 
-def _make_step(lengths, s_new, hq, hkv, d, di, dtype, page_size, append, seed, s_max=None):
+def _make_step(lengths, s_new, hq, hkv, d, di, dtype, page_size, append, seed, s_max=None, fp8=False):
     """Sequences of the given lengths; caches holding them (all but the last s_new tokens when
-    `append`), NaN elsewhere. Returns (sequences, step args, step kwargs)."""
+    `append`), NaN elsewhere. With `fp8` the index-key cache is e4m3 with per-token scales, and
+    each sequence's k_idx becomes its dequantized keys (float32), which the reference then uses.
+    Returns (sequences, step args, step kwargs)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     mk = lambda *s: torch.randn(*s, generator=g).to("cuda", dtype)  # noqa: E731
     seqs = [dict(q=mk(n, hq, d), k=mk(n, hkv, d), v=mk(n, hkv, d), q_idx=mk(n, hkv, di), k_idx=mk(n, di))
@@ -62,6 +64,10 @@ def _make_step(lengths, s_new, hq, hkv, d, di, dtype, page_size, append, seed, s
     if append:
         kw.update(k=torch.stack([s["k"][-s_new:] for s in seqs]), v=torch.stack([s["v"][-s_new:] for s in seqs]),
                   k_idx=torch.stack([s["k_idx"][-s_new:] for s in seqs]))
+    if fp8:
+        ki_c, kw["k_idx_scale_cache"] = ref.quantize_index_keys(ki_c)
+        for seq in seqs:
+            seq["k_idx"] = ref.dequantize_index_keys(*ref.quantize_index_keys(seq["k_idx"]))
     return seqs, (q, k_c, v_c, q_idx, ki_c), kw
 
 
@@ -124,6 +130,29 @@ def test_decode_topk_and_forced_blocks(topk, init_blocks, local_blocks):
     _check_step(seqs, out, aux, s_new, block_size=64, topk=topk, init_blocks=init_blocks, local_blocks=local_blocks)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("di,block_size", [(64, 64), (128, 128), (128, 64)])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_decode_fp8_index_cache(dtype, di, block_size, paged):
+    """e4m3 index-key cache with per-token scales: selection and output against the reference on
+    the dequantized keys; the appended keys are quantized exactly as quantize_index_keys does."""
+    s_new, topk = 3, 6
+    lengths = [3, 200, 2900]
+    seqs, args, kw = _make_step(lengths, s_new, 16, 2, 128, di, dtype, 2 * block_size if paged else None, True,
+                                seed=di + block_size + paged, fp8=True)
+    new_keys = kw["k_idx"].clone()
+    out, aux = _step(args, kw, block_size=block_size, topk=topk)
+    _check_step(seqs, out, aux, s_new, block_size=block_size, topk=topk)
+    want_keys, want_scales = ref.quantize_index_keys(new_keys)
+    ki_c, scales, table = args[4], kw["k_idx_scale_cache"], kw["block_table"]
+    for b, n in enumerate(lengths):
+        for i in range(s_new):
+            pos = n - s_new + i
+            row, col = (b, pos) if table is None else (int(table[b, pos // (2 * block_size)]), pos % (2 * block_size))
+            assert torch.equal(ki_c[row, col].view(torch.uint8), want_keys[b, i].view(torch.uint8))
+            assert scales[row, col] == want_scales[b, i]
+
+
 def test_decode_m3_long_request():
     """M3 shape (Hq 64, Hkv 4, D = Di = 128, block 128, topk 16), one 70K-token request next to a
     short one, paged: many splits per request, lists merged over all of them."""
@@ -162,6 +191,13 @@ def test_decode_matches_reference_step():
     assert same.float().mean() > 0.7
     for b, i in zip(*torch.nonzero(same, as_tuple=True)):
         torch.testing.assert_close(out[b, i].float(), ref_out[b, i], atol=2e-2, rtol=2e-2)
+
+
+def test_decode_fp8_m3_long_request():
+    lengths = [50001, 129]
+    seqs, args, kw = _make_step(lengths, 1, 64, 4, 128, 128, torch.bfloat16, None, False, seed=8, fp8=True)
+    out, aux = _step(args, kw, block_size=128, topk=16)
+    _check_step(seqs, out, aux, 1, block_size=128, topk=16, min_agree=0.75)
 
 
 def test_decode_graph_capture_and_replay():

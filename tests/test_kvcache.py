@@ -130,6 +130,46 @@ def test_append_writes_only_the_new_positions(device, dtype):
             assert torch.equal(cache[~written], old[~written])
 
 
+@pytest.mark.parametrize("page_size", [None, 128], ids=["contiguous", "paged"])
+def test_fp8_index_cache_equals_dequantized_cache(page_size):
+    """A step over an e4m3 index-key cache (+ scales) equals the step over the dequantized keys, and
+    appends the new keys quantized (CPU: the reference path of the public function)."""
+    lengths, s_new = [40, 300], 2
+    seqs = _sequences(lengths, "cpu", torch.float32, seed=6)
+    upto = [n - s_new for n in lengths]
+    k_c, v_c, ki_c, table = _caches(seqs, 384, upto, page_size, "cpu", torch.float32, seed=3)
+    keys, scales = msa_cuda.quantize_index_keys(ki_c)
+    q = torch.stack([s["q"][-s_new:] for s in seqs])
+    q_idx = torch.stack([s["q_idx"][-s_new:] for s in seqs])
+    new = dict(k=torch.stack([s["k"][-s_new:] for s in seqs]), v=torch.stack([s["v"][-s_new:] for s in seqs]),
+               k_idx=torch.stack([s["k_idx"][-s_new:] for s in seqs]))
+    lens = torch.tensor(upto, dtype=torch.int32)
+    kw = dict(cache_seqlens=lens, block_table=table, block_size=64, topk=3, return_aux=True)
+    out, aux = msa_cuda.sparse_attn_with_kvcache(q, k_c.clone(), v_c.clone(), q_idx, keys, k_idx_scale_cache=scales,
+                                                 **kw, **new)
+    # The same step with a float32 index-key cache holding the dequantized keys (appended keys too).
+    new_keys, new_scales = msa_cuda.quantize_index_keys(new["k_idx"])
+    plain = msa_cuda.dequantize_index_keys(keys, scales)
+    want_new = dict(new, k_idx=msa_cuda.dequantize_index_keys(new_keys, new_scales))
+    want, want_aux = msa_cuda.sparse_attn_with_kvcache(q, k_c.clone(), v_c.clone(), q_idx, plain, **kw, **want_new)
+    assert torch.equal(aux.block_indices, want_aux.block_indices)
+    torch.testing.assert_close(out, want)
+    assert torch.equal(msa_cuda.dequantize_index_keys(keys, scales), plain)  # appended in place, quantized
+
+
+def test_fp8_index_cache_errors():
+    args, kw = _args()
+    keys, scales = msa_cuda.quantize_index_keys(args[4])
+    with pytest.raises(ValueError, match="k_idx_scale_cache must be given exactly when"):
+        msa_cuda.sparse_attn_with_kvcache(*args[:4], keys, **kw)
+    with pytest.raises(ValueError, match="k_idx_scale_cache must be given exactly when"):
+        msa_cuda.sparse_attn_with_kvcache(*args, k_idx_scale_cache=scales, **kw)
+    with pytest.raises(TypeError, match="k_idx_scale_cache must be float32"):
+        msa_cuda.sparse_attn_with_kvcache(*args[:4], keys, k_idx_scale_cache=scales.double(), **kw)
+    with pytest.raises(ValueError, match="one scale per cached token"):
+        msa_cuda.sparse_attn_with_kvcache(*args[:4], keys, k_idx_scale_cache=scales[:, :10], **kw)
+
+
 def test_k_idx_head_dim_and_paged_index_cache_accepted():
     lengths, s_new = [70, 129], 1
     seqs = _sequences(lengths, "cpu", torch.float32, seed=4)

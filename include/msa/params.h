@@ -161,17 +161,19 @@ struct DecodeParams {
   const void* q_idx = nullptr;         // [B, S_new, Hkv, Di]
   void* k_cache = nullptr;             // [cache_rows, Hkv, D]
   void* v_cache = nullptr;             // [cache_rows, Hkv, D]
-  void* k_idx_cache = nullptr;         // [cache_rows, Di]
+  void* k_idx_cache = nullptr;         // [cache_rows, Di]: q_idx's dtype, or e4m3 with k_idx_scale
+  float* k_idx_scale = nullptr;        // [cache_rows]: per-token scales of an e4m3 index-key cache, else null
   const void* k_new = nullptr;         // [B, S_new, Hkv, D] or null (nothing appended)
   const void* v_new = nullptr;         // [B, S_new, Hkv, D]
-  const void* k_idx_new = nullptr;     // [B, S_new, Di]
+  const void* k_idx_new = nullptr;     // [B, S_new, Di], q_idx's dtype (quantized on append for e4m3)
   const int32_t* cache_seqlens = nullptr;  // [B]
   const int32_t* block_table = nullptr;    // [B, max_pages] or null (contiguous)
   int32_t* block_indices = nullptr;    // [B, S_new, Hkv, topk]: the selection (output)
   void* out = nullptr;                 // [B, S_new, Hq, D]
   float* lse = nullptr;                // [B, Hq, S_new], natural log
 
-  DType dtype = DType::kBF16;
+  DType dtype = DType::kBF16;      // q, k, v
+  DType idx_dtype = DType::kBF16;  // q_idx (and the index keys, unless e4m3)
   int batch = 0;
   int s_new = 0;
   int num_heads = 0;     // Hq

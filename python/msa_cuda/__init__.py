@@ -13,6 +13,7 @@ from . import reference
 from ._kernels import compiled_variants
 from .api import SparseAttnAux, block_sparse_attn, indexer_kl_loss, select_blocks, sparse_attn
 from .decode import sparse_attn_with_kvcache
+from .reference import dequantize_index_keys, quantize_index_keys
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,8 @@ __all__ = [
     "indexer_kl_loss",
     "sparse_attn",
     "sparse_attn_with_kvcache",
+    "quantize_index_keys",
+    "dequantize_index_keys",
     "SparseAttnAux",
     "reference",
     "compiled_variants",

@@ -516,6 +516,7 @@ MAX_DECODE_TOKENS = 16
 class KVCacheArgs:
     k_idx_cache: torch.Tensor  # the size-1 head dim squeezed
     k_idx: Optional[torch.Tensor]
+    k_idx_scale_cache: Optional[torch.Tensor]  # fp8 index-key cache: [.., S_max] / [.., page_size]
     softmax_scale: float
     index_scale: float
     capacity: int     # tokens one request's cache can hold
@@ -524,7 +525,7 @@ class KVCacheArgs:
 
 def validate_sparse_attn_with_kvcache(q, k_cache, v_cache, q_idx, k_idx_cache, *, cache_seqlens, k, v, k_idx,
                                       block_table, block_size, topk, softmax_scale, index_scale, init_blocks,
-                                      local_blocks, return_aux) -> KVCacheArgs:
+                                      local_blocks, return_aux, k_idx_scale_cache=None) -> KVCacheArgs:
     """Metadata checks of :func:`msa_cuda.sparse_attn_with_kvcache`."""
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("q_idx", q_idx),
                     ("k_idx_cache", k_idx_cache), ("cache_seqlens", cache_seqlens)):
@@ -544,8 +545,12 @@ def validate_sparse_attn_with_kvcache(q, k_cache, v_cache, q_idx, k_idx_cache, *
     on_cpu = device.type == "cpu"
     main = [("q", q), ("k_cache", k_cache), ("v_cache", v_cache)] + ([("k", k), ("v", v)] if given else [])
     check_float_dtypes(main, all_on_cpu=on_cpu)
-    check_float_dtypes([("q_idx", q_idx), ("k_idx_cache", k_idx_cache)] + ([("k_idx", k_idx)] if given else []),
-                       all_on_cpu=on_cpu)
+    fp8_keys = k_idx_cache.dtype == torch.float8_e4m3fn
+    check_float_dtypes([("q_idx", q_idx)] + ([] if fp8_keys else [("k_idx_cache", k_idx_cache)])
+                       + ([("k_idx", k_idx)] if given else []), all_on_cpu=on_cpu)
+    if fp8_keys != (k_idx_scale_cache is not None):
+        raise ValueError("k_idx_scale_cache must be given exactly when k_idx_cache is torch.float8_e4m3fn "
+                         f"(k_idx_cache is {k_idx_cache.dtype})")
     check_selection_options(block_size, topk, init_blocks, local_blocks)
     check_bool("return_aux", return_aux)
 
@@ -573,6 +578,17 @@ def validate_sparse_attn_with_kvcache(q, k_cache, v_cache, q_idx, k_idx_cache, *
     if tuple(k_idx_cache.shape[:2]) != tuple(k_cache.shape[:2]):
         raise ValueError(f"k_idx_cache must match k_cache's first two dims {tuple(k_cache.shape[:2])}, got "
                          f"{tuple(k_idx_cache.shape)}")
+    if fp8_keys:
+        check_tensor("k_idx_scale_cache", k_idx_scale_cache)
+        if k_idx_scale_cache.device != k_idx_cache.device:
+            raise ValueError(f"k_idx_scale_cache must be on {k_idx_cache.device}, got {k_idx_scale_cache.device}")
+        if k_idx_scale_cache.dtype != torch.float32:
+            raise TypeError(f"k_idx_scale_cache must be float32, got {k_idx_scale_cache.dtype}")
+        if k_idx_scale_cache.dim() == 3 and k_idx_scale_cache.shape[2] == 1:
+            k_idx_scale_cache = k_idx_scale_cache.squeeze(2)
+        if tuple(k_idx_scale_cache.shape) != tuple(k_cache.shape[:2]):
+            raise ValueError(f"k_idx_scale_cache must be {tuple(k_cache.shape[:2])} (one scale per cached token), "
+                             f"got {tuple(k_idx_scale_cache.shape)}")
     check_rank("q_idx", q_idx, (4,), "[B, S_new, Hkv, Di]")
     if tuple(q_idx.shape[:3]) != (batch, s_new, heads_kv):
         raise ValueError(f"q_idx must be [B, S_new, Hkv, Di] = [{batch}, {s_new}, {heads_kv}, Di], got "
@@ -609,7 +625,7 @@ def validate_sparse_attn_with_kvcache(q, k_cache, v_cache, q_idx, k_idx_cache, *
         capacity, num_pages = k_cache.shape[1], 0
     softmax_scale = resolve_scale("softmax_scale", softmax_scale, 1.0 / math.sqrt(head_dim))
     index_scale = resolve_scale("index_scale", index_scale, 1.0 / math.sqrt(head_dim_idx))
-    return KVCacheArgs(k_idx_cache, k_idx, softmax_scale, index_scale, capacity, num_pages)
+    return KVCacheArgs(k_idx_cache, k_idx, k_idx_scale_cache, softmax_scale, index_scale, capacity, num_pages)
 
 
 def check_kvcache_values(cache_seqlens: torch.Tensor, block_table: Optional[torch.Tensor], s_new: int,

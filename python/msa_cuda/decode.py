@@ -33,6 +33,7 @@ def sparse_attn_with_kvcache(
     k_idx_cache: Tensor,
     *,
     cache_seqlens: Tensor,
+    k_idx_scale_cache: Optional[Tensor] = None,
     k: Optional[Tensor] = None,
     v: Optional[Tensor] = None,
     k_idx: Optional[Tensor] = None,
@@ -73,9 +74,14 @@ def sparse_attn_with_kvcache(
         Index queries of the new tokens, [B, S_new, Hkv, Di].
     k_idx_cache : Tensor
         Index-key cache, [B, S_max, Di] or paged [num_pages, page_size, Di] ([.., 1, Di] accepted);
-        q_idx's dtype.
+        q_idx's dtype, or ``torch.float8_e4m3fn`` with ``k_idx_scale_cache`` (half the bytes of the
+        step's dominant read; build it with :func:`msa_cuda.reference.quantize_index_keys`).
     cache_seqlens : Tensor
         int32 [B]: tokens already in each request's cache.
+    k_idx_scale_cache : Tensor, optional
+        float32 [B, S_max] / [num_pages, page_size] ([.., 1] accepted): the per-token scales of an
+        fp8 ``k_idx_cache`` (scores use ``k_idx_cache * scale``); appended index keys are quantized
+        into both (scale = max |k_idx| / 448 per token), in place.
     k, v : Tensor, optional
         [B, S_new, Hkv, D]: the new tokens' keys and values, appended in place.
     k_idx : Tensor, optional
@@ -111,41 +117,52 @@ def sparse_attn_with_kvcache(
     args = _validation.validate_sparse_attn_with_kvcache(
         q, k_cache, v_cache, q_idx, k_idx_cache, cache_seqlens=cache_seqlens, k=k, v=v, k_idx=k_idx,
         block_table=block_table, block_size=block_size, topk=topk, softmax_scale=softmax_scale,
-        index_scale=index_scale, init_blocks=init_blocks, local_blocks=local_blocks, return_aux=return_aux)
+        index_scale=index_scale, init_blocks=init_blocks, local_blocks=local_blocks, return_aux=return_aux,
+        k_idx_scale_cache=k_idx_scale_cache)
     s_new = q.shape[1]
     appended = k is not None
-    if _use_decode_kernel(q, k_cache, v_cache, q_idx, args.k_idx_cache, block_table):
+    if _use_decode_kernel(q, k_cache, v_cache, q_idx, args.k_idx_cache, args.k_idx_scale_cache):
         new = [t.contiguous() for t in (k, v, args.k_idx)] if appended else [None, None, None]
         with torch.no_grad():
             out, lse, block_indices = _kernels.kernel("sparse_attn_with_kvcache")(
-                q.contiguous(), k_cache, v_cache, q_idx.contiguous(), args.k_idx_cache, cache_seqlens.contiguous(),
+                q.contiguous(), k_cache, v_cache, q_idx.contiguous(), args.k_idx_cache, args.k_idx_scale_cache,
+                cache_seqlens.contiguous(),
                 *new, None if block_table is None else block_table.contiguous(), block_size, topk,
                 args.softmax_scale, init_blocks, local_blocks)
         return (out, SparseAttnAux(block_indices, lse)) if return_aux else out
     lengths = _validation.check_kvcache_values(cache_seqlens, block_table, s_new, appended, args.capacity,
                                                args.num_pages)
     with torch.no_grad():
+        fp8 = args.k_idx_scale_cache is not None
         if appended:
-            for cache, new in ((k_cache, k), (v_cache, v), (args.k_idx_cache, args.k_idx)):
+            for cache, new in ((k_cache, k), (v_cache, v)):
                 _ref.append_to_kvcache(cache, new, cache_seqlens, block_table)
+            if fp8:
+                keys, scales = _ref.quantize_index_keys(args.k_idx)
+                _ref.append_to_kvcache(args.k_idx_cache, keys, cache_seqlens, block_table)
+                _ref.append_to_kvcache(args.k_idx_scale_cache, scales, cache_seqlens, block_table)
+            else:
+                _ref.append_to_kvcache(args.k_idx_cache, args.k_idx, cache_seqlens, block_table)
+        index_keys = args.k_idx_cache
+        if fp8:  # dequantized, in q_idx's dtype (float32 on the CPU)
+            index_keys = _ref.dequantize_index_keys(index_keys, args.k_idx_scale_cache).to(q_idx.dtype)
 
         def attend(*tensors):
             return sparse_attn(*tensors, block_size=block_size, topk=topk, softmax_scale=args.softmax_scale,
                                index_scale=args.index_scale, init_blocks=init_blocks, local_blocks=local_blocks,
                                return_aux=True)
 
-        return _ref.decode_per_request(attend, q, k_cache, v_cache, q_idx, args.k_idx_cache, lengths, block_table,
+        return _ref.decode_per_request(attend, q, k_cache, v_cache, q_idx, index_keys, lengths, block_table,
                                        return_aux)
 
-
 def _use_decode_kernel(q: Tensor, k_cache: Tensor, v_cache: Tensor, q_idx: Tensor, k_idx_cache: Tensor,
-                       block_table: Optional[Tensor]) -> bool:
+                       k_idx_scale_cache: Optional[Tensor]) -> bool:
     """Whether a step may run the SM90 decode kernels: they append in place, so the caches must be
-    contiguous and 16-byte aligned; q_idx and the index-key cache share q's dtype (the validation
-    has checked every shape and the supported sizes)."""
+    contiguous and 16-byte aligned; q_idx is bf16 or fp16 (the validation has checked every shape,
+    dtype and the supported sizes)."""
     if not _kernels.has_kernel("sparse_attn_with_kvcache", q.device, q.dtype):
         return False
-    if q_idx.dtype != q.dtype or k_idx_cache.dtype != q.dtype:
+    if q_idx.dtype not in (torch.bfloat16, torch.float16):
         return False
-    caches = (k_cache, v_cache, k_idx_cache)
+    caches = (k_cache, v_cache, k_idx_cache) + ((k_idx_scale_cache,) if k_idx_scale_cache is not None else ())
     return all(c.is_contiguous() and c.data_ptr() % 16 == 0 for c in caches)

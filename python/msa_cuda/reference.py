@@ -866,8 +866,31 @@ def append_to_kvcache(cache: torch.Tensor, new: torch.Tensor, cache_seqlens: tor
     return cache
 
 
+FP8_INDEX_KEY_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def quantize_index_keys(k_idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Index keys ``[..., Di]`` -> (``float8_e4m3fn [..., Di]``, ``float32 [...]`` per-token scales).
+
+    ``scale = max |k_idx| / 448`` per token (1 for an all-zero token), keys stored as
+    ``k_idx / scale`` rounded to nearest; :func:`dequantize_index_keys` inverts it up to that
+    rounding. This is the format of the fp8 index-key cache of :func:`sparse_attn_with_kvcache`
+    (the decode kernels quantize appended keys the same way).
+    """
+    x = k_idx.float()
+    amax = x.abs().amax(dim=-1)
+    scale = torch.where(amax > 0, amax / FP8_INDEX_KEY_MAX, torch.ones_like(amax))
+    return (x / scale[..., None]).to(torch.float8_e4m3fn), scale
+
+
+def dequantize_index_keys(keys: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 index keys ``keys * scale`` from an fp8 index-key cache and its per-token scales."""
+    return keys.float() * scale.float()[..., None]
+
+
 def sparse_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                              q_idx: torch.Tensor, k_idx_cache: torch.Tensor, *,
+                             k_idx_scale_cache: Optional[torch.Tensor] = None,
                              cache_seqlens: torch.Tensor, k: Optional[torch.Tensor] = None,
                              v: Optional[torch.Tensor] = None, k_idx: Optional[torch.Tensor] = None,
                              block_table: Optional[torch.Tensor] = None, block_size: int = 128,
@@ -886,7 +909,10 @@ def sparse_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     q : ``[B, S_new, Hq, D]``; q_idx : ``[B, S_new, Hkv, Di]``.
     k_cache, v_cache : ``[B, S_max, Hkv, D]``, or ``[num_pages, page_size, Hkv, D]`` with ``block_table``.
     k_idx_cache : ``[B, S_max, Di]`` / ``[num_pages, page_size, Di]`` (a size-1 head dim before Di
-        is accepted).
+        is accepted); q_idx's dtype, or ``float8_e4m3fn`` with ``k_idx_scale_cache``.
+    k_idx_scale_cache : float32 ``[B, S_max]`` / ``[num_pages, page_size]``, only with an fp8
+        ``k_idx_cache``: the per-token scales (:func:`quantize_index_keys`). Scores use the keys
+        ``k_idx_cache * scale``; appended keys are quantized.
     cache_seqlens : int32 ``[B]``.
     k, v : ``[B, S_new, Hkv, D]``; k_idx : ``[B, S_new, Di]`` (or ``[B, S_new, 1, Di]``), optional,
         all three or none.
@@ -903,10 +929,22 @@ def sparse_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     k_idx_cache, k_idx = squeeze(k_idx_cache), squeeze(k_idx)
     s_new = q.shape[1]
     appended = k is not None
+    fp8 = k_idx_scale_cache is not None
+    if fp8:
+        k_idx_scale_cache = k_idx_scale_cache.reshape(k_idx_cache.shape[:2])
     if appended:
-        for cache, new in ((k_cache, k), (v_cache, v), (k_idx_cache, k_idx)):
+        for cache, new in ((k_cache, k), (v_cache, v)):
             append_to_kvcache(cache, new, cache_seqlens, block_table)
+        if fp8:
+            keys, scales = quantize_index_keys(k_idx)
+            append_to_kvcache(k_idx_cache, keys, cache_seqlens, block_table)
+            append_to_kvcache(k_idx_scale_cache, scales, cache_seqlens, block_table)
+        else:
+            append_to_kvcache(k_idx_cache, k_idx, cache_seqlens, block_table)
     lengths = (cache_seqlens.long() + (s_new if appended else 0)).tolist()
+    if fp8:  # the scores' keys, in float32 (q_idx follows)
+        k_idx_cache = dequantize_index_keys(k_idx_cache, k_idx_scale_cache)
+        q_idx = q_idx.float()
 
     def attend(*tensors):
         return sparse_attn(*tensors, block_size=block_size, topk=topk, softmax_scale=softmax_scale,

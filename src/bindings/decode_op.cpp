@@ -30,12 +30,14 @@ void check_aligned_16(const at::Tensor& t, const char* name) {
 // [B, S_new, Hkv, Di]; caches contiguous [B, S_max, Hkv, D] / [B, S_max, (1,) Di], or paged
 // [num_pages, page_size, Hkv, D] / [num_pages, page_size, (1,) Di] with block_table [B, pages];
 // cache_seqlens int32 [B]; k, v [B, S_new, Hkv, D] and k_idx [B, S_new, (1,) Di] appended in place
-// when given. Values (lengths, page ids) are not read on the host: the kernels clamp them.
+// when given. An e4m3 k_idx_cache comes with k_idx_scale_cache (fp32, one per cached token); new
+// index keys are then quantized on append. Values (lengths, page ids) are not read on the host: the kernels clamp them.
 // Returns out [B, S_new, Hq, D], lse [B, Hq, S_new] (fp32, natural log) and the selection
 // [B, S_new, Hkv, topk] (int32).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_step_cuda(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& q_idx,
-    const at::Tensor& k_idx_cache, const at::Tensor& cache_seqlens, const c10::optional<at::Tensor>& k,
+    const at::Tensor& k_idx_cache, const c10::optional<at::Tensor>& k_idx_scale_cache,
+    const at::Tensor& cache_seqlens, const c10::optional<at::Tensor>& k,
     const c10::optional<at::Tensor>& v, const c10::optional<at::Tensor>& k_idx,
     const c10::optional<at::Tensor>& block_table, int64_t block_size, int64_t topk, double softmax_scale,
     int64_t init_blocks, int64_t local_blocks) {
@@ -45,10 +47,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_step_cuda(
     check_same_device_as(*t, name, q);
   }
   const DType dtype = dtype_of(q, "q");
-  dtype_of(q_idx, "q_idx");
+  const DType idx_dtype = dtype_of(q_idx, "q_idx");
   TORCH_CHECK_TYPE(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
                    "k_cache and v_cache must have q's dtype");
-  TORCH_CHECK_TYPE(k_idx_cache.scalar_type() == q_idx.scalar_type(), "k_idx_cache must have q_idx's dtype");
+  const bool fp8_keys = k_idx_cache.scalar_type() == at::kFloat8_e4m3fn;
+  TORCH_CHECK_TYPE(fp8_keys || k_idx_cache.scalar_type() == q_idx.scalar_type(),
+                   "k_idx_cache must have q_idx's dtype or be float8_e4m3fn");
+  TORCH_CHECK(fp8_keys == k_idx_scale_cache.has_value(),
+              "k_idx_scale_cache must be given exactly when k_idx_cache is float8_e4m3fn");
+  if (fp8_keys) {
+    check_cuda_contiguous(*k_idx_scale_cache, "k_idx_scale_cache");
+    check_same_device_as(*k_idx_scale_cache, "k_idx_scale_cache", q);
+    TORCH_CHECK_TYPE(k_idx_scale_cache->scalar_type() == at::kFloat, "k_idx_scale_cache must be float32");
+    TORCH_CHECK(k_idx_scale_cache->numel() == k_cache.size(0) * k_cache.size(1) &&
+                    k_idx_scale_cache->size(0) == k_cache.size(0),
+                "k_idx_scale_cache must be [.., S_max] or [.., page_size] over k_cache's first two dims");
+    check_aligned_16(*k_idx_scale_cache, "k_idx_scale_cache");
+  }
   TORCH_CHECK_TYPE(cache_seqlens.scalar_type() == at::kInt, "cache_seqlens must be int32");
   TORCH_CHECK(q.dim() == 4, "q must be [B, S_new, Hq, D]");
   const int64_t batch = q.size(0), s_new = q.size(1), hq = q.size(2), d = q.size(3);
@@ -109,12 +124,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_step_cuda(
   p.k_cache = k_cache.data_ptr();
   p.v_cache = v_cache.data_ptr();
   p.k_idx_cache = k_idx_cache.data_ptr();
+  p.k_idx_scale = fp8_keys ? k_idx_scale_cache->data_ptr<float>() : nullptr;
   p.k_new = append ? k->data_ptr() : nullptr;
   p.v_new = append ? v->data_ptr() : nullptr;
   p.k_idx_new = append ? k_idx->data_ptr() : nullptr;
   p.cache_seqlens = cache_seqlens.data_ptr<int32_t>();
   p.block_table = paged ? block_table->data_ptr<int32_t>() : nullptr;
   p.dtype = dtype;
+  p.idx_dtype = idx_dtype;
   p.batch = static_cast<int>(batch);
   p.s_new = static_cast<int>(s_new);
   p.num_heads = static_cast<int>(hq);

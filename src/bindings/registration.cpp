@@ -26,7 +26,7 @@ TORCH_LIBRARY(msa_cuda_kernels, m) {
       "float index_scale) -> (Tensor, Tensor, Tensor)");
   m.def(
       "decode_step(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor q_idx, Tensor(c!) k_idx_cache, "
-      "Tensor cache_seqlens, Tensor? k, Tensor? v, Tensor? k_idx, Tensor? block_table, int block_size, int topk, "
+      "Tensor(d!)? k_idx_scale_cache, Tensor cache_seqlens, Tensor? k, Tensor? v, Tensor? k_idx, Tensor? block_table, int block_size, int topk, "
       "float softmax_scale, int init_blocks, int local_blocks) -> (Tensor, Tensor, Tensor)");
 }
 
@@ -40,7 +40,7 @@ PyObject* compiled_variants(PyObject*, PyObject*) {
                        "G={1,2,4,8,16} topk=1..32",
                        "sparse_attn_with_kvcache",
                        "dtype={bf16,fp16} D={64,128} Di={64,128} block_size={64,128} G={1,2,4,8,16} topk=1..32 "
-                       "S_new=1..16, contiguous or paged caches");
+                       "S_new=1..16, contiguous or paged caches, index-key cache in q_idx's dtype or float8_e4m3fn");
 }
 
 PyObject* cutlass_version(PyObject*, PyObject*) { return PyUnicode_FromString(MSA_CUTLASS_VERSION); }

@@ -2,6 +2,10 @@
 // (whose last CTA per row merges the slots).
 // Runtime dispatch over (dtype, Di) and (dtype, D); the instantiations live in one file each so
 // they compile in parallel.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
 #include <cutlass/numeric_types.h>
 
 #include "msa/decode/decode_cache.cuh"
@@ -9,7 +13,7 @@
 
 namespace msa {
 namespace decode {
-template <class Element, int kHeadDimIdx>
+template <class Element, int kHeadDimIdx, bool kFp8Keys>
 cudaError_t launch_decode_select(const DecodeParams& p, const DecodeWorkspace& ws, int num_splits,
                                  cudaStream_t stream);
 template <class Element, int kHeadDim>
@@ -28,9 +32,34 @@ __global__ void __launch_bounds__(128) decode_append_kernel(const AppendParams p
     p.k_cache[dst * p.kv_row_chunks + c] = p.k_new[src * p.kv_row_chunks + c];
     p.v_cache[dst * p.kv_row_chunks + c] = p.v_new[src * p.kv_row_chunks + c];
   }
-  for (int c = threadIdx.x; c < p.idx_row_chunks; c += blockDim.x) {
-    p.k_idx_cache[dst * p.idx_row_chunks + c] = p.k_idx_new[src * p.idx_row_chunks + c];
+  if (p.k_idx_scale == nullptr) {
+    for (int c = threadIdx.x; c < p.idx_row_chunks; c += blockDim.x) {
+      p.k_idx_cache[dst * p.idx_row_chunks + c] = p.k_idx_new[src * p.idx_row_chunks + c];
+    }
+    return;
   }
+  // e4m3 index keys: scale = max |x| / 448 (1 for a zero row), stored x / scale rounded to
+  // nearest (IEEE division, as the reference's quantize_index_keys).
+  __shared__ float warp_max[4];
+  const int di = p.idx_row_chunks * 8;  // 16-bit elements per row
+  const uint16_t* row = reinterpret_cast<const uint16_t*>(p.k_idx_new + src * p.idx_row_chunks);
+  auto value = [&](int e) {
+    const uint16_t bits = row[e];
+    return p.keys_bf16 ? __bfloat162float(__ushort_as_bfloat16(bits)) : __half2float(__ushort_as_half(bits));
+  };
+  float amax = 0.f;
+  for (int e = threadIdx.x; e < di; e += blockDim.x) amax = fmaxf(amax, fabsf(value(e)));
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffff, amax, o));
+  if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = amax;
+  __syncthreads();
+  amax = fmaxf(fmaxf(warp_max[0], warp_max[1]), fmaxf(warp_max[2], warp_max[3]));
+  const float scale = amax > 0.f ? __fdiv_rn(amax, 448.f) : 1.f;
+  uint8_t* out = reinterpret_cast<uint8_t*>(p.k_idx_cache) + dst * di;
+  for (int e = threadIdx.x; e < di; e += blockDim.x) {
+    out[e] = static_cast<uint8_t>(__nv_cvt_float_to_fp8(__fdiv_rn(value(e), scale), __NV_SATFINITE, __NV_E4M3));
+  }
+  if (threadIdx.x == 0) p.k_idx_scale[dst] = scale;
 }
 
 constexpr int kTopKListCap = 32;  // workspace sized for the longest list
@@ -88,9 +117,11 @@ cudaError_t run_decode(const DecodeParams& p, void* workspace, cudaStream_t stre
                             static_cast<uint4*>(p.k_cache),
                             static_cast<uint4*>(p.v_cache),
                             static_cast<uint4*>(p.k_idx_cache),
+                            p.k_idx_scale,
                             p.s_new,
                             p.num_heads_kv * p.head_dim * 2 / 16,
-                            p.head_dim_idx * 2 / 16};
+                            p.head_dim_idx * 2 / 16,
+                            p.idx_dtype == DType::kBF16};
     decode::decode_append_kernel<<<p.batch * p.s_new, 128, 0, stream>>>(ap);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
@@ -98,12 +129,20 @@ cudaError_t run_decode(const DecodeParams& p, void* workspace, cudaStream_t stre
 
   const int splits = decode::decode_select_splits(p);
   cudaError_t err;
+  const bool idx_bf16 = p.idx_dtype == DType::kBF16;
+  const bool fp8 = p.k_idx_scale != nullptr;
+  using BF = cutlass::bfloat16_t;
+  using FP = cutlass::half_t;
   if (p.head_dim_idx == 128) {
-    err = bf16 ? decode::launch_decode_select<cutlass::bfloat16_t, 128>(p, w, splits, stream)
-               : decode::launch_decode_select<cutlass::half_t, 128>(p, w, splits, stream);
+    err = fp8 ? (idx_bf16 ? decode::launch_decode_select<BF, 128, true>(p, w, splits, stream)
+                          : decode::launch_decode_select<FP, 128, true>(p, w, splits, stream))
+              : (idx_bf16 ? decode::launch_decode_select<BF, 128, false>(p, w, splits, stream)
+                          : decode::launch_decode_select<FP, 128, false>(p, w, splits, stream));
   } else {
-    err = bf16 ? decode::launch_decode_select<cutlass::bfloat16_t, 64>(p, w, splits, stream)
-               : decode::launch_decode_select<cutlass::half_t, 64>(p, w, splits, stream);
+    err = fp8 ? (idx_bf16 ? decode::launch_decode_select<BF, 64, true>(p, w, splits, stream)
+                          : decode::launch_decode_select<FP, 64, true>(p, w, splits, stream))
+              : (idx_bf16 ? decode::launch_decode_select<BF, 64, false>(p, w, splits, stream)
+                          : decode::launch_decode_select<FP, 64, false>(p, w, splits, stream));
   }
   if (err != cudaSuccess) return err;
   if (p.head_dim == 128) {

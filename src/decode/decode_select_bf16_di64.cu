@@ -1,6 +1,7 @@
-// Decode indexer instantiations for bf16, Di = 64 (all list lengths).
+// Decode indexer instantiations for bf16 index queries and keys, Di = 64 (all list lengths).
 #include "msa/decode/decode_launch.cuh"
 
 namespace msa::decode {
-template cudaError_t launch_decode_select<cutlass::bfloat16_t, 64>(const DecodeParams&, const DecodeWorkspace&, int, cudaStream_t);
+template cudaError_t launch_decode_select<cutlass::bfloat16_t, 64, false>(const DecodeParams&, const DecodeWorkspace&, int,
+                                                                  cudaStream_t);
 }  // namespace msa::decode

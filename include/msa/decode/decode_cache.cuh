@@ -64,7 +64,8 @@ struct DecodeWorkspace {
 
 // Append: new token i of request b goes to position cache_seqlens[b] + i of k, v and the
 // index-key cache (positions past the capacity are dropped). One CTA per (request, new token);
-// rows are copied in 16-byte pieces (row sizes are multiples of 128 bytes).
+// rows are copied in 16-byte pieces (row sizes are multiples of 128 bytes); into an e4m3
+// index-key cache the new keys are quantized with a per-token scale.
 struct AppendParams {
   CacheGeometry cache;
   const uint4* k_new;    // [B * S_new, kv_row_chunks]
@@ -72,10 +73,12 @@ struct AppendParams {
   const uint4* k_idx_new;  // [B * S_new, idx_row_chunks]
   uint4* k_cache;          // [cache rows, kv_row_chunks]
   uint4* v_cache;
-  uint4* k_idx_cache;      // [cache rows, idx_row_chunks]
+  uint4* k_idx_cache;      // [cache rows, idx_row_chunks] (e4m3: [cache rows, Di] bytes)
+  float* k_idx_scale;      // [cache rows] for an e4m3 index-key cache, else null
   int s_new;
   int kv_row_chunks;   // Hkv * D * 2 bytes / 16
-  int idx_row_chunks;  // Di * 2 bytes / 16
+  int idx_row_chunks;  // Di * 2 bytes / 16 (of the new rows)
+  bool keys_bf16;      // dtype of the new index keys (e4m3 cache: quantized from it)
 };
 
 }  // namespace msa::decode

@@ -17,21 +17,32 @@ namespace msa::decode {
 
 constexpr int decode_topk_cap(int topk) { return topk <= 8 ? 8 : (topk <= 16 ? 16 : 32); }
 
-template <class Element, int kHeadDimIdx, int kTopKCap>
+template <class Element, int kHeadDimIdx, int kTopKCap, bool kFp8Keys>
 cudaError_t launch_decode_select_cap(const DecodeParams& p, const DecodeWorkspace& ws, int num_splits,
                                      cudaStream_t stream) {
-  using Traits = DecodeSelectTraits<Element, kHeadDimIdx, kTopKCap>;
+  using Traits = DecodeSelectTraits<Element, kHeadDimIdx, kTopKCap, kFp8Keys>;
+  using KeyElement = typename Traits::KeyElement;
   if (num_splits > kMaxSplits) return cudaErrorInvalidValue;
   const int rows = p.s_new * p.num_heads_kv;
   const int32_t total_q_rows = p.batch * rows;
   const int32_t cache_rows = static_cast<int32_t>(p.cache_rows);
   auto gQ = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.q_idx)),
                         make_shape(total_q_rows, Int<kHeadDimIdx>{}), typename Traits::GmemStride{});
-  auto gK = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.k_idx_cache)),
+  auto gK = make_tensor(make_gmem_ptr(static_cast<KeyElement const*>(p.k_idx_cache)),
                         make_shape(cache_rows, Int<kHeadDimIdx>{}), typename Traits::GmemStride{});
+  auto tma_scale = [&] {
+    if constexpr (kFp8Keys) {
+      auto gS = make_tensor(make_gmem_ptr(static_cast<float const*>(p.k_idx_scale)), make_shape(cache_rows),
+                            Stride<_1>{});
+      return make_tma_copy(SM90_TMA_LOAD{}, gS, take<0, 1>(typename Traits::SmemLayoutScale{}));
+    } else {
+      return 0;
+    }
+  }();
   DecodeSelectParams<Traits> kp{
       make_tma_copy(SM90_TMA_LOAD{}, gQ, typename Traits::SmemLayoutQ{}),
       make_tma_copy(SM90_TMA_LOAD{}, gK, take<0, 2>(typename Traits::SmemLayoutK{})),
+      tma_scale,
       CacheGeometry::from(p),
       total_q_rows,
       cache_rows,
@@ -59,16 +70,16 @@ cudaError_t launch_decode_select_cap(const DecodeParams& p, const DecodeWorkspac
                                   merge_smem_bytes<kTopKCap>(num_splits), stream, mp, p.programmatic_launch);
 }
 
-template <class Element, int kHeadDimIdx>
+template <class Element, int kHeadDimIdx, bool kFp8Keys>
 cudaError_t launch_decode_select(const DecodeParams& p, const DecodeWorkspace& ws, int num_splits,
                                  cudaStream_t stream) {
   switch (decode_topk_cap(p.topk)) {
     case 8:
-      return launch_decode_select_cap<Element, kHeadDimIdx, 8>(p, ws, num_splits, stream);
+      return launch_decode_select_cap<Element, kHeadDimIdx, 8, kFp8Keys>(p, ws, num_splits, stream);
     case 16:
-      return launch_decode_select_cap<Element, kHeadDimIdx, 16>(p, ws, num_splits, stream);
+      return launch_decode_select_cap<Element, kHeadDimIdx, 16, kFp8Keys>(p, ws, num_splits, stream);
     default:
-      return launch_decode_select_cap<Element, kHeadDimIdx, 32>(p, ws, num_splits, stream);
+      return launch_decode_select_cap<Element, kHeadDimIdx, 32, kFp8Keys>(p, ws, num_splits, stream);
   }
 }
 

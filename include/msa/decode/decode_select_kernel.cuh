@@ -27,9 +27,12 @@
 
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
+#include <cutlass/numeric_conversion.h>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
 #include <math_constants.h>
+
+#include <type_traits>
 
 #include "msa/common/arch.cuh"
 #include "msa/common/blocks.cuh"
@@ -52,6 +55,7 @@ template <class Traits>
 struct DecodeSelectParams {
   typename Traits::TmaQ tma_q;
   typename Traits::TmaK tma_k;
+  std::conditional_t<Traits::kFp8Keys, typename Traits::TmaScale, int> tma_scale;  // fp8 keys' scales
   CacheGeometry cache;
   int32_t total_q_rows;  // B * S_new * Hkv
   int32_t cache_rows;
@@ -80,6 +84,29 @@ struct SplitRange {
     blk_end = lo + static_cast<int>(static_cast<int64_t>(split + 1) * n / num_splits);
   }
 };
+
+// fp8 keys: stage `stage` of the e4m3 rows (row-major) widened into wide tile `wide` (SW128,
+// q_idx's dtype) by the consumer warpgroup, 16 keys' bytes per step.
+template <class Traits, class TensorK8, class TensorKWide>
+__device__ __forceinline__ void widen_key_tile(TensorK8 const& sK8, TensorKWide& sKWide, int stage, int wide,
+                                               int thread) {
+  using Element = typename Traits::Element;
+  constexpr int kPieces = Traits::kHeadDimIdx / 16;  // 16-byte pieces of an e4m3 row
+  using Converter = cutlass::NumericArrayConverter<Element, cutlass::float_e4m3_t, 2>;
+  for (int idx = thread; idx < Traits::kBlockKV * kPieces; idx += common::kThreadsPerWarpGroup) {
+    const int r = idx / kPieces;
+    const int c = (idx % kPieces) * 16;
+    const uint4 raw = *reinterpret_cast<const uint4*>(&sK8(r, c, stage));
+    const auto* in = reinterpret_cast<const cutlass::Array<cutlass::float_e4m3_t, 2>*>(&raw);
+    cutlass::Array<Element, 16> out;
+    auto* out2 = reinterpret_cast<cutlass::Array<Element, 2>*>(&out);
+#pragma unroll
+    for (int p = 0; p < 8; ++p) out2[p] = Converter::convert(in[p]);
+    const uint4* words = reinterpret_cast<const uint4*>(&out);
+    *reinterpret_cast<uint4*>(&sKWide(r, c, wide)) = words[0];
+    *reinterpret_cast<uint4*>(&sKWide(r, c + 8, wide)) = words[1];
+  }
+}
 
 template <class Traits>
 __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
@@ -123,6 +150,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
     smem.barrier_q.init(1);
     cute::prefetch_tma_descriptor(params.tma_q.get_tma_descriptor());
     cute::prefetch_tma_descriptor(params.tma_k.get_tma_descriptor());
+    if constexpr (Traits::kFp8Keys) cute::prefetch_tma_descriptor(params.tma_scale.get_tma_descriptor());
   }
   MainloopPipeline pipeline_k(smem.pipeline_k, pipeline_params, Shape<_1, _1, _1>{});
   __syncthreads();
@@ -152,6 +180,15 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
                                         group_modes<0, 2>(gK));
       pipeline_k.producer_acquire(write_state);
       copy(params.tma_k.with(*pipeline_k.producer_get_barrier(write_state), 0), tKgK, tKsK(_, write_state.index()));
+      if constexpr (Traits::kFp8Keys) {
+        Tensor mS = params.tma_scale.get_tma_tensor(make_shape(params.cache_rows));
+        Tensor sS = make_tensor(make_smem_ptr(smem.fp8.scale.data()), typename Traits::SmemLayoutScale{});
+        Tensor gS = local_tile(domain_offset(make_coord(key_row), mS), Shape<Int<kBlockKV>>{}, make_coord(_0{}));
+        auto [tSgS, tSsS] = tma_partition(params.tma_scale, Int<0>{}, Layout<_1>{}, group_modes<0, 1>(sS),
+                                          group_modes<0, 1>(gS));
+        copy(params.tma_scale.with(*pipeline_k.producer_get_barrier(write_state), 0), tSgS,
+             tSsS(_, write_state.index()));
+      }
       ++write_state;
     }
     pipeline_k.producer_tail(write_state);
@@ -186,17 +223,51 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
     typename Traits::TiledMma tiled_mma;
     auto thr_mma = tiled_mma.get_thread_slice(mma_thread);
     Tensor tSrQ = thr_mma.partition_fragment_A(sQ);
-    Tensor tSrK = thr_mma.partition_fragment_B(sK);
     Tensor tSrS = partition_fragment_C(tiled_mma, Shape<Int<kBlockQ>, Int<kBlockKV>>{});
+    // The WGMMA's key operand: the stages themselves, or (fp8) the two widened tiles.
+    Tensor sKOperand = [&] {
+      if constexpr (Traits::kFp8Keys) {
+        return make_tensor(make_smem_ptr(smem.fp8.k_wide.data()), typename Traits::SmemLayoutKWide{});
+      } else {
+        return sK;
+      }
+    }();
+    Tensor tSrK = thr_mma.partition_fragment_B(sKOperand);
 
     smem.barrier_q.wait(0);
     PipelineState read_state;
     float pending = -CUDART_INF_F;  // max so far over the current block's earlier stages
     for (int n = tile_begin; n < tile_end; ++n) {
       pipeline_k.consumer_wait(read_state);
-      common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma, tSrQ, tSrK(_, _, _, read_state.index()), tSrS);
-      pipeline_k.consumer_release(read_state);
-      ++read_state;
+      if constexpr (Traits::kFp8Keys) {
+        const int stage = read_state.index();
+        const int wide = n & 1;
+        widen_key_tile<Traits>(sK, sKOperand, stage, wide, mma_thread);
+        // This thread's columns 8 j + 2 quad + c: their keys' scales.
+        float2 col_scale[kBlockKV / 8];
+        const float* stage_scale = smem.fp8.scale.data() + stage * kBlockKV;
+#pragma unroll
+        for (int j = 0; j < kBlockKV / 8; ++j) {
+          col_scale[j] = *reinterpret_cast<const float2*>(stage_scale + 8 * j + 2 * quad);
+        }
+        cutlass::arch::fence_view_async_shared();  // widened tile (generic writes) -> WGMMA reads
+        cutlass::arch::NamedBarrier::sync(common::kThreadsPerWarpGroup, 1);
+        pipeline_k.consumer_release(read_state);
+        ++read_state;
+        common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma, tSrQ, tSrK(_, _, _, wide), tSrS);
+#pragma unroll
+        for (int j = 0; j < kBlockKV / 8; ++j) {
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            tSrS(4 * j + 2 * i) *= col_scale[j].x;
+            tSrS(4 * j + 2 * i + 1) *= col_scale[j].y;
+          }
+        }
+      } else {
+        common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma, tSrQ, tSrK(_, _, _, read_state.index()), tSrS);
+        pipeline_k.consumer_release(read_state);
+        ++read_state;
+      }
 
       const float m0 = fwd::block_row_max<kBlockKV>(tSrS, 0);
       const float m1 = fwd::block_row_max<kBlockKV>(tSrS, 1);

@@ -3,6 +3,8 @@
 // selected block per CTA).
 #pragma once
 
+#include <type_traits>
+
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
@@ -21,11 +23,19 @@ using namespace cute;
 // rate, so one consumer warpgroup keeps up with HBM and the ring only has to cover its latency.
 // Two CTAs per SM (80 KB of keys in flight each): the launch covers the GPU twice, so a CTA's
 // pipeline fill and drain overlap its neighbour's streaming.
-template <class Element_, int kHeadDimIdx_, int kTopKCap_>
+//
+// fp8 index-key cache (kFp8Keys): the cache holds e4m3 keys and a float scale per token. Stages
+// carry the raw e4m3 rows (half the bytes) and the 64 scales; the consumer widens each stage to
+// q_idx's dtype in a double-buffered SW128 tile (exact: every e4m3 value is a bf16 and an fp16
+// value), runs the same WGMMA, and multiplies each score column by its key's scale in fp32, so a
+// score is q_idx . (k_e4m3 x scale) as the reference defines it.
+template <class Element_, int kHeadDimIdx_, int kTopKCap_, bool kFp8Keys_ = false>
 struct DecodeSelectTraits {
   using Element = Element_;
   static constexpr int kHeadDimIdx = kHeadDimIdx_;
   static constexpr int kTopKCap = kTopKCap_;
+  static constexpr bool kFp8Keys = kFp8Keys_;
+  using KeyElement = std::conditional_t<kFp8Keys, cutlass::float_e4m3_t, Element>;
   static_assert(kHeadDimIdx == 64 || kHeadDimIdx == 128, "Di must be 64 or 128");
   static_assert(kTopKCap == 8 || kTopKCap == 16 || kTopKCap == 32, "list length must be 8, 16 or 32");
 
@@ -33,37 +43,60 @@ struct DecodeSelectTraits {
   static constexpr int kBlockKV = 64;  // keys per stage
   static constexpr int kNumThreads = 2 * common::kThreadsPerWarpGroup;  // producer + consumer warpgroups
   static constexpr int kCtasPerSm = 2;
-  static constexpr int kStages = kHeadDimIdx == 128 ? 5 : 10;
+  static constexpr int kStages = kFp8Keys ? (kHeadDimIdx == 128 ? 7 : 12) : (kHeadDimIdx == 128 ? 5 : 10);
 
   using TiledMma = decltype(make_tiled_mma(
       GMMA::ss_op_selector<Element, Element, float, Shape<Int<kBlockQ>, Int<kBlockKV>, Int<kHeadDimIdx>>>()));
 
   using SmemLayoutAtom = GMMA::Layout_K_SW128_Atom<Element>;
   using SmemLayoutQ = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockQ>, Int<kHeadDimIdx>>{}));
-  using SmemLayoutK =
-      decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockKV>, Int<kHeadDimIdx>, Int<kStages>>{}));
+  // The key stages: the WGMMA operand itself, or (fp8) plain row-major e4m3 rows, widened into
+  // the two SW128 tiles of SmemLayoutKWide.
+  using SmemLayoutK = std::conditional_t<
+      kFp8Keys,
+      Layout<Shape<Int<kBlockKV>, Int<kHeadDimIdx>, Int<kStages>>,
+             Stride<Int<kHeadDimIdx>, _1, Int<kBlockKV * kHeadDimIdx>>>,
+      decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockKV>, Int<kHeadDimIdx>, Int<kStages>>{}))>;
+  using SmemLayoutKWide = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockKV>, Int<kHeadDimIdx>, _2>{}));
 
   using MainloopPipeline = cutlass::PipelineTmaAsync<kStages>;
   using PipelineState = typename MainloopPipeline::PipelineState;
-  static constexpr uint32_t kTmaBytesK = kBlockKV * kHeadDimIdx * sizeof(Element);
+  static constexpr uint32_t kTmaBytesK =
+      kBlockKV * kHeadDimIdx * sizeof(KeyElement) + (kFp8Keys ? kBlockKV * sizeof(float) : 0);
   static constexpr uint32_t kTmaBytesQ = kBlockQ * kHeadDimIdx * sizeof(Element);
 
-  // Gmem views of q_idx [B * S_new * Hkv, Di] and of the index-key cache [cache rows, Di].
+  // Gmem views of q_idx [B * S_new * Hkv, Di], the index-key cache [cache rows, Di] and (fp8) its
+  // scales [cache rows].
   using GmemShape = Shape<int32_t, Int<kHeadDimIdx>>;
   using GmemStride = Stride<Int<kHeadDimIdx>, _1>;
   using GmemTensor = decltype(make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), GmemShape{},
                                           GmemStride{}));
+  using GmemTensorK = decltype(make_tensor(make_gmem_ptr(static_cast<KeyElement const*>(nullptr)), GmemShape{},
+                                           GmemStride{}));
+  using GmemTensorScale =
+      decltype(make_tensor(make_gmem_ptr(static_cast<float const*>(nullptr)), Shape<int32_t>{}, Stride<_1>{}));
   using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutQ{}));
-  using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutK{})));
+  using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensorK{}, take<0, 2>(SmemLayoutK{})));
+  using SmemLayoutScale = Layout<Shape<Int<kBlockKV>, Int<kStages>>>;
+  using TmaScale = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensorScale{}, take<0, 1>(SmemLayoutScale{})));
 
+  struct Fp8Storage {
+    cute::array_aligned<Element, cute::cosize_v<SmemLayoutKWide>, 1024> k_wide;
+    cute::array_aligned<float, cute::cosize_v<SmemLayoutScale>, 128> scale;
+  };
+  struct NoStorage {};
   struct SharedStorage {
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> q;
-    cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>, 1024> k;
+    cute::array_aligned<KeyElement, cute::cosize_v<SmemLayoutK>, 1024> k;
+    std::conditional_t<kFp8Keys, Fp8Storage, NoStorage> fp8;
     typename MainloopPipeline::SharedStorage pipeline_k;
     cutlass::arch::ClusterTransactionBarrier barrier_q;
   };
   static constexpr int kSmemBytes = sizeof(SharedStorage);
   static_assert(kSmemBytes * kCtasPerSm <= 226 * 1024, "shared memory budget exceeded");
+  // The epilogue's list buffer ([kBlockQ][2][kTopKCap] scores and ids) reuses the key stages.
+  static_assert(cute::cosize_v<SmemLayoutK> * sizeof(KeyElement) >= kBlockQ * 2 * kTopKCap * 8,
+                "the epilogue's lists must fit in the key stages");
 };
 
 // Sparse decode attention. A CTA owns one (request, new token, group) row and a chunk of its
