@@ -872,14 +872,14 @@ FP8_INDEX_KEY_MAX = 448.0  # largest finite float8_e4m3fn
 def quantize_index_keys(k_idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Index keys ``[..., Di]`` -> (``float8_e4m3fn [..., Di]``, ``float32 [...]`` per-token scales).
 
-    ``scale = max |k_idx| / 448`` per token (1 for an all-zero token), keys stored as
-    ``k_idx / scale`` rounded to nearest; :func:`dequantize_index_keys` inverts it up to that
+    ``scale = max |k_idx| * (1 / 448)`` per token (in float32; 1 for an all-zero token), keys
+    stored as ``k_idx / scale`` rounded to nearest; :func:`dequantize_index_keys` inverts it up to that
     rounding. This is the format of the fp8 index-key cache of :func:`sparse_attn_with_kvcache`
     (the decode kernels quantize appended keys the same way).
     """
     x = k_idx.float()
     amax = x.abs().amax(dim=-1)
-    scale = torch.where(amax > 0, amax / FP8_INDEX_KEY_MAX, torch.ones_like(amax))
+    scale = torch.where(amax > 0, amax * (1.0 / FP8_INDEX_KEY_MAX), torch.ones_like(amax))
     return (x / scale[..., None]).to(torch.float8_e4m3fn), scale
 
 

@@ -38,8 +38,8 @@ __global__ void __launch_bounds__(128) decode_append_kernel(const AppendParams p
     }
     return;
   }
-  // e4m3 index keys: scale = max |x| / 448 (1 for a zero row), stored x / scale rounded to
-  // nearest (IEEE division, as the reference's quantize_index_keys).
+  // e4m3 index keys: scale = max |x| x (1 / 448) (1 for a zero row), stored x / scale rounded to
+  // nearest (IEEE operations, as the reference's quantize_index_keys).
   __shared__ float warp_max[4];
   const int di = p.idx_row_chunks * 8;  // 16-bit elements per row
   const uint16_t* row = reinterpret_cast<const uint16_t*>(p.k_idx_new + src * p.idx_row_chunks);
@@ -54,7 +54,7 @@ __global__ void __launch_bounds__(128) decode_append_kernel(const AppendParams p
   if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = amax;
   __syncthreads();
   amax = fmaxf(fmaxf(warp_max[0], warp_max[1]), fmaxf(warp_max[2], warp_max[3]));
-  const float scale = amax > 0.f ? __fdiv_rn(amax, 448.f) : 1.f;
+  const float scale = amax > 0.f ? __fmul_rn(amax, 1.f / 448.f) : 1.f;
   uint8_t* out = reinterpret_cast<uint8_t*>(p.k_idx_cache) + dst * di;
   for (int e = threadIdx.x; e < di; e += blockDim.x) {
     out[e] = static_cast<uint8_t>(__nv_cvt_float_to_fp8(__fdiv_rn(value(e), scale), __NV_SATFINITE, __NV_E4M3));

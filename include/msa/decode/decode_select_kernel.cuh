@@ -86,11 +86,11 @@ struct SplitRange {
 };
 
 // fp8 keys: stage `stage` of the e4m3 rows (row-major) widened into wide tile `wide` (SW128,
-// q_idx's dtype) by the consumer warpgroup, 16 keys' bytes per step.
+// fp16) by the consumer warpgroup, 16 keys' bytes per step.
 template <class Traits, class TensorK8, class TensorKWide>
 __device__ __forceinline__ void widen_key_tile(TensorK8 const& sK8, TensorKWide& sKWide, int stage, int wide,
                                                int thread) {
-  using Element = typename Traits::Element;
+  using Element = typename Traits::MmaElement;
   constexpr int kPieces = Traits::kHeadDimIdx / 16;  // 16-byte pieces of an e4m3 row
   using Converter = cutlass::NumericArrayConverter<Element, cutlass::float_e4m3_t, 2>;
   for (int idx = thread; idx < Traits::kBlockKV * kPieces; idx += common::kThreadsPerWarpGroup) {
@@ -222,7 +222,9 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
   if (tile_end > tile_begin) {
     typename Traits::TiledMma tiled_mma;
     auto thr_mma = tiled_mma.get_thread_slice(mma_thread);
-    Tensor tSrQ = thr_mma.partition_fragment_A(sQ);
+    Tensor sQMma = make_tensor(make_smem_ptr(reinterpret_cast<typename Traits::MmaElement*>(smem.q.data())),
+                               typename Traits::SmemLayoutQMma{});
+    Tensor tSrQ = thr_mma.partition_fragment_A(sQMma);
     Tensor tSrS = partition_fragment_C(tiled_mma, Shape<Int<kBlockQ>, Int<kBlockKV>>{});
     // The WGMMA's key operand: the stages themselves, or (fp8) the two widened tiles.
     Tensor sKOperand = [&] {
@@ -235,6 +237,18 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
     Tensor tSrK = thr_mma.partition_fragment_B(sKOperand);
 
     smem.barrier_q.wait(0);
+    if constexpr (Traits::kFp8Keys && !std::is_same_v<typename Traits::Element, cutlass::half_t>) {
+      // bf16 index queries -> fp16 in place (each 16-bit element keeps its slot).
+      uint32_t* words = reinterpret_cast<uint32_t*>(smem.q.data());
+      for (int w = mma_thread; w < kBlockQ * kHeadDimIdx / 2; w += common::kThreadsPerWarpGroup) {
+        const cutlass::Array<cutlass::bfloat16_t, 2> in = reinterpret_cast<const cutlass::Array<cutlass::bfloat16_t, 2>&>(words[w]);
+        const cutlass::Array<cutlass::half_t, 2> out =
+            cutlass::NumericArrayConverter<cutlass::half_t, cutlass::bfloat16_t, 2>::convert(in);
+        words[w] = reinterpret_cast<const uint32_t&>(out);
+      }
+      cutlass::arch::fence_view_async_shared();
+      cutlass::arch::NamedBarrier::sync(common::kThreadsPerWarpGroup, 1);
+    }
     PipelineState read_state;
     float pending = -CUDART_INF_F;  // max so far over the current block's earlier stages
     for (int n = tile_begin; n < tile_end; ++n) {
@@ -243,26 +257,23 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
         const int stage = read_state.index();
         const int wide = n & 1;
         widen_key_tile<Traits>(sK, sKOperand, stage, wide, mma_thread);
-        // This thread's columns 8 j + 2 quad + c: their keys' scales.
-        float2 col_scale[kBlockKV / 8];
+        cutlass::arch::fence_view_async_shared();  // widened tile (generic writes) -> WGMMA reads
+        cutlass::arch::NamedBarrier::sync(common::kThreadsPerWarpGroup, 1);
+        common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma, tSrQ, tSrK(_, _, _, wide), tSrS);
+        // This thread's columns 8 j + 2 quad + c times their keys' scales (read before the stage
+        // is released).
         const float* stage_scale = smem.fp8.scale.data() + stage * kBlockKV;
 #pragma unroll
         for (int j = 0; j < kBlockKV / 8; ++j) {
-          col_scale[j] = *reinterpret_cast<const float2*>(stage_scale + 8 * j + 2 * quad);
-        }
-        cutlass::arch::fence_view_async_shared();  // widened tile (generic writes) -> WGMMA reads
-        cutlass::arch::NamedBarrier::sync(common::kThreadsPerWarpGroup, 1);
-        pipeline_k.consumer_release(read_state);
-        ++read_state;
-        common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma, tSrQ, tSrK(_, _, _, wide), tSrS);
-#pragma unroll
-        for (int j = 0; j < kBlockKV / 8; ++j) {
+          const float2 col_scale = *reinterpret_cast<const float2*>(stage_scale + 8 * j + 2 * quad);
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
-            tSrS(4 * j + 2 * i) *= col_scale[j].x;
-            tSrS(4 * j + 2 * i + 1) *= col_scale[j].y;
+            tSrS(4 * j + 2 * i) *= col_scale.x;
+            tSrS(4 * j + 2 * i + 1) *= col_scale.y;
           }
         }
+        pipeline_k.consumer_release(read_state);
+        ++read_state;
       } else {
         common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma, tSrQ, tSrK(_, _, _, read_state.index()), tSrS);
         pipeline_k.consumer_release(read_state);

@@ -26,9 +26,10 @@ using namespace cute;
 //
 // fp8 index-key cache (kFp8Keys): the cache holds e4m3 keys and a float scale per token. Stages
 // carry the raw e4m3 rows (half the bytes) and the 64 scales; the consumer widens each stage to
-// q_idx's dtype in a double-buffered SW128 tile (exact: every e4m3 value is a bf16 and an fp16
-// value), runs the same WGMMA, and multiplies each score column by its key's scale in fp32, so a
-// score is q_idx . (k_e4m3 x scale) as the reference defines it.
+// fp16 in a double-buffered SW128 tile (exact: every e4m3 value is an fp16 value; one cvt per
+// pair), runs the WGMMA in fp16 (bf16 index queries are converted to fp16 once, in place: exact
+// for values of normal fp16 range) and multiplies each score column by its key's scale in fp32,
+// so a score is q_idx . (k_e4m3 x scale) as the reference defines it.
 template <class Element_, int kHeadDimIdx_, int kTopKCap_, bool kFp8Keys_ = false>
 struct DecodeSelectTraits {
   using Element = Element_;
@@ -44,9 +45,10 @@ struct DecodeSelectTraits {
   static constexpr int kNumThreads = 2 * common::kThreadsPerWarpGroup;  // producer + consumer warpgroups
   static constexpr int kCtasPerSm = 2;
   static constexpr int kStages = kFp8Keys ? (kHeadDimIdx == 128 ? 7 : 12) : (kHeadDimIdx == 128 ? 5 : 10);
+  using MmaElement = std::conditional_t<kFp8Keys, cutlass::half_t, Element>;
 
   using TiledMma = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float, Shape<Int<kBlockQ>, Int<kBlockKV>, Int<kHeadDimIdx>>>()));
+      GMMA::ss_op_selector<MmaElement, MmaElement, float, Shape<Int<kBlockQ>, Int<kBlockKV>, Int<kHeadDimIdx>>>()));
 
   using SmemLayoutAtom = GMMA::Layout_K_SW128_Atom<Element>;
   using SmemLayoutQ = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockQ>, Int<kHeadDimIdx>>{}));
@@ -57,7 +59,11 @@ struct DecodeSelectTraits {
       Layout<Shape<Int<kBlockKV>, Int<kHeadDimIdx>, Int<kStages>>,
              Stride<Int<kHeadDimIdx>, _1, Int<kBlockKV * kHeadDimIdx>>>,
       decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockKV>, Int<kHeadDimIdx>, Int<kStages>>{}))>;
-  using SmemLayoutKWide = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockKV>, Int<kHeadDimIdx>, _2>{}));
+  using SmemLayoutKWide = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<MmaElement>{},
+                                                 Shape<Int<kBlockKV>, Int<kHeadDimIdx>, _2>{}));
+  // The query tile as the WGMMA reads it (fp8 keys: fp16, converted in place; same 16-bit layout).
+  using SmemLayoutQMma =
+      decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<MmaElement>{}, Shape<Int<kBlockQ>, Int<kHeadDimIdx>>{}));
 
   using MainloopPipeline = cutlass::PipelineTmaAsync<kStages>;
   using PipelineState = typename MainloopPipeline::PipelineState;
@@ -81,7 +87,7 @@ struct DecodeSelectTraits {
   using TmaScale = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensorScale{}, take<0, 1>(SmemLayoutScale{})));
 
   struct Fp8Storage {
-    cute::array_aligned<Element, cute::cosize_v<SmemLayoutKWide>, 1024> k_wide;
+    cute::array_aligned<MmaElement, cute::cosize_v<SmemLayoutKWide>, 1024> k_wide;
     cute::array_aligned<float, cute::cosize_v<SmemLayoutScale>, 128> scale;
   };
   struct NoStorage {};
