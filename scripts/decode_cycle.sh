@@ -23,6 +23,14 @@ fi
 if has bench; then
   timeout 240 python3 bench/bench_decode.py --profile --fp8 --out "$OUT" 2>&1 | tail -40
 fi
+if has ncu; then
+  for flag in "" --fp8; do
+    timeout 200 ncu --kernel-name regex:decode_select_split --launch-skip 2 --launch-count 1 \
+      --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis \
+      python3 bench/decode_step_once.py 1048576 2 $flag > "$OUT/ncu_select${flag}.txt" 2>&1
+    echo "ncu $flag rc=$?"; grep -E "Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)|Stall|Warp Cycles Per Issued" "$OUT/ncu_select${flag}.txt" | head -14
+  done
+fi
 if has sanitize; then
   for tool in memcheck racecheck; do
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 200 compute-sanitizer --tool $tool --print-limit 10 python3 -m pytest \

@@ -38,6 +38,8 @@ def _make_step(lengths, s_new, hq, hkv, d, di, dtype, page_size, append, seed, s
         s_max = max(lengths)
     if page_size is not None:
         s_max = -(-s_max // page_size) * page_size
+    elif fp8:
+        s_max = -(-s_max // 4) * 4  # an fp8 index-key cache needs S_max % 4 == 0
     nan = float("nan")
     k_c = torch.full((batch, s_max, hkv, d), nan, dtype=dtype, device="cuda")
     v_c = torch.full_like(k_c, nan)

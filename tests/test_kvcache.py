@@ -168,6 +168,10 @@ def test_fp8_index_cache_errors():
         msa_cuda.sparse_attn_with_kvcache(*args[:4], keys, k_idx_scale_cache=scales.double(), **kw)
     with pytest.raises(ValueError, match="one scale per cached token"):
         msa_cuda.sparse_attn_with_kvcache(*args[:4], keys, k_idx_scale_cache=scales[:, :10], **kw)
+    odd = [t[:, :255] for t in args[1:3]] + [args[3]]
+    keys, scales = msa_cuda.quantize_index_keys(args[4][:, :255])
+    with pytest.raises(ValueError, match="S_max must be a multiple of 4"):
+        msa_cuda.sparse_attn_with_kvcache(args[0], *odd, keys, k_idx_scale_cache=scales, **kw)
 
 
 def test_k_idx_head_dim_and_paged_index_cache_accepted():

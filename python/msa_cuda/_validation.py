@@ -589,6 +589,10 @@ def validate_sparse_attn_with_kvcache(q, k_cache, v_cache, q_idx, k_idx_cache, *
         if tuple(k_idx_scale_cache.shape) != tuple(k_cache.shape[:2]):
             raise ValueError(f"k_idx_scale_cache must be {tuple(k_cache.shape[:2])} (one scale per cached token), "
                              f"got {tuple(k_idx_scale_cache.shape)}")
+        if block_table is None and k_cache.shape[1] % 4 != 0:
+            # The decode kernels load 64 scales per TMA box; a box must start 16-byte aligned.
+            raise ValueError(f"with an fp8 index-key cache, a contiguous cache's S_max must be a multiple of 4, "
+                             f"got {k_cache.shape[1]}")
     check_rank("q_idx", q_idx, (4,), "[B, S_new, Hkv, Di]")
     if tuple(q_idx.shape[:3]) != (batch, s_new, heads_kv):
         raise ValueError(f"q_idx must be [B, S_new, Hkv, Di] = [{batch}, {s_new}, {heads_kv}, Di], got "

@@ -63,6 +63,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_step_cuda(
                     k_idx_scale_cache->size(0) == k_cache.size(0),
                 "k_idx_scale_cache must be [.., S_max] or [.., page_size] over k_cache's first two dims");
     check_aligned_16(*k_idx_scale_cache, "k_idx_scale_cache");
+    // 64 scales per TMA box, starting at a 64-aligned position of a page or of a request's rows.
+    TORCH_CHECK(block_table.has_value() || k_cache.size(1) % 4 == 0,
+                "with an fp8 index-key cache, a contiguous cache's S_max must be a multiple of 4");
   }
   TORCH_CHECK_TYPE(cache_seqlens.scalar_type() == at::kInt, "cache_seqlens must be int32");
   TORCH_CHECK(q.dim() == 4, "q must be [B, S_new, Hq, D]");
