@@ -249,6 +249,10 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
       cutlass::arch::fence_view_async_shared();
       cutlass::arch::NamedBarrier::sync(common::kThreadsPerWarpGroup, 1);
     }
+    if constexpr (Traits::kQInRegisters) {
+      cute::copy(thr_mma.partition_A(sQMma), tSrQ);  // the RS WGMMA's query operand, once
+      warpgroup_fence_operand(tSrQ);
+    }
     PipelineState read_state;
     float pending = -CUDART_INF_F;  // max so far over the current block's earlier stages
     for (int n = tile_begin; n < tile_end; ++n) {

@@ -47,8 +47,18 @@ struct DecodeSelectTraits {
   static constexpr int kStages = kFp8Keys ? (kHeadDimIdx == 128 ? 7 : 12) : (kHeadDimIdx == 128 ? 5 : 10);
   using MmaElement = std::conditional_t<kFp8Keys, cutlass::half_t, Element>;
 
-  using TiledMma = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<MmaElement, MmaElement, float, Shape<Int<kBlockQ>, Int<kBlockKV>, Int<kHeadDimIdx>>>()));
+  // fp8 keys read shared memory three times per byte of HBM (the stage, then the widened tile
+  // written and read by the WGMMA); the query tile comes from registers there (RS), so the
+  // WGMMA does not re-read it from shared memory on every stage. Not with 32-entry lists: the
+  // registers would spill.
+  static constexpr bool kQInRegisters = kFp8Keys && kTopKCap <= 16;
+  using TiledMma = std::conditional_t<
+      kQInRegisters,
+      decltype(make_tiled_mma(GMMA::rs_op_selector<MmaElement, MmaElement, float,
+                                                   Shape<Int<kBlockQ>, Int<kBlockKV>, Int<kHeadDimIdx>>,
+                                                   GMMA::Major::K, GMMA::Major::K>())),
+      decltype(make_tiled_mma(GMMA::ss_op_selector<MmaElement, MmaElement, float,
+                                                   Shape<Int<kBlockQ>, Int<kBlockKV>, Int<kHeadDimIdx>>>()))>;
 
   using SmemLayoutAtom = GMMA::Layout_K_SW128_Atom<Element>;
   using SmemLayoutQ = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockQ>, Int<kHeadDimIdx>>{}));
