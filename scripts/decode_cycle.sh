@@ -34,7 +34,7 @@ fi
 if has sanitize; then
   for tool in memcheck racecheck; do
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 200 compute-sanitizer --tool $tool --print-limit 10 python3 -m pytest \
-      tests/test_decode_gpu.py -q -x -k "bad_lengths or (configs and bfloat16-d64-di64-bs64) or (configs and float16-d128-di128-bs128) or (topk_and_forced and 7-1-2)" \
+      tests/test_decode_gpu.py -q -x -k "bad_lengths or (configs and bfloat16-d64-di64-bs64) or (configs and float16-d128-di128-bs128) or (topk_and_forced and 7-1-2) or (fp8_index_cache and bf16 and paged)" \
       > "$OUT/san_$tool.log" 2>&1
     echo "$tool rc=$? $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/san_$tool.log" | tr '\n' ' ')"
   done
