@@ -86,26 +86,25 @@ struct SplitRange {
 };
 
 // fp8 keys: stage `stage` of the e4m3 rows (row-major) widened into wide tile `wide` (SW128,
-// fp16) by the consumer warpgroup. A thread widens 8 keys' bytes into one 16-byte chunk, so the 8
-// lanes of a row-half write one whole 128-byte line of the swizzled tile: each store instruction
-// touches 4 lines, the fewest shared-memory wavefronts for 512 bytes.
+// fp16) by the consumer warpgroup, 16 keys' bytes per step.
 template <class Traits, class TensorK8, class TensorKWide>
 __device__ __forceinline__ void widen_key_tile(TensorK8 const& sK8, TensorKWide& sKWide, int stage, int wide,
                                                int thread) {
   using Element = typename Traits::MmaElement;
-  constexpr int kPieces = Traits::kHeadDimIdx / 8;  // 8-byte pieces of an e4m3 row
+  constexpr int kPieces = Traits::kHeadDimIdx / 16;  // 16-byte pieces of an e4m3 row
   using Converter = cutlass::NumericArrayConverter<Element, cutlass::float_e4m3_t, 2>;
-#pragma unroll 2
   for (int idx = thread; idx < Traits::kBlockKV * kPieces; idx += common::kThreadsPerWarpGroup) {
     const int r = idx / kPieces;
-    const int c = (idx % kPieces) * 8;
-    const uint2 raw = *reinterpret_cast<const uint2*>(&sK8(r, c, stage));
+    const int c = (idx % kPieces) * 16;
+    const uint4 raw = *reinterpret_cast<const uint4*>(&sK8(r, c, stage));
     const auto* in = reinterpret_cast<const cutlass::Array<cutlass::float_e4m3_t, 2>*>(&raw);
-    cutlass::Array<Element, 8> out;
+    cutlass::Array<Element, 16> out;
     auto* out2 = reinterpret_cast<cutlass::Array<Element, 2>*>(&out);
 #pragma unroll
-    for (int p = 0; p < 4; ++p) out2[p] = Converter::convert(in[p]);
-    *reinterpret_cast<uint4*>(&sKWide(r, c, wide)) = reinterpret_cast<const uint4&>(out);
+    for (int p = 0; p < 8; ++p) out2[p] = Converter::convert(in[p]);
+    const uint4* words = reinterpret_cast<const uint4*>(&out);
+    *reinterpret_cast<uint4*>(&sKWide(r, c, wide)) = words[0];
+    *reinterpret_cast<uint4*>(&sKWide(r, c + 8, wide)) = words[1];
   }
 }
 
