@@ -319,11 +319,6 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
   constexpr int kLists = 2 * kNumConsumers;
   float* lists_score = reinterpret_cast<float*>(smem.k.data());  // [kBlockQ][kLists][kTopKCap]
   int32_t* lists_id = reinterpret_cast<int32_t*>(lists_score + kBlockQ * kLists * kTopKCap);
-  if constexpr (kNumConsumers > 1) {
-    // Every consumer is past its last stage (each waits on every stage) before any list overwrites
-    // the stages.
-    cutlass::arch::NamedBarrier::sync(kNumConsumers * common::kThreadsPerWarpGroup, 0);
-  }
   {
     float* my_scores = lists_score + (my_row * kLists + 2 * consumer + my_parity) * kTopKCap;
     int32_t* my_ids = lists_id + (my_row * kLists + 2 * consumer + my_parity) * kTopKCap;
