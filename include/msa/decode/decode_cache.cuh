@@ -40,7 +40,7 @@ struct CacheGeometry {
   }
 };
 
-// Splits of the indexer: enough CTAs to fill every SM's CTA slots once, whatever the batch
+// Splits of the indexer: enough CTAs to fill every SM's two CTA slots once, whatever the batch
 // (they are memory-bound and equal in work: each takes an equal share of its request's blocks);
 // bounded so the merge's lists fit in shared memory. A function of the shapes only, so a captured
 // step keeps its launch shape.
@@ -48,8 +48,7 @@ inline int decode_select_splits(const DecodeParams& p) {
   const int rows = p.s_new * p.num_heads_kv;
   const int m_tiles = (rows + 63) / 64;
   const int max_blocks = (p.capacity + p.block_size - 1) / p.block_size;
-  const int ctas_per_sm = p.k_idx_scale != nullptr ? 1 : 2;  // DecodeSelectTraits::kCtasPerSm
-  int splits = ctas_per_sm * p.num_sms / (p.batch * m_tiles);
+  int splits = 2 * p.num_sms / (p.batch * m_tiles);
   splits = splits < 1 ? 1 : (splits > 256 ? 256 : splits);  // <= the merge's kMaxSplits
   return splits < max_blocks ? splits : (max_blocks < 1 ? 1 : max_blocks);
 }

@@ -27,7 +27,6 @@
 
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
-#include <cutlass/arch/reg_reconfig.h>
 #include <cutlass/numeric_conversion.h>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
@@ -146,7 +145,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
   pipeline_params.role = warp_group == 0 ? MainloopPipeline::ThreadCategory::Producer
                                          : MainloopPipeline::ThreadCategory::Consumer;
   pipeline_params.is_leader = threadIdx.x == 0;
-  pipeline_params.num_consumers = Traits::kNumConsumers * common::kThreadsPerWarpGroup;
+  pipeline_params.num_consumers = common::kThreadsPerWarpGroup;
   if (threadIdx.x == 0) {
     smem.barrier_q.init(1);
     cute::prefetch_tma_descriptor(params.tma_q.get_tma_descriptor());
@@ -161,7 +160,6 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
 
   if (warp_group == 0) {
     // ---------------- producer ----------------
-    if constexpr (Traits::kNumConsumers > 1) cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
     if (threadIdx.x != 0 || tile_end <= tile_begin) return;
     Tensor mQ = params.tma_q.get_tma_tensor(make_shape(params.total_q_rows, Int<kHeadDimIdx>{}));
     Tensor mK = params.tma_k.get_tma_tensor(make_shape(params.cache_rows, Int<kHeadDimIdx>{}));
@@ -197,12 +195,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
     return;
   }
 
-  // ---------------- consumers ----------------
-  constexpr int kNumConsumers = Traits::kNumConsumers;
-  if constexpr (kNumConsumers > 1) cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
-  const int consumer = warp_group - 1;
-  const int consumer_thread = threadIdx.x - common::kThreadsPerWarpGroup;  // over all consumers
-  const int mma_thread = consumer_thread % common::kThreadsPerWarpGroup;   // within this warpgroup
+  // ---------------- consumer ----------------
+  const int mma_thread = threadIdx.x - common::kThreadsPerWarpGroup;  // 0..127
   // Accumulator rows of this thread: 16 warp + lane / 4 (+ 8); the quad's lanes 0-1 keep lists for
   // the first row (even / odd blocks), lanes 2-3 for the second.
   const int quad = lane % 4;
@@ -246,14 +240,14 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
     if constexpr (Traits::kFp8Keys && !std::is_same_v<typename Traits::Element, cutlass::half_t>) {
       // bf16 index queries -> fp16 in place (each 16-bit element keeps its slot).
       uint32_t* words = reinterpret_cast<uint32_t*>(smem.q.data());
-      for (int w = consumer_thread; w < kBlockQ * kHeadDimIdx / 2; w += kNumConsumers * common::kThreadsPerWarpGroup) {
+      for (int w = mma_thread; w < kBlockQ * kHeadDimIdx / 2; w += common::kThreadsPerWarpGroup) {
         const cutlass::Array<cutlass::bfloat16_t, 2> in = reinterpret_cast<const cutlass::Array<cutlass::bfloat16_t, 2>&>(words[w]);
         const cutlass::Array<cutlass::half_t, 2> out =
             cutlass::NumericArrayConverter<cutlass::half_t, cutlass::bfloat16_t, 2>::convert(in);
         words[w] = reinterpret_cast<const uint32_t&>(out);
       }
       cutlass::arch::fence_view_async_shared();
-      cutlass::arch::NamedBarrier::sync(kNumConsumers * common::kThreadsPerWarpGroup, 1);
+      cutlass::arch::NamedBarrier::sync(common::kThreadsPerWarpGroup, 1);
     }
     if constexpr (Traits::kQInRegisters) {
       cute::copy(thr_mma.partition_A(sQMma), tSrQ);  // the RS WGMMA's query operand, once
@@ -261,21 +255,14 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
     }
     PipelineState read_state;
     float pending = -CUDART_INF_F;  // max so far over the current block's earlier stages
-    int own_tiles = 0;
     for (int n = tile_begin; n < tile_end; ++n) {
       pipeline_k.consumer_wait(read_state);
-      // Key blocks go to the consumers in turn (both stages of a 128-key block to the same one).
-      if (kNumConsumers > 1 && (n / tiles_per_block - range.blk_begin) % kNumConsumers != consumer) {
-        pipeline_k.consumer_release(read_state);
-        ++read_state;
-        continue;
-      }
       if constexpr (Traits::kFp8Keys) {
         const int stage = read_state.index();
-        const int wide = 2 * consumer + (own_tiles++ & 1);
+        const int wide = n & 1;
         widen_key_tile<Traits>(sK, sKOperand, stage, wide, mma_thread);
         cutlass::arch::fence_view_async_shared();  // widened tile (generic writes) -> WGMMA reads
-        cutlass::arch::NamedBarrier::sync(common::kThreadsPerWarpGroup, 2 + consumer);
+        cutlass::arch::NamedBarrier::sync(common::kThreadsPerWarpGroup, 1);
         common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma, tSrQ, tSrK(_, _, _, wide), tSrS);
         // This thread's columns 8 j + 2 quad + c times their keys' scales (read before the stage
         // is released).
@@ -313,49 +300,37 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
   // The merge kernel may launch now (programmatic dependent launch); it waits for this grid to
   // finish before reading the lists.
   asm volatile("griddepcontrol.launch_dependents;");
-  // The row's lists (two parities per consumer) -> one: all go to shared memory (the consumed K
-  // stages), the first consumer's even-list lane merges them and writes the row's list for this
-  // split.
-  constexpr int kLists = 2 * kNumConsumers;
-  float* lists_score = reinterpret_cast<float*>(smem.k.data());  // [kBlockQ][kLists][kTopKCap]
-  int32_t* lists_id = reinterpret_cast<int32_t*>(lists_score + kBlockQ * kLists * kTopKCap);
+  // The row's two parity lists -> one: both go to shared memory (the consumed K stages), the
+  // even-list lane merges them and writes the row's list for this split.
+  float* lists_score = reinterpret_cast<float*>(smem.k.data());  // [kBlockQ][2][kTopKCap]
+  int32_t* lists_id = reinterpret_cast<int32_t*>(lists_score + kBlockQ * 2 * kTopKCap);
   {
-    float* my_scores = lists_score + (my_row * kLists + 2 * consumer + my_parity) * kTopKCap;
-    int32_t* my_ids = lists_id + (my_row * kLists + 2 * consumer + my_parity) * kTopKCap;
+    float* my_scores = lists_score + (my_row * 2 + my_parity) * kTopKCap;
+    int32_t* my_ids = lists_id + (my_row * 2 + my_parity) * kTopKCap;
 #pragma unroll
     for (int p = 0; p < kTopKCap; ++p) {
       my_scores[p] = top.score[p];
       my_ids[p] = top.id[p];
     }
   }
-  cutlass::arch::NamedBarrier::sync(kNumConsumers * common::kThreadsPerWarpGroup, 0);
-  if (row_valid && consumer == 0 && my_parity == 0) {
-    const float* row_scores = lists_score + my_row * kLists * kTopKCap;
-    const int32_t* row_ids = lists_id + my_row * kLists * kTopKCap;
+  cutlass::arch::NamedBarrier::sync(common::kThreadsPerWarpGroup, 0);
+  if (row_valid && my_parity == 0) {
+    const float* a_score = lists_score + my_row * 2 * kTopKCap;
+    const int32_t* a_id = lists_id + my_row * 2 * kTopKCap;
+    const float* b_score = a_score + kTopKCap;
+    const int32_t* b_id = a_id + kTopKCap;
     const int64_t list = (static_cast<int64_t>(b) * rows + row_in_req) * params.num_splits + split;
     float* out_score = params.part_score + list * kTopKCap;
     int32_t* out_id = params.part_id + list * kTopKCap;
-    int head[kLists];
-#pragma unroll
-    for (int l = 0; l < kLists; ++l) head[l] = 0;
+    int ia = 0, ib = 0;
     for (int p = 0; p < kTopKCap; ++p) {
-      float best_s = -CUDART_INF_F;
-      int best_id = -1, best_l = 0;
-#pragma unroll
-      for (int l = 0; l < kLists; ++l) {
-        const int h = min(head[l], kTopKCap - 1);
-        const float sc = row_scores[l * kTopKCap + h];
-        const int id = head[l] < kTopKCap ? row_ids[l * kTopKCap + h] : -1;
-        if (ranks_before(sc, id, best_s, best_id)) {
-          best_s = sc;
-          best_id = id;
-          best_l = l;
-        }
-      }
-      out_score[p] = best_s;
-      out_id[p] = best_id;  // -1 once every list ran out
-#pragma unroll
-      for (int l = 0; l < kLists; ++l) head[l] += (l == best_l && best_id >= 0);
+      const float sa = a_score[min(ia, kTopKCap - 1)], sb = b_score[min(ib, kTopKCap - 1)];
+      const int da = ia < kTopKCap ? a_id[ia] : -1, db = ib < kTopKCap ? b_id[ib] : -1;
+      const bool take_a = ranks_before(sa, da, sb, db);
+      out_score[p] = take_a ? sa : sb;
+      out_id[p] = take_a ? da : db;  // -1 once both lists ran out
+      ia += take_a;
+      ib += !take_a;
     }
   }
 #endif

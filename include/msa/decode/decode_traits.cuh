@@ -40,21 +40,11 @@ struct DecodeSelectTraits {
   static_assert(kHeadDimIdx == 64 || kHeadDimIdx == 128, "Di must be 64 or 128");
   static_assert(kTopKCap == 8 || kTopKCap == 16 || kTopKCap == 32, "list length must be 8, 16 or 32");
 
-  static constexpr int kBlockQ = 64;   // packed rows per CTA
+  static constexpr int kBlockQ = 64;   // packed rows per CTA (one consumer warpgroup)
   static constexpr int kBlockKV = 64;  // keys per stage
-  // fp8 keys: a stage is half the bytes but more work (widening), so one consumer warpgroup per
-  // CTA cannot keep up; three take the key blocks in turn (one CTA per SM, each keeping its own
-  // running top-k; the epilogue merges their lists). bf16/fp16: one consumer, two CTAs per SM.
-  static constexpr int kNumConsumers = kFp8Keys ? 3 : 1;
-  static constexpr int kNumThreads = (1 + kNumConsumers) * common::kThreadsPerWarpGroup;
-  static constexpr int kCtasPerSm = kFp8Keys ? 1 : 2;
-  static constexpr int kStages = kFp8Keys ? (kHeadDimIdx == 128 ? 13 : 26) : (kHeadDimIdx == 128 ? 5 : 10);
-  // With three consumers the producer warpgroup hands its registers over (setmaxnreg moves them
-  // within the launch's 128 per thread at 512 threads).
-  static constexpr int kProducerRegs = 40;
-  static constexpr int kConsumerRegs = 152;
-  static_assert(kNumConsumers == 1 || kProducerRegs + kNumConsumers * kConsumerRegs <= (1 + kNumConsumers) * 128,
-                "register split exceeds the launch allocation");
+  static constexpr int kNumThreads = 2 * common::kThreadsPerWarpGroup;  // producer + consumer warpgroups
+  static constexpr int kCtasPerSm = 2;
+  static constexpr int kStages = kFp8Keys ? (kHeadDimIdx == 128 ? 7 : 12) : (kHeadDimIdx == 128 ? 5 : 10);
   using MmaElement = std::conditional_t<kFp8Keys, cutlass::half_t, Element>;
 
   // fp8 keys read shared memory three times per byte of HBM (the stage, then the widened tile
@@ -79,9 +69,8 @@ struct DecodeSelectTraits {
       Layout<Shape<Int<kBlockKV>, Int<kHeadDimIdx>, Int<kStages>>,
              Stride<Int<kHeadDimIdx>, _1, Int<kBlockKV * kHeadDimIdx>>>,
       decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockKV>, Int<kHeadDimIdx>, Int<kStages>>{}))>;
-  // Two widened tiles per consumer warpgroup (double-buffered).
   using SmemLayoutKWide = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<MmaElement>{},
-                                                 Shape<Int<kBlockKV>, Int<kHeadDimIdx>, Int<2 * kNumConsumers>>{}));
+                                                 Shape<Int<kBlockKV>, Int<kHeadDimIdx>, _2>{}));
   // The query tile as the WGMMA reads it (fp8 keys: fp16, converted in place; same 16-bit layout).
   using SmemLayoutQMma =
       decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<MmaElement>{}, Shape<Int<kBlockQ>, Int<kHeadDimIdx>>{}));
@@ -121,9 +110,8 @@ struct DecodeSelectTraits {
   };
   static constexpr int kSmemBytes = sizeof(SharedStorage);
   static_assert(kSmemBytes * kCtasPerSm <= 226 * 1024, "shared memory budget exceeded");
-  // The epilogue's list buffer ([kNumConsumers][kBlockQ][2][kTopKCap] scores and ids) reuses the
-  // key stages.
-  static_assert(cute::cosize_v<SmemLayoutK> * sizeof(KeyElement) >= kNumConsumers * kBlockQ * 2 * kTopKCap * 8,
+  // The epilogue's list buffer ([kBlockQ][2][kTopKCap] scores and ids) reuses the key stages.
+  static_assert(cute::cosize_v<SmemLayoutK> * sizeof(KeyElement) >= kBlockQ * 2 * kTopKCap * 8,
                 "the epilogue's lists must fit in the key stages");
 };
 
