@@ -238,3 +238,23 @@ def test_errors_paged(change, exc, match):
         args = changed
     with pytest.raises(exc, match=match):
         msa_cuda.sparse_attn_with_kvcache(*args, **kw)
+
+
+def test_quantize_index_keys_format():
+    """e4m3 keys with a float32 scale per token: scale = max|k| / 448 (1 for a zero token), the
+    largest element maps to +-448 exactly, and dequantizing is within e4m3's rounding (2^-4
+    relative to each element, half an ulp of the smallest normal e4m3 step below that)."""
+    g = torch.Generator().manual_seed(0)
+    k_idx = torch.randn(3, 5, 64, generator=g) * torch.tensor([1e-3, 1.0, 300.0])[:, None, None]
+    k_idx[1, 2] = 0.0
+    keys, scales = msa_cuda.quantize_index_keys(k_idx)
+    assert keys.dtype == torch.float8_e4m3fn and scales.dtype == torch.float32
+    assert keys.shape == k_idx.shape and scales.shape == k_idx.shape[:-1]
+    assert scales[1, 2] == 1.0 and (keys[1, 2].float() == 0).all()
+    amax = k_idx.abs().amax(-1)
+    nonzero = amax > 0
+    torch.testing.assert_close(scales[nonzero], amax[nonzero] * (1.0 / 448.0), rtol=0, atol=0)
+    assert (keys.float().abs().amax(-1)[nonzero] == 448.0).all()
+    back = msa_cuda.dequantize_index_keys(keys, scales)
+    err = (back - k_idx).abs()
+    assert (err <= k_idx.abs() * 2.0 ** -4 + scales[..., None] * 2.0 ** -10).all()

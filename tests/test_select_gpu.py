@@ -7,7 +7,6 @@ reference is also reported and required on all but a tiny share of rows.
 """
 
 import itertools
-import math
 
 import pytest
 import torch
