@@ -154,18 +154,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_qk, tSrQ, tSrK(_, _, _, st), tSrS);
     const int cols[2] = {query_pos - block_start, query_pos - block_start};  // visible: [0, cols]
     fwd::mask_block_columns<kBlockN>(tSrS, cols, quad);
-    float alpha[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const float m = fwd::block_row_max<kBlockN>(tSrS, i);
-      const float new_max = m == -CUDART_INF_F ? row_max[i] : fmaxf(row_max[i], m * params.scale_log2);
-      const float base = new_max == -CUDART_INF_F ? 0.f : new_max;  // no visible key yet: P = 0
-      alpha[i] = exp2f(row_max[i] - base);
-      row_sum[i] = row_sum[i] * alpha[i] + fwd::exp2_row_sum<kBlockN>(tSrS, i, params.scale_log2, base);
-      row_max[i] = new_max;
-    }
-#pragma unroll
-    for (int v = 0; v < size(tOrO); ++v) tOrO(v) *= alpha[(v / 2) % 2];
+    fwd::online_softmax_block<kBlockN>(tSrS, tOrO, row_max, row_sum, params.scale_log2);
 #pragma unroll
     for (int v = 0; v < size(tSrS); ++v) tOrP(v) = static_cast<Element>(tSrS(v));
     warpgroup_fence_operand(tOrP);

@@ -140,19 +140,14 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
     params.row_arrivals[static_cast<int64_t>(b) * rows + m_tile * kBlockQ + threadIdx.x] = 0;
   }
 
-  typename MainloopPipeline::Params pipeline_params;
-  pipeline_params.transaction_bytes = Traits::kTmaBytesK;
-  pipeline_params.role = warp_group == 0 ? MainloopPipeline::ThreadCategory::Producer
-                                         : MainloopPipeline::ThreadCategory::Consumer;
-  pipeline_params.is_leader = threadIdx.x == 0;
-  pipeline_params.num_consumers = common::kThreadsPerWarpGroup;
   if (threadIdx.x == 0) {
     smem.barrier_q.init(1);
     cute::prefetch_tma_descriptor(params.tma_q.get_tma_descriptor());
     cute::prefetch_tma_descriptor(params.tma_k.get_tma_descriptor());
     if constexpr (Traits::kFp8Keys) cute::prefetch_tma_descriptor(params.tma_scale.get_tma_descriptor());
   }
-  MainloopPipeline pipeline_k(smem.pipeline_k, pipeline_params, Shape<_1, _1, _1>{});
+  MainloopPipeline pipeline_k = fwd::make_kv_ring<MainloopPipeline>(smem.pipeline_k, warp_group, Traits::kTmaBytesK,
+                                                                    common::kThreadsPerWarpGroup);
   __syncthreads();
 
   Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});

@@ -146,6 +146,27 @@ __device__ __forceinline__ float exp2_row_sum(TensorS& tSrS, int i, float scale_
   return l + __shfl_xor_sync(0xffffffff, l, 2);
 }
 
+// One key block of an online softmax over rows held as (row_max, row_sum) in log2 units of the
+// scaled scores: updates both rows of the thread, rescales O by exp2(old max - new max) and turns
+// S into P = exp2(S * scale_log2 - max) in place. A row with no visible key so far keeps max =
+// -inf and gets P = 0.
+template <int kBlockN, class TensorS, class TensorO>
+__device__ __forceinline__ void online_softmax_block(TensorS& tSrS, TensorO& tOrO, float (&row_max)[2],
+                                                     float (&row_sum)[2], float scale_log2) {
+  float alpha[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const float m = block_row_max<kBlockN>(tSrS, i);
+    const float new_max = m == -CUDART_INF_F ? row_max[i] : fmaxf(row_max[i], m * scale_log2);
+    const float base = new_max == -CUDART_INF_F ? 0.f : new_max;  // no visible key yet: P = 0
+    alpha[i] = exp2f(row_max[i] - base);
+    row_sum[i] = row_sum[i] * alpha[i] + exp2_row_sum<kBlockN>(tSrS, i, scale_log2, base);
+    row_max[i] = new_max;
+  }
+#pragma unroll
+  for (int v = 0; v < size(tOrO); ++v) tOrO(v) *= alpha[(v / 2) % 2];
+}
+
 // Epilogue, step 1: a warpgroup's 64 rows of an accumulator-ordered fragment into its own rows of
 // a 128-row tile at tile_base (shared address) in the query tile's SW128 layout (conflict free for
 // the stmatrix writes and the 16-byte row reads): 16-byte chunk c of row r sits in 64-column half
