@@ -13,6 +13,9 @@
 
 namespace msa {
 namespace decode {
+using BF = cutlass::bfloat16_t;
+using FP = cutlass::half_t;
+
 template <class Element, int kHeadDimIdx, bool kFp8Keys>
 cudaError_t launch_decode_select(const DecodeParams& p, const DecodeWorkspace& ws, int num_splits,
                                  cudaStream_t stream);
@@ -131,26 +134,22 @@ cudaError_t run_decode(const DecodeParams& p, void* workspace, cudaStream_t stre
   cudaError_t err;
   const bool idx_bf16 = p.idx_dtype == DType::kBF16;
   const bool fp8 = p.k_idx_scale != nullptr;
-  using BF = cutlass::bfloat16_t;
-  using FP = cutlass::half_t;
   if (p.head_dim_idx == 128) {
-    err = fp8 ? (idx_bf16 ? decode::launch_decode_select<BF, 128, true>(p, w, splits, stream)
-                          : decode::launch_decode_select<FP, 128, true>(p, w, splits, stream))
-              : (idx_bf16 ? decode::launch_decode_select<BF, 128, false>(p, w, splits, stream)
-                          : decode::launch_decode_select<FP, 128, false>(p, w, splits, stream));
+    err = fp8 ? (idx_bf16 ? decode::launch_decode_select<decode::BF, 128, true>(p, w, splits, stream)
+                          : decode::launch_decode_select<decode::FP, 128, true>(p, w, splits, stream))
+              : (idx_bf16 ? decode::launch_decode_select<decode::BF, 128, false>(p, w, splits, stream)
+                          : decode::launch_decode_select<decode::FP, 128, false>(p, w, splits, stream));
   } else {
-    err = fp8 ? (idx_bf16 ? decode::launch_decode_select<BF, 64, true>(p, w, splits, stream)
-                          : decode::launch_decode_select<FP, 64, true>(p, w, splits, stream))
-              : (idx_bf16 ? decode::launch_decode_select<BF, 64, false>(p, w, splits, stream)
-                          : decode::launch_decode_select<FP, 64, false>(p, w, splits, stream));
+    err = fp8 ? (idx_bf16 ? decode::launch_decode_select<decode::BF, 64, true>(p, w, splits, stream)
+                          : decode::launch_decode_select<decode::FP, 64, true>(p, w, splits, stream))
+              : (idx_bf16 ? decode::launch_decode_select<decode::BF, 64, false>(p, w, splits, stream)
+                          : decode::launch_decode_select<decode::FP, 64, false>(p, w, splits, stream));
   }
   if (err != cudaSuccess) return err;
   if (p.head_dim == 128) {
-    return bf16 ? decode::launch_decode_attn<cutlass::bfloat16_t, 128>(p, w, stream)
-                : decode::launch_decode_attn<cutlass::half_t, 128>(p, w, stream);
+    return bf16 ? decode::launch_decode_attn<decode::BF, 128>(p, w, stream) : decode::launch_decode_attn<decode::FP, 128>(p, w, stream);
   }
-  return bf16 ? decode::launch_decode_attn<cutlass::bfloat16_t, 64>(p, w, stream)
-              : decode::launch_decode_attn<cutlass::half_t, 64>(p, w, stream);
+  return bf16 ? decode::launch_decode_attn<decode::BF, 64>(p, w, stream) : decode::launch_decode_attn<decode::FP, 64>(p, w, stream);
 }
 
 }  // namespace msa

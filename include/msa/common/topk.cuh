@@ -8,6 +8,9 @@
 
 namespace msa::common {
 
+// Length of the running lists for a topk: the smallest compiled cap (8, 16 or 32) that holds it.
+constexpr int topk_list_cap(int topk) { return topk <= 8 ? 8 : (topk <= 16 ? 16 : 32); }
+
 template <int kCap>
 struct RunningTopK {
   static_assert(kCap >= 1 && kCap <= 32, "the running list holds at most 32 entries");

@@ -8,14 +8,13 @@
 #include <cute/tensor.hpp>
 
 #include "msa/common/launch.h"
+#include "msa/common/topk.cuh"
 #include "msa/decode/decode_attn_kernel.cuh"
 #include "msa/decode/decode_select_kernel.cuh"
 #include "msa/decode/decode_traits.cuh"
 #include "msa/params.h"
 
 namespace msa::decode {
-
-constexpr int decode_topk_cap(int topk) { return topk <= 8 ? 8 : (topk <= 16 ? 16 : 32); }
 
 template <class Element, int kHeadDimIdx, int kTopKCap, bool kFp8Keys>
 cudaError_t launch_decode_select_cap(const DecodeParams& p, const DecodeWorkspace& ws, int num_splits,
@@ -73,7 +72,7 @@ cudaError_t launch_decode_select_cap(const DecodeParams& p, const DecodeWorkspac
 template <class Element, int kHeadDimIdx, bool kFp8Keys>
 cudaError_t launch_decode_select(const DecodeParams& p, const DecodeWorkspace& ws, int num_splits,
                                  cudaStream_t stream) {
-  switch (decode_topk_cap(p.topk)) {
+  switch (common::topk_list_cap(p.topk)) {
     case 8:
       return launch_decode_select_cap<Element, kHeadDimIdx, 8, kFp8Keys>(p, ws, num_splits, stream);
     case 16:

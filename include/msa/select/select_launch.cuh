@@ -6,14 +6,12 @@
 #include <cute/tensor.hpp>
 
 #include "msa/common/launch.h"
+#include "msa/common/topk.cuh"
 #include "msa/params.h"
 #include "msa/select/select_kernel.cuh"
 #include "msa/select/select_traits.cuh"
 
 namespace msa::select {
-
-// Length of the running lists for a topk: the smallest compiled cap that holds it.
-constexpr int topk_cap(int topk) { return topk <= 8 ? 8 : (topk <= 16 ? 16 : 32); }
 
 template <class Element, int kHeadDimIdx, int kTopKCap>
 cudaError_t launch_select(const SelectParams& p, cudaStream_t stream) {
@@ -62,7 +60,7 @@ cudaError_t launch_select(const SelectParams& p, cudaStream_t stream) {
 // Dispatch over the list length for one (dtype, Di); instantiated once per src/select/*.cu file.
 template <class Element, int kHeadDimIdx>
 cudaError_t run_select_for(const SelectParams& p, cudaStream_t stream) {
-  switch (topk_cap(p.topk)) {
+  switch (common::topk_list_cap(p.topk)) {
     case 8:
       return launch_select<Element, kHeadDimIdx, 8>(p, stream);
     case 16:
