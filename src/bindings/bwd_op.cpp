@@ -41,11 +41,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd_cuda(
   const auto [hq, hkv, d, topk] = std::tuple{shape.hq, shape.hkv, shape.d, shape.topk};
   for (auto [t, name] : {std::pair{&dout, "dout"}, {&out, "out"}}) {
     check_cuda_contiguous(*t, name);
-    TORCH_CHECK(t->get_device() == q.get_device(), name, " must be on q's device");
+    check_same_device_as(*t, name, q);
     TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), name, " must have q's dtype");
     TORCH_CHECK(t->sizes() == q.sizes(), name, " must have q's shape");
   }
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(dout.data_ptr()) % 16 == 0, "dout must be 16-byte aligned");
+  check_aligned_16(dout, "dout");
   check_lse_shape(lse, "lse", shape, q);
   if (dlse.has_value()) {
     TORCH_CHECK(dlse->sizes() == lse.sizes() && dlse->get_device() == q.get_device(), "dlse must have lse's shape");

@@ -14,18 +14,6 @@
 
 namespace msa::bindings {
 
-namespace {
-
-void check_same_device_as(const at::Tensor& t, const char* name, const at::Tensor& q) {
-  TORCH_CHECK(t.get_device() == q.get_device(), name, " must be on q's device");
-}
-
-void check_aligned_16(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, name, " must be 16-byte aligned");
-}
-
-}  // namespace
-
 // One decoding step (see msa_cuda.sparse_attn_with_kvcache): q [B, S_new, Hq, D]; q_idx
 // [B, S_new, Hkv, Di]; caches contiguous [B, S_max, Hkv, D] / [B, S_max, (1,) Di], or paged
 // [num_pages, page_size, Hkv, D] / [num_pages, page_size, (1,) Di] with block_table [B, pages];

@@ -29,8 +29,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> indexer_kl_cuda(
   const auto [hkv, topk] = std::tuple{shape.hkv, shape.topk};
   for (auto [t, name] : {std::pair{&q_idx, "q_idx"}, {&k_idx, "k_idx"}}) {
     check_cuda_contiguous(*t, name);
-    TORCH_CHECK(t->get_device() == q.get_device(), name, " must be on q's device");
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0, name, " must be 16-byte aligned");
+    check_same_device_as(*t, name, q);
+    check_aligned_16(*t, name);
   }
   dtype_of(q_idx, "q_idx");
   TORCH_CHECK_TYPE(q_idx.scalar_type() == q.scalar_type() && k_idx.scalar_type() == q.scalar_type(),

@@ -26,6 +26,14 @@ inline void check_cuda_contiguous(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
+inline void check_same_device_as(const at::Tensor& t, const char* name, const at::Tensor& q) {
+  TORCH_CHECK(t.get_device() == q.get_device(), name, " must be on q's device");
+}
+
+inline void check_aligned_16(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, name, " must be 16-byte aligned");
+}
+
 inline void check_cu_seqlens(const c10::optional<at::Tensor>& t, const char* name, int64_t batch,
                              const at::Tensor& like) {
   if (!t.has_value()) return;
@@ -69,7 +77,7 @@ inline AttnShape check_attn_inputs(const at::Tensor& q, const at::Tensor& k, con
                                    int64_t block_size) {
   for (auto [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&block_indices, "block_indices"}}) {
     check_cuda_contiguous(*t, name);
-    TORCH_CHECK(t->get_device() == q.get_device(), name, " must be on q's device");
+    check_same_device_as(*t, name, q);
   }
   dtype_of(q, "q");
   TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(), "k must have q's dtype");
@@ -88,7 +96,7 @@ inline AttnShape check_attn_inputs(const at::Tensor& q, const at::Tensor& k, con
   TORCH_CHECK(k.size(-1) == s.d, "k must have q's head dim");
   if (v != nullptr) {
     check_cuda_contiguous(*v, "v");
-    TORCH_CHECK(v->get_device() == q.get_device(), "v must be on q's device");
+    check_same_device_as(*v, "v", q);
     TORCH_CHECK_TYPE(v->scalar_type() == q.scalar_type(), "v must have q's dtype");
     TORCH_CHECK(v->sizes() == k.sizes(), "k and v must have the same shape");
   }
@@ -103,9 +111,9 @@ inline AttnShape check_attn_inputs(const at::Tensor& q, const at::Tensor& k, con
   TORCH_CHECK(s.total_q < (int64_t{1} << 31) && s.total_k < (int64_t{1} << 31), "token counts must stay below 2^31");
   TORCH_CHECK(s.total_q * s.hq < (int64_t{1} << 31),
               "total query tokens x Hq must stay below 2^31 (32-bit q row index)");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0, "q must be 16-byte aligned");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(k.data_ptr()) % 16 == 0, "k must be 16-byte aligned");
-  TORCH_CHECK(v == nullptr || reinterpret_cast<uintptr_t>(v->data_ptr()) % 16 == 0, "v must be 16-byte aligned");
+  check_aligned_16(q, "q");
+  check_aligned_16(k, "k");
+  if (v != nullptr) check_aligned_16(*v, "v");
   s.batch = s.varlen ? cu_seqlens_q->size(0) - 1 : q.size(0);
   check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", s.batch, q);
   check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", s.batch, q);
@@ -163,7 +171,7 @@ inline at::Tensor lse_rows_log2(const at::Tensor& lse, const AttnShape& s, doubl
 
 inline void check_lse_shape(const at::Tensor& lse, const char* name, const AttnShape& s, const at::Tensor& q) {
   check_cuda_contiguous(lse, name);
-  TORCH_CHECK(lse.get_device() == q.get_device(), name, " must be on q's device");
+  check_same_device_as(lse, name, q);
   TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, name, " must be float32");
   if (s.varlen) {
     TORCH_CHECK(lse.dim() == 2 && lse.size(0) == s.hq && lse.size(1) == s.total_q, name, " must be [Hq, Tq]");
