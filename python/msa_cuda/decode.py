@@ -133,18 +133,11 @@ def sparse_attn_with_kvcache(
     lengths = _validation.check_kvcache_values(cache_seqlens, block_table, s_new, appended, args.capacity,
                                                args.num_pages)
     with torch.no_grad():
-        fp8 = args.k_idx_scale_cache is not None
         if appended:
-            for cache, new in ((k_cache, k), (v_cache, v)):
-                _ref.append_to_kvcache(cache, new, cache_seqlens, block_table)
-            if fp8:
-                keys, scales = _ref.quantize_index_keys(args.k_idx)
-                _ref.append_to_kvcache(args.k_idx_cache, keys, cache_seqlens, block_table)
-                _ref.append_to_kvcache(args.k_idx_scale_cache, scales, cache_seqlens, block_table)
-            else:
-                _ref.append_to_kvcache(args.k_idx_cache, args.k_idx, cache_seqlens, block_table)
+            _ref.append_step_to_kvcache(k_cache, v_cache, args.k_idx_cache, args.k_idx_scale_cache, k, v,
+                                        args.k_idx, cache_seqlens, block_table)
         index_keys = args.k_idx_cache
-        if fp8:  # dequantized, in q_idx's dtype (float32 on the CPU)
+        if args.k_idx_scale_cache is not None:  # dequantized, in q_idx's dtype (float32 on the CPU)
             index_keys = _ref.dequantize_index_keys(index_keys, args.k_idx_scale_cache).to(q_idx.dtype)
 
         def attend(*tensors):
@@ -154,6 +147,7 @@ def sparse_attn_with_kvcache(
 
         return _ref.decode_per_request(attend, q, k_cache, v_cache, q_idx, index_keys, lengths, block_table,
                                        return_aux)
+
 
 def _use_decode_kernel(q: Tensor, k_cache: Tensor, v_cache: Tensor, q_idx: Tensor, k_idx_cache: Tensor,
                        k_idx_scale_cache: Optional[Tensor]) -> bool:

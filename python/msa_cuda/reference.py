@@ -888,6 +888,23 @@ def dequantize_index_keys(keys: torch.Tensor, scale: torch.Tensor) -> torch.Tens
     return keys.float() * scale.float()[..., None]
 
 
+def append_step_to_kvcache(k_cache: torch.Tensor, v_cache: torch.Tensor, k_idx_cache: torch.Tensor,
+                           k_idx_scale_cache: Optional[torch.Tensor], k: torch.Tensor, v: torch.Tensor,
+                           k_idx: torch.Tensor, cache_seqlens: torch.Tensor,
+                           block_table: Optional[torch.Tensor] = None) -> None:
+    """A decoding step's append: k, v and k_idx at ``cache_seqlens`` (:func:`append_to_kvcache`);
+    into an fp8 index-key cache (``k_idx_scale_cache`` given, shaped like the cache's first two
+    dims) k_idx goes quantized by :func:`quantize_index_keys`, its scales beside it."""
+    for cache, new in ((k_cache, k), (v_cache, v)):
+        append_to_kvcache(cache, new, cache_seqlens, block_table)
+    if k_idx_scale_cache is None:
+        append_to_kvcache(k_idx_cache, k_idx, cache_seqlens, block_table)
+        return
+    keys, scales = quantize_index_keys(k_idx)
+    append_to_kvcache(k_idx_cache, keys, cache_seqlens, block_table)
+    append_to_kvcache(k_idx_scale_cache, scales, cache_seqlens, block_table)
+
+
 def sparse_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                              q_idx: torch.Tensor, k_idx_cache: torch.Tensor, *,
                              k_idx_scale_cache: Optional[torch.Tensor] = None,
@@ -933,14 +950,8 @@ def sparse_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     if fp8:
         k_idx_scale_cache = k_idx_scale_cache.reshape(k_idx_cache.shape[:2])
     if appended:
-        for cache, new in ((k_cache, k), (v_cache, v)):
-            append_to_kvcache(cache, new, cache_seqlens, block_table)
-        if fp8:
-            keys, scales = quantize_index_keys(k_idx)
-            append_to_kvcache(k_idx_cache, keys, cache_seqlens, block_table)
-            append_to_kvcache(k_idx_scale_cache, scales, cache_seqlens, block_table)
-        else:
-            append_to_kvcache(k_idx_cache, k_idx, cache_seqlens, block_table)
+        append_step_to_kvcache(k_cache, v_cache, k_idx_cache, k_idx_scale_cache, k, v, k_idx, cache_seqlens,
+                               block_table)
     lengths = (cache_seqlens.long() + (s_new if appended else 0)).tolist()
     if fp8:  # the scores' keys, in float32 (q_idx follows)
         k_idx_cache = dequantize_index_keys(k_idx_cache, k_idx_scale_cache)
