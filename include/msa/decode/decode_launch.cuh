@@ -85,18 +85,19 @@ cudaError_t launch_decode_select(const DecodeParams& p, const DecodeWorkspace& w
 template <class Element, int kHeadDim, int kBlockN>
 cudaError_t launch_decode_attn_block(const DecodeParams& p, const DecodeWorkspace& ws, cudaStream_t stream) {
   using Traits = DecodeAttnTraits<Element, kHeadDim, kBlockN>;
-  const int32_t cache_rows = static_cast<int32_t>(p.cache_rows);
-  const auto kv_stride = make_stride(static_cast<int64_t>(p.num_heads_kv) * kHeadDim, _1{}, Int<kHeadDim>{});
-  auto gK = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.k_cache)),
-                        make_shape(cache_rows, Int<kHeadDim>{}, p.num_heads_kv), kv_stride);
-  auto gV = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.v_cache)),
-                        make_shape(cache_rows, Int<kHeadDim>{}, p.num_heads_kv), kv_stride);
-  auto smem_tile = take<0, 2>(typename Traits::SmemLayoutKV{});
+  // The caches are K/V tensors of cache_rows tokens: the prefill's TMA construction applies.
+  struct {
+    const void* k;
+    const void* v;
+    int64_t total_k;
+    int num_heads_kv;
+  } const caches{p.k_cache, p.v_cache, p.cache_rows, p.num_heads_kv};
+  auto [tma_k, tma_v] = fwd::make_kv_tmas<Traits>(caches);
   DecodeAttnParams<Traits> kp{
-      make_tma_copy(SM90_TMA_LOAD{}, gK, smem_tile),
-      make_tma_copy(SM90_TMA_LOAD{}, gV, smem_tile),
+      tma_k,
+      tma_v,
       CacheGeometry::from(p),
-      cache_rows,
+      static_cast<int32_t>(p.cache_rows),
       static_cast<const Element*>(p.q),
       p.block_indices,
       static_cast<Element*>(ws.part_o),
