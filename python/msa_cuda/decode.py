@@ -3,8 +3,8 @@
 On an SM90 GPU a step runs the decode kernels (``torch.ops.msa_cuda_kernels.decode_step``): an
 append kernel; the decode indexer, split over the sequence (each CTA streams a slice of the
 index-key cache and keeps a running top-k per (token, index head)) and a merge of the slices'
-lists; the sparse attention split over the selected blocks (one CTA per (token, group, slot)) and
-the slot combine. No host synchronization and a launch shape fixed by the tensor shapes, so a step
+lists; the sparse attention, a few CTAs per (token, group) each walking a chunk of the selected
+blocks, the last of them merging the chunks. No host synchronization and a launch shape fixed by the tensor shapes, so a step
 can be captured in a CUDA graph. Elsewhere (CPU, other GPUs, fp32, non-contiguous caches) the step
 runs :func:`msa_cuda.sparse_attn` once per request after a host read of ``cache_seqlens``.
 """

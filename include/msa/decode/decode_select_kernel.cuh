@@ -400,7 +400,8 @@ __device__ __forceinline__ int warp_kway_merge(const float* scores, const int32_
 template <int kTopKCap>
 __global__ void __launch_bounds__(kMergeThreads) decode_select_merge_kernel(const DecodeMergeParams p) {
   extern __shared__ char smem_buf[];
-  const int entries = p.num_splits * kTopKCap;
+  const int num_lists = p.num_splits;  // one per split
+  const int entries = num_lists * kTopKCap;
   float* s_score = reinterpret_cast<float*>(smem_buf);
   int32_t* s_id = reinterpret_cast<int32_t*>(s_score + entries);
   float* w_score = reinterpret_cast<float*>(s_id + entries);  // [warps, kTopKCap]
@@ -429,8 +430,6 @@ __global__ void __launch_bounds__(kMergeThreads) decode_select_merge_kernel(cons
   uint32_t won_key = 0;
   int won_id = -1;
   if (num_selected > 0) {
-    const int num_lists = p.num_splits;
-    const int entries = num_lists * kTopKCap;
     const float4* src_score = reinterpret_cast<const float4*>(p.part_score + row * entries);
     const int4* src_id = reinterpret_cast<const int4*>(p.part_id + row * entries);
     const int n4 = entries / 4;
