@@ -40,13 +40,18 @@ struct CacheGeometry {
   }
 };
 
+// Packed (token, index head) rows per indexer CTA, the N of its WGMMA: 16 for a step of up to 16
+// rows (M3: up to 4 tokens), else 64.
+inline int decode_select_block_q(int rows) { return rows <= 16 ? 16 : 64; }
+
 // Splits of the indexer: enough CTAs to fill every SM's two CTA slots once, whatever the batch
 // (they are memory-bound and equal in work: each takes an equal share of its request's blocks);
 // bounded so the merge's lists fit in shared memory. A function of the shapes only, so a captured
 // step keeps its launch shape.
 inline int decode_select_splits(const DecodeParams& p) {
   const int rows = p.s_new * p.num_heads_kv;
-  const int m_tiles = (rows + 63) / 64;
+  const int block_q = decode_select_block_q(rows);
+  const int m_tiles = (rows + block_q - 1) / block_q;
   const int max_blocks = (p.capacity + p.block_size - 1) / p.block_size;
   int splits = 2 * p.num_sms / (p.batch * m_tiles);
   splits = splits < 1 ? 1 : (splits > 256 ? 256 : splits);  // <= the merge's kMaxSplits

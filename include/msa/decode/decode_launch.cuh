@@ -16,17 +16,14 @@
 
 namespace msa::decode {
 
-template <class Element, int kHeadDimIdx, int kTopKCap, bool kFp8Keys>
-cudaError_t launch_decode_select_cap(const DecodeParams& p, const DecodeWorkspace& ws, int num_splits,
-                                     cudaStream_t stream) {
-  using Traits = DecodeSelectTraits<Element, kHeadDimIdx, kTopKCap, kFp8Keys>;
+template <class Element, int kHeadDimIdx, int kTopKCap, bool kFp8Keys, int kBlockQ>
+cudaError_t launch_decode_select_tile(const DecodeParams& p, const DecodeWorkspace& ws, int num_splits,
+                                      cudaStream_t stream) {
+  using Traits = DecodeSelectTraits<Element, kHeadDimIdx, kTopKCap, kFp8Keys, kBlockQ>;
   using KeyElement = typename Traits::KeyElement;
   if (num_splits > kMaxSplits) return cudaErrorInvalidValue;
   const int rows = p.s_new * p.num_heads_kv;
-  const int32_t total_q_rows = p.batch * rows;
   const int32_t cache_rows = static_cast<int32_t>(p.cache_rows);
-  auto gQ = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.q_idx)),
-                        make_shape(total_q_rows, Int<kHeadDimIdx>{}), typename Traits::GmemStride{});
   auto gK = make_tensor(make_gmem_ptr(static_cast<KeyElement const*>(p.k_idx_cache)),
                         make_shape(cache_rows, Int<kHeadDimIdx>{}), typename Traits::GmemStride{});
   auto tma_scale = [&] {
@@ -39,11 +36,10 @@ cudaError_t launch_decode_select_cap(const DecodeParams& p, const DecodeWorkspac
     }
   }();
   DecodeSelectParams<Traits> kp{
-      make_tma_copy(SM90_TMA_LOAD{}, gQ, typename Traits::SmemLayoutQ{}),
       make_tma_copy(SM90_TMA_LOAD{}, gK, take<0, 2>(typename Traits::SmemLayoutK{})),
       tma_scale,
+      static_cast<const Element*>(p.q_idx),
       CacheGeometry::from(p),
-      total_q_rows,
       cache_rows,
       ws.part_score,
       ws.part_id,
@@ -58,7 +54,7 @@ cudaError_t launch_decode_select_cap(const DecodeParams& p, const DecodeWorkspac
   auto kernel = decode_select_split_kernel<Traits>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const dim3 grid(num_splits, (rows + Traits::kBlockQ - 1) / Traits::kBlockQ, p.batch);
+  const dim3 grid(num_splits, (rows + kBlockQ - 1) / kBlockQ, p.batch);
   kernel<<<grid, Traits::kNumThreads, Traits::kSmemBytes, stream>>>(kp);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
@@ -67,6 +63,14 @@ cudaError_t launch_decode_select_cap(const DecodeParams& p, const DecodeWorkspac
                        num_splits, p.block_size, p.topk, p.init_blocks, p.local_blocks};
   return common::launch_dependent(decode_select_merge_kernel<kTopKCap>, dim3(p.batch * rows), kMergeThreads,
                                   merge_smem_bytes<kTopKCap>(num_splits), stream, mp, p.programmatic_launch);
+}
+
+template <class Element, int kHeadDimIdx, int kTopKCap, bool kFp8Keys>
+cudaError_t launch_decode_select_cap(const DecodeParams& p, const DecodeWorkspace& ws, int num_splits,
+                                     cudaStream_t stream) {
+  return decode_select_block_q(p.s_new * p.num_heads_kv) == 16
+             ? launch_decode_select_tile<Element, kHeadDimIdx, kTopKCap, kFp8Keys, 16>(p, ws, num_splits, stream)
+             : launch_decode_select_tile<Element, kHeadDimIdx, kTopKCap, kFp8Keys, 64>(p, ws, num_splits, stream);
 }
 
 template <class Element, int kHeadDimIdx, bool kFp8Keys>

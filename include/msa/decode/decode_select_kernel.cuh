@@ -1,16 +1,18 @@
 // Decode indexer (MSA_SPEC s.4, s.8): the selection of a decoding step's new tokens, split over
 // the sequence so one long request fills the GPU.
 //
-// Pass 1 (decode_select_split_kernel). Grid (split, m-tile, request); a CTA owns up to 64 packed
-// rows r = (new token, index head) of a request and the split-th slice of the candidate blocks of
-// its latest token (blocks before the forced recent ones; earlier tokens ignore blocks they may
-// not take). Warpgroup 0 = producer (one thread issues TMA: the rows once, then the slice of the
-// index-key cache, 64 keys per stage, each 64-key run at its cache row, so paged caches cost
-// nothing extra); warpgroup 1 = consumer: S = q_idx k_idx^T per stage (WGMMA m64n64, fp32), per
-// row the max over each block (a 128-key block spans two stages), offered to a running top-k in
-// registers: the two list owners of a row keep even and odd blocks apart, as in the prefill
-// selector; at the end the two are merged into the row's list for the split ([row, split, cap],
-// -1 padded), which every CTA writes whatever its slice.
+// Pass 1 (decode_select_split_kernel). Grid (split, m-tile, request); a CTA owns up to kBlockQ
+// packed rows r = (new token, index head) of a request and the split-th slice of the candidate
+// blocks of its latest token (blocks before the forced recent ones; earlier tokens ignore blocks
+// they may not take). Warpgroup 0 = producer (one thread streams the slice of the index-key cache
+// by TMA, 64 keys per stage, each 64-key run at its cache row, so paged caches cost nothing
+// extra); warpgroup 1 = consumer: it writes the query rows to shared memory once, then per stage
+// S^T = k_idx q_idx^T (WGMMA m64 x kBlockQ, fp32: keys on M), folds each thread's key rows into a
+// running max per (block, row) and, when a block ends, reduces that max over the block's keys
+// (lane shuffles, then the 4 warps through shared memory). Each row has two list owners in
+// different warps, keeping even and odd blocks apart as the prefill selector does; at the end the
+// two lists are merged into the row's list for the split ([row, split, cap], -1 padded), which
+// every CTA writes whatever its slice.
 // Candidate blocks are fully visible to every row that may take them, so no key is masked, and no
 // index-scale is applied (it does not change the order).
 //
@@ -53,11 +55,10 @@ __device__ __forceinline__ bool ranks_before(float sa, int ia, float sb, int ib)
 
 template <class Traits>
 struct DecodeSelectParams {
-  typename Traits::TmaQ tma_q;
   typename Traits::TmaK tma_k;
   std::conditional_t<Traits::kFp8Keys, typename Traits::TmaScale, int> tma_scale;  // fp8 keys' scales
+  const typename Traits::Element* q_idx;  // [B * S_new * Hkv, Di]
   CacheGeometry cache;
-  int32_t total_q_rows;  // B * S_new * Hkv
   int32_t cache_rows;
   float* part_score;     // [B * rows, num_splits, kTopKCap]
   int32_t* part_id;
@@ -85,26 +86,56 @@ struct SplitRange {
   }
 };
 
-// fp8 keys: stage `stage` of the e4m3 rows (row-major) widened into wide tile `wide` (SW128,
-// fp16) by the consumer warpgroup, 16 keys' bytes per step.
-template <class Traits, class TensorK8, class TensorKWide>
-__device__ __forceinline__ void widen_key_tile(TensorK8 const& sK8, TensorKWide& sKWide, int stage, int wide,
-                                               int thread) {
-  using Element = typename Traits::MmaElement;
-  constexpr int kPieces = Traits::kHeadDimIdx / 16;  // 16-byte pieces of an e4m3 row
-  using Converter = cutlass::NumericArrayConverter<Element, cutlass::float_e4m3_t, 2>;
-  for (int idx = thread; idx < Traits::kBlockKV * kPieces; idx += common::kThreadsPerWarpGroup) {
-    const int r = idx / kPieces;
-    const int c = (idx % kPieces) * 16;
-    const uint4 raw = *reinterpret_cast<const uint4*>(&sK8(r, c, stage));
-    const auto* in = reinterpret_cast<const cutlass::Array<cutlass::float_e4m3_t, 2>*>(&raw);
-    cutlass::Array<Element, 16> out;
-    auto* out2 = reinterpret_cast<cutlass::Array<Element, 2>*>(&out);
+// fp8 keys: the index-dimension column whose value the WGMMA's logical column k carries. In a
+// 16-column k-slice s, thread quad q of the register fragment holds logical columns 2q, 2q+1,
+// 2q+8 and 2q+9; they map to the 4 consecutive bytes at column (Di / 4) q + 4 s, so a thread's
+// share of a key row is one contiguous run of Di / 4 bytes (whole 16-byte loads). The query
+// tile is written in the same order, which leaves every dot product unchanged.
+template <int kHeadDimIdx>
+__host__ __device__ constexpr int fp8_logical_column(int physical) {
+  constexpr int kRun = kHeadDimIdx / 4;
+  const int q = physical / kRun;
+  const int s = (physical % kRun) / 4;
+  const int j = physical % 4;
+  return 16 * s + 2 * q + (j % 2) + 8 * (j / 2);
+}
+
+// The CTA's query rows -> sQ (rows past the request's are zero), as the WGMMA's B operand. All of
+// a thread's 16-byte loads are issued before any is used.
+template <class Traits, class TensorQ>
+__device__ __forceinline__ void load_query_rows(const typename Traits::Element* q_idx, int64_t q_row0,
+                                                int valid_rows, TensorQ& sQ, int thread) {
+  using Element = typename Traits::Element;
+  using MmaElement = typename Traits::MmaElement;
+  constexpr int kHeadDimIdx = Traits::kHeadDimIdx;
+  constexpr int kChunksPerRow = kHeadDimIdx * 2 / 16;
+  constexpr int kChunks = Traits::kBlockQ * kChunksPerRow;
+  constexpr int kPerThread = (kChunks + common::kThreadsPerWarpGroup - 1) / common::kThreadsPerWarpGroup;
+  uint4 raw[kPerThread];
 #pragma unroll
-    for (int p = 0; p < 8; ++p) out2[p] = Converter::convert(in[p]);
-    const uint4* words = reinterpret_cast<const uint4*>(&out);
-    *reinterpret_cast<uint4*>(&sKWide(r, c, wide)) = words[0];
-    *reinterpret_cast<uint4*>(&sKWide(r, c + 8, wide)) = words[1];
+  for (int i = 0; i < kPerThread; ++i) {
+    const int chunk = thread + i * common::kThreadsPerWarpGroup;
+    const int n = chunk / kChunksPerRow;
+    raw[i] = make_uint4(0, 0, 0, 0);
+    if (chunk < kChunks && n < valid_rows) {
+      raw[i] = reinterpret_cast<const uint4*>(q_idx + (q_row0 + n) * kHeadDimIdx)[chunk % kChunksPerRow];
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    const int chunk = thread + i * common::kThreadsPerWarpGroup;
+    if (chunk >= kChunks) continue;
+    const int n = chunk / kChunksPerRow;
+    const int col0 = (chunk % kChunksPerRow) * 8;
+    const Element* e = reinterpret_cast<const Element*>(&raw[i]);
+#pragma unroll
+    for (int t = 0; t < 8; ++t) {
+      if constexpr (Traits::kFp8Keys) {
+        sQ(n, fp8_logical_column<kHeadDimIdx>(col0 + t)) = MmaElement(static_cast<float>(e[t]));
+      } else {
+        sQ(n, col0 + t) = e[t];
+      }
+    }
   }
 }
 
@@ -114,10 +145,12 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
 #if MSA_SM90_ENABLED
   using MainloopPipeline = typename Traits::MainloopPipeline;
   using PipelineState = typename Traits::PipelineState;
+  using MmaElement = typename Traits::MmaElement;
   constexpr int kBlockQ = Traits::kBlockQ;
   constexpr int kBlockKV = Traits::kBlockKV;
   constexpr int kHeadDimIdx = Traits::kHeadDimIdx;
   constexpr int kTopKCap = Traits::kTopKCap;
+  constexpr int kConsumerThreads = common::kThreadsPerWarpGroup;
 
   extern __shared__ char smem_buf[];
   auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_buf);
@@ -141,31 +174,20 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
   }
 
   if (threadIdx.x == 0) {
-    smem.barrier_q.init(1);
-    cute::prefetch_tma_descriptor(params.tma_q.get_tma_descriptor());
     cute::prefetch_tma_descriptor(params.tma_k.get_tma_descriptor());
     if constexpr (Traits::kFp8Keys) cute::prefetch_tma_descriptor(params.tma_scale.get_tma_descriptor());
   }
-  MainloopPipeline pipeline_k = fwd::make_kv_ring<MainloopPipeline>(smem.pipeline_k, warp_group, Traits::kTmaBytesK,
-                                                                    common::kThreadsPerWarpGroup);
+  MainloopPipeline pipeline_k =
+      fwd::make_kv_ring<MainloopPipeline>(smem.pipeline_k, warp_group, Traits::kTmaBytesK, kConsumerThreads);
   __syncthreads();
 
-  Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});
   Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutK{});
 
   if (warp_group == 0) {
     // ---------------- producer ----------------
+    cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
     if (threadIdx.x != 0 || tile_end <= tile_begin) return;
-    Tensor mQ = params.tma_q.get_tma_tensor(make_shape(params.total_q_rows, Int<kHeadDimIdx>{}));
     Tensor mK = params.tma_k.get_tma_tensor(make_shape(params.cache_rows, Int<kHeadDimIdx>{}));
-    const int q_row0 = b * rows + m_tile * kBlockQ;
-    Tensor gQ = local_tile(domain_offset(make_coord(q_row0, _0{}), mQ), Shape<Int<kBlockQ>, Int<kHeadDimIdx>>{},
-                           make_coord(_0{}, _0{}));
-    auto [tQgQ, tQsQ] = tma_partition(params.tma_q, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sQ),
-                                      group_modes<0, 2>(gQ));
-    smem.barrier_q.arrive_and_expect_tx(Traits::kTmaBytesQ);
-    copy(params.tma_q.with(reinterpret_cast<uint64_t&>(smem.barrier_q), 0), tQgQ, tQsQ);
-
     PipelineState write_state = cutlass::make_producer_start_state<MainloopPipeline>();
     for (int n = tile_begin; n < tile_end; ++n) {
       const int key_row = static_cast<int>(params.cache.row(b, n * kBlockKV));
@@ -191,16 +213,23 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
   }
 
   // ---------------- consumer ----------------
-  const int mma_thread = threadIdx.x - common::kThreadsPerWarpGroup;  // 0..127
-  // Accumulator rows of this thread: 16 warp + lane / 4 (+ 8); the quad's lanes 0-1 keep lists for
-  // the first row (even / odd blocks), lanes 2-3 for the second.
+  cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
+  const int thread = threadIdx.x - common::kThreadsPerWarpGroup;
+  const int warp = thread / 32;
   const int quad = lane % 4;
-  const int my_half = quad >> 1;
-  const int my_parity = quad & 1;
-  const int my_row = (mma_thread / 32) * 16 + lane / 4 + 8 * my_half;
-  const int row_in_req = m_tile * kBlockQ + my_row;
-  const bool row_valid = row_in_req < rows;
+  Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});
+  load_query_rows<Traits>(params.q_idx, static_cast<int64_t>(b) * rows + m_tile * kBlockQ, rows - m_tile * kBlockQ,
+                          sQ, thread);
+  cutlass::arch::fence_view_async_shared();  // the query rows (generic writes) -> WGMMA reads
+  cutlass::arch::NamedBarrier::sync(kConsumerThreads, 1);
 
+  // List owners: row own_row keeps the blocks of parity own_parity (the two owners of a row sit
+  // in different warps, so a block's inserts are spread over the warpgroup).
+  const int own_row = thread % 64;
+  const int own_parity = thread / 64;
+  const int row_in_req = m_tile * kBlockQ + own_row;
+  const bool owner = own_row < kBlockQ;
+  const bool row_valid = owner && row_in_req < rows;
   int cand_begin = 0, cand_end = 0;
   if (row_valid) {
     const int pos = length - params.s_new + row_in_req / params.num_idx_heads;
@@ -216,77 +245,113 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
 
   if (tile_end > tile_begin) {
     typename Traits::TiledMma tiled_mma;
-    auto thr_mma = tiled_mma.get_thread_slice(mma_thread);
-    Tensor sQMma = make_tensor(make_smem_ptr(reinterpret_cast<typename Traits::MmaElement*>(smem.q.data())),
-                               typename Traits::SmemLayoutQMma{});
-    Tensor tSrQ = thr_mma.partition_fragment_A(sQMma);
-    Tensor tSrS = partition_fragment_C(tiled_mma, Shape<Int<kBlockQ>, Int<kBlockKV>>{});
-    // The WGMMA's key operand: the stages themselves, or (fp8) the two widened tiles.
-    Tensor sKOperand = [&] {
+    auto thr_mma = tiled_mma.get_thread_slice(thread);
+    Tensor tSrQ = thr_mma.partition_fragment_B(sQ);
+    Tensor tSrS = partition_fragment_C(tiled_mma, Shape<Int<kBlockKV>, Int<kBlockQ>>{});
+    // Accumulator element 4 j + 2 h + c: key row 16 warp + lane / 4 + 8 h, query row 8 j + 2 quad + c.
+    constexpr int kRowsPerThread = kBlockQ / 4;
+    float pending[kRowsPerThread];  // per query row: max over this thread's keys of the current block
+    auto tSrK = [&] {
       if constexpr (Traits::kFp8Keys) {
-        return make_tensor(make_smem_ptr(smem.fp8.k_wide.data()), typename Traits::SmemLayoutKWide{});
+        return thr_mma.partition_fragment_A(sK(_, _, 0));  // fp16 registers, filled per stage
       } else {
-        return sK;
+        return thr_mma.partition_fragment_A(sK);  // descriptors of every stage
       }
     }();
-    Tensor tSrK = thr_mma.partition_fragment_B(sKOperand);
-
-    smem.barrier_q.wait(0);
-    if constexpr (Traits::kFp8Keys && !std::is_same_v<typename Traits::Element, cutlass::half_t>) {
-      // bf16 index queries -> fp16 in place (each 16-bit element keeps its slot).
-      uint32_t* words = reinterpret_cast<uint32_t*>(smem.q.data());
-      for (int w = mma_thread; w < kBlockQ * kHeadDimIdx / 2; w += common::kThreadsPerWarpGroup) {
-        const cutlass::Array<cutlass::bfloat16_t, 2> in = reinterpret_cast<const cutlass::Array<cutlass::bfloat16_t, 2>&>(words[w]);
-        const cutlass::Array<cutlass::half_t, 2> out =
-            cutlass::NumericArrayConverter<cutlass::half_t, cutlass::bfloat16_t, 2>::convert(in);
-        words[w] = reinterpret_cast<const uint32_t&>(out);
-      }
-      cutlass::arch::fence_view_async_shared();
-      cutlass::arch::NamedBarrier::sync(common::kThreadsPerWarpGroup, 1);
-    }
-    if constexpr (Traits::kQInRegisters) {
-      cute::copy(thr_mma.partition_A(sQMma), tSrQ);  // the RS WGMMA's query operand, once
-      warpgroup_fence_operand(tSrQ);
-    }
+    const int key_row = warp * 16 + lane / 4;
     PipelineState read_state;
-    float pending = -CUDART_INF_F;  // max so far over the current block's earlier stages
     for (int n = tile_begin; n < tile_end; ++n) {
       pipeline_k.consumer_wait(read_state);
+      const int stage = read_state.index();
       if constexpr (Traits::kFp8Keys) {
-        const int stage = read_state.index();
-        const int wide = n & 1;
-        widen_key_tile<Traits>(sK, sKOperand, stage, wide, mma_thread);
-        cutlass::arch::fence_view_async_shared();  // widened tile (generic writes) -> WGMMA reads
-        cutlass::arch::NamedBarrier::sync(common::kThreadsPerWarpGroup, 1);
-        common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma, tSrQ, tSrK(_, _, _, wide), tSrS);
-        // This thread's columns 8 j + 2 quad + c times their keys' scales (read before the stage
-        // is released).
-        const float* stage_scale = smem.fp8.scale.data() + stage * kBlockKV;
+        // This thread's bytes of its two key rows, then the stage is free again.
+        constexpr int kRunBytes = kHeadDimIdx / 4;
+        constexpr int kLoads = kRunBytes / 16;
+        uint4 raw[2][kLoads];
 #pragma unroll
-        for (int j = 0; j < kBlockKV / 8; ++j) {
-          const float2 col_scale = *reinterpret_cast<const float2*>(stage_scale + 8 * j + 2 * quad);
+        for (int h = 0; h < 2; ++h) {
 #pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            tSrS(4 * j + 2 * i) *= col_scale.x;
-            tSrS(4 * j + 2 * i + 1) *= col_scale.y;
+          for (int c = 0; c < kLoads; ++c) {
+            raw[h][c] = *reinterpret_cast<const uint4*>(&sK(key_row + 8 * h, kRunBytes * quad + 16 * c, stage));
           }
         }
+        const float scale0 = smem.fp8.scale[stage * kBlockKV + key_row];
+        const float scale1 = smem.fp8.scale[stage * kBlockKV + key_row + 8];
         pipeline_k.consumer_release(read_state);
         ++read_state;
+        // Bytes 4 s .. 4 s + 3 of a row are k-slice s's columns 2q, 2q+1 (low half) and 2q+8,
+        // 2q+9 (high half); fragment values: (row, 2q..2q+1), (row + 8, ..), (row, 2q+8..), (row + 8, ..).
+        using Converter = cutlass::NumericArrayConverter<MmaElement, cutlass::float_e4m3_t, 2>;
+        using Pair8 = cutlass::Array<cutlass::float_e4m3_t, 2>;
+        const uint32_t* words0 = reinterpret_cast<const uint32_t*>(raw[0]);
+        const uint32_t* words1 = reinterpret_cast<const uint32_t*>(raw[1]);
+#pragma unroll
+        for (int s = 0; s < kHeadDimIdx / 16; ++s) {
+          const uint32_t w[2] = {words0[s], words1[s]};
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const uint16_t lo = static_cast<uint16_t>(w[h] & 0xffffu);
+            const uint16_t hi = static_cast<uint16_t>(w[h] >> 16);
+            const auto lo2 = Converter::convert(reinterpret_cast<const Pair8&>(lo));
+            const auto hi2 = Converter::convert(reinterpret_cast<const Pair8&>(hi));
+            tSrK(2 * h, 0, s) = lo2[0];
+            tSrK(2 * h + 1, 0, s) = lo2[1];
+            tSrK(4 + 2 * h, 0, s) = hi2[0];
+            tSrK(4 + 2 * h + 1, 0, s) = hi2[1];
+          }
+        }
+        warpgroup_fence_operand(tSrK);
+        common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma, tSrK, tSrQ, tSrS);
+        warpgroup_fence_operand(tSrK);
+#pragma unroll
+        for (int j = 0; j < kBlockQ / 8; ++j) {
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            tSrS(4 * j + c) *= scale0;
+            tSrS(4 * j + 2 + c) *= scale1;
+          }
+        }
       } else {
-        common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma, tSrQ, tSrK(_, _, _, read_state.index()), tSrS);
+        common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma, tSrK(_, _, _, stage), tSrQ, tSrS);
         pipeline_k.consumer_release(read_state);
         ++read_state;
       }
 
-      const float m0 = fwd::block_row_max<kBlockKV>(tSrS, 0);
-      const float m1 = fwd::block_row_max<kBlockKV>(tSrS, 1);
-      const float tile_max = my_half ? m1 : m0;
-      pending = (n % tiles_per_block == 0) ? tile_max : fmaxf(pending, tile_max);
+      const bool block_start = n % tiles_per_block == 0;
+#pragma unroll
+      for (int j = 0; j < kBlockQ / 8; ++j) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const float v = fmaxf(tSrS(4 * j + c), tSrS(4 * j + 2 + c));
+          pending[2 * j + c] = block_start ? v : fmaxf(pending[2 * j + c], v);
+        }
+      }
       if ((n + 1) % tiles_per_block == 0) {
+        // Block done: its max per query row over all 64 x tiles_per_block keys.
         const int block = n / tiles_per_block;
-        if ((block & 1) == my_parity && block >= cand_begin && block < cand_end && pending > top.threshold()) {
-          top.insert(pending, block);
+        float(&block_max)[4][kBlockQ] = smem.block_max[block & 1];  // double-buffered: see below
+#pragma unroll
+        for (int i = 0; i < kRowsPerThread; ++i) {
+          float m = pending[i];
+          m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 4));
+          m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 8));
+          m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 16));
+          pending[i] = m;
+        }
+        if (lane < 4) {
+#pragma unroll
+          for (int j = 0; j < kBlockQ / 8; ++j) {
+#pragma unroll
+            for (int c = 0; c < 2; ++c) block_max[warp][8 * j + 2 * quad + c] = pending[2 * j + c];
+          }
+        }
+        // Written, then read after this barrier; the next write to this buffer (two blocks on)
+        // comes after the next block's barrier, which every reader passes after reading.
+        cutlass::arch::NamedBarrier::sync(kConsumerThreads, 2);
+        if (row_valid && (block & 1) == own_parity && block >= cand_begin && block < cand_end) {
+          const float score = fmaxf(fmaxf(block_max[0][own_row], block_max[1][own_row]),
+                                    fmaxf(block_max[2][own_row], block_max[3][own_row]));
+          if (score > top.threshold()) top.insert(score, block);
         }
       }
     }
@@ -295,37 +360,39 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
   // The merge kernel may launch now (programmatic dependent launch); it waits for this grid to
   // finish before reading the lists.
   asm volatile("griddepcontrol.launch_dependents;");
-  // The row's two parity lists -> one: both go to shared memory (the consumed K stages), the
-  // even-list lane merges them and writes the row's list for this split.
+  // The row's two lists -> one: both go to shared memory (the consumed key stages; every stage
+  // has been waited for and read once all threads pass this barrier), the even-parity owner
+  // merges them and writes the row's list for this split.
+  cutlass::arch::NamedBarrier::sync(kConsumerThreads, 1);
   float* lists_score = reinterpret_cast<float*>(smem.k.data());  // [kBlockQ][2][kTopKCap]
   int32_t* lists_id = reinterpret_cast<int32_t*>(lists_score + kBlockQ * 2 * kTopKCap);
-  {
-    float* my_scores = lists_score + (my_row * 2 + my_parity) * kTopKCap;
-    int32_t* my_ids = lists_id + (my_row * 2 + my_parity) * kTopKCap;
+  if (owner) {
+    float* my_scores = lists_score + (own_row * 2 + own_parity) * kTopKCap;
+    int32_t* my_ids = lists_id + (own_row * 2 + own_parity) * kTopKCap;
 #pragma unroll
     for (int p = 0; p < kTopKCap; ++p) {
       my_scores[p] = top.score[p];
       my_ids[p] = top.id[p];
     }
   }
-  cutlass::arch::NamedBarrier::sync(common::kThreadsPerWarpGroup, 0);
-  if (row_valid && my_parity == 0) {
-    const float* a_score = lists_score + my_row * 2 * kTopKCap;
-    const int32_t* a_id = lists_id + my_row * 2 * kTopKCap;
-    const float* b_score = a_score + kTopKCap;
-    const int32_t* b_id = a_id + kTopKCap;
+  cutlass::arch::NamedBarrier::sync(kConsumerThreads, 1);
+  if (row_valid && own_parity == 0) {
+    const float* row_scores = lists_score + own_row * 2 * kTopKCap;
+    const int32_t* row_ids = lists_id + own_row * 2 * kTopKCap;
     const int64_t list = (static_cast<int64_t>(b) * rows + row_in_req) * params.num_splits + split;
     float* out_score = params.part_score + list * kTopKCap;
     int32_t* out_id = params.part_id + list * kTopKCap;
-    int ia = 0, ib = 0;
+    int head0 = 0, head1 = 0;
     for (int p = 0; p < kTopKCap; ++p) {
-      const float sa = a_score[min(ia, kTopKCap - 1)], sb = b_score[min(ib, kTopKCap - 1)];
-      const int da = ia < kTopKCap ? a_id[ia] : -1, db = ib < kTopKCap ? b_id[ib] : -1;
-      const bool take_a = ranks_before(sa, da, sb, db);
-      out_score[p] = take_a ? sa : sb;
-      out_id[p] = take_a ? da : db;  // -1 once both lists ran out
-      ia += take_a;
-      ib += !take_a;
+      const float s0 = row_scores[min(head0, kTopKCap - 1)];
+      const int id0 = head0 < kTopKCap ? row_ids[min(head0, kTopKCap - 1)] : -1;
+      const float s1 = row_scores[kTopKCap + min(head1, kTopKCap - 1)];
+      const int id1 = head1 < kTopKCap ? row_ids[kTopKCap + min(head1, kTopKCap - 1)] : -1;
+      const bool take0 = ranks_before(s0, id0, s1, id1) || id1 < 0;
+      out_score[p] = take0 ? s0 : s1;
+      out_id[p] = take0 ? id0 : id1;  // -1 once both lists ran out
+      head0 += take0 && id0 >= 0;
+      head1 += !take0 && id1 >= 0;
     }
   }
 #endif

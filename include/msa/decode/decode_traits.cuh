@@ -15,22 +15,25 @@ namespace msa::decode {
 
 using namespace cute;
 
-// Decode indexer. A CTA owns up to 64 packed (new token, index head) rows of one request (M3: 1 to
-// 16 tokens x 4 heads) and a contiguous slice of the request's candidate blocks. It streams that
-// slice of the index-key cache through a deep TMA ring, 64 keys per stage (a 64-key run never
-// crosses a page: pages hold whole blocks of 64 or 128 keys), and keeps per row a running top-k.
-// At M3 shape a stage costs 64 x 64 x 128 MACs per 16 KB read: far below the tensor cores'
-// rate, so one consumer warpgroup keeps up with HBM and the ring only has to cover its latency.
-// Two CTAs per SM (80 KB of keys in flight each): the launch covers the GPU twice, so a CTA's
-// pipeline fill and drain overlap its neighbour's streaming.
+// Decode indexer. A CTA owns up to kBlockQ packed (new token, index head) rows of one request
+// (M3: 1 to 16 tokens x 4 heads) and a contiguous slice of the request's candidate blocks. It
+// streams that slice of the index-key cache through a deep TMA ring, 64 keys per stage (a 64-key
+// run never crosses a page: pages hold whole blocks of 64 or 128 keys), and keeps per row a
+// running top-k.
+//
+// The WGMMA computes S^T = K q^T: the 64 keys of a stage are its M side and the query rows its N
+// side (kBlockQ = 16 or 64, chosen by the row count). With the rows on M (the first version) a
+// decoding step's 4 rows padded a 64-row tile, and the WGMMA re-read that padded query tile from
+// shared memory at every stage: shared-memory traffic, not HBM, bounded the fp8 path. Swapped,
+// a stage reads the keys once plus a 16-row query tile.
 //
 // fp8 index-key cache (kFp8Keys): the cache holds e4m3 keys and a float scale per token. Stages
-// carry the raw e4m3 rows (half the bytes) and the 64 scales; the consumer widens each stage to
-// fp16 in a double-buffered SW128 tile (exact: every e4m3 value is an fp16 value; one cvt per
-// pair), runs the WGMMA in fp16 (bf16 index queries are converted to fp16 once, in place: exact
-// for values of normal fp16 range) and multiplies each score column by its key's scale in fp32,
-// so a score is q_idx . (k_e4m3 x scale) as the reference defines it.
-template <class Element_, int kHeadDimIdx_, int kTopKCap_, bool kFp8Keys_ = false>
+// carry the raw e4m3 rows (half the bytes) and the 64 scales. Each consumer thread loads its
+// keys' bytes straight into registers, widens them to fp16 there (exact: every e4m3 value is an
+// fp16 value) and feeds them to a register-sourced WGMMA; the query tile is fp16 (bf16 queries
+// are converted once: exact for values of normal fp16 range). Score rows are multiplied by their
+// key's scale in fp32, so a score is q_idx . (k_e4m3 x scale) as the reference defines it.
+template <class Element_, int kHeadDimIdx_, int kTopKCap_, bool kFp8Keys_ = false, int kBlockQ_ = 64>
 struct DecodeSelectTraits {
   using Element = Element_;
   static constexpr int kHeadDimIdx = kHeadDimIdx_;
@@ -40,73 +43,65 @@ struct DecodeSelectTraits {
   static_assert(kHeadDimIdx == 64 || kHeadDimIdx == 128, "Di must be 64 or 128");
   static_assert(kTopKCap == 8 || kTopKCap == 16 || kTopKCap == 32, "list length must be 8, 16 or 32");
 
-  static constexpr int kBlockQ = 64;   // packed rows per CTA (one consumer warpgroup)
-  static constexpr int kBlockKV = 64;  // keys per stage
+  static constexpr int kBlockQ = kBlockQ_;  // packed rows per CTA: the WGMMA's N
+  static_assert(kBlockQ == 16 || kBlockQ == 64, "16 or 64 rows per CTA");
+  static constexpr int kBlockKV = 64;       // keys per stage: the WGMMA's M
   static constexpr int kNumThreads = 2 * common::kThreadsPerWarpGroup;  // producer + consumer warpgroups
   static constexpr int kCtasPerSm = 2;
-  static constexpr int kStages = kFp8Keys ? (kHeadDimIdx == 128 ? 7 : 12) : (kHeadDimIdx == 128 ? 5 : 10);
+  // Stages: 80 KB of keys in flight per CTA.
+  static constexpr int kStages = 80 * 1024 / (kBlockKV * kHeadDimIdx * static_cast<int>(sizeof(KeyElement)));
+  // The producer warpgroup gives registers to the consumer (fp8: the widened keys live in
+  // registers); 40 + 216 = 2 x the 128 per thread of a 2-CTA launch.
+  static constexpr int kProducerRegs = 40;
+  static constexpr int kConsumerRegs = 216;
   using MmaElement = std::conditional_t<kFp8Keys, cutlass::half_t, Element>;
 
-  // fp8 keys read shared memory three times per byte of HBM (the stage, then the widened tile
-  // written and read by the WGMMA); the query tile comes from registers there (RS), so the
-  // WGMMA does not re-read it from shared memory on every stage. Not with 32-entry lists: the
-  // registers would spill.
-  static constexpr bool kQInRegisters = kFp8Keys && kTopKCap <= 16;
   using TiledMma = std::conditional_t<
-      kQInRegisters,
+      kFp8Keys,
       decltype(make_tiled_mma(GMMA::rs_op_selector<MmaElement, MmaElement, float,
-                                                   Shape<Int<kBlockQ>, Int<kBlockKV>, Int<kHeadDimIdx>>,
+                                                   Shape<Int<kBlockKV>, Int<kBlockQ>, Int<kHeadDimIdx>>,
                                                    GMMA::Major::K, GMMA::Major::K>())),
       decltype(make_tiled_mma(GMMA::ss_op_selector<MmaElement, MmaElement, float,
-                                                   Shape<Int<kBlockQ>, Int<kBlockKV>, Int<kHeadDimIdx>>>()))>;
+                                                   Shape<Int<kBlockKV>, Int<kBlockQ>, Int<kHeadDimIdx>>>()))>;
 
-  using SmemLayoutAtom = GMMA::Layout_K_SW128_Atom<Element>;
-  using SmemLayoutQ = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockQ>, Int<kHeadDimIdx>>{}));
-  // The key stages: the WGMMA operand itself, or (fp8) plain row-major e4m3 rows, widened into
-  // the two SW128 tiles of SmemLayoutKWide.
-  using SmemLayoutK = std::conditional_t<
-      kFp8Keys,
-      Layout<Shape<Int<kBlockKV>, Int<kHeadDimIdx>, Int<kStages>>,
-             Stride<Int<kHeadDimIdx>, _1, Int<kBlockKV * kHeadDimIdx>>>,
-      decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockKV>, Int<kHeadDimIdx>, Int<kStages>>{}))>;
-  using SmemLayoutKWide = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<MmaElement>{},
-                                                 Shape<Int<kBlockKV>, Int<kHeadDimIdx>, _2>{}));
-  // The query tile as the WGMMA reads it (fp8 keys: fp16, converted in place; same 16-bit layout).
-  using SmemLayoutQMma =
+  // Key stages, swizzled as the key rows' byte width allows (the WGMMA operand for 16-bit keys;
+  // for e4m3 keys the swizzle makes the consumer's 16-byte loads bank-conflict free).
+  static constexpr int kKeyRowBytes = kHeadDimIdx * static_cast<int>(sizeof(KeyElement));
+  using SmemLayoutAtomK = std::conditional_t<kKeyRowBytes % 128 == 0, GMMA::Layout_K_SW128_Atom<KeyElement>,
+                                             GMMA::Layout_K_SW64_Atom<KeyElement>>;
+  using SmemLayoutK =
+      decltype(tile_to_shape(SmemLayoutAtomK{}, Shape<Int<kBlockKV>, Int<kHeadDimIdx>, Int<kStages>>{}));
+  // The query rows as the WGMMA reads them (written by the consumer; fp8 keys: fp16, columns in
+  // the order the widened key registers hold them).
+  using SmemLayoutQ =
       decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<MmaElement>{}, Shape<Int<kBlockQ>, Int<kHeadDimIdx>>{}));
 
   using MainloopPipeline = cutlass::PipelineTmaAsync<kStages>;
   using PipelineState = typename MainloopPipeline::PipelineState;
   static constexpr uint32_t kTmaBytesK =
       kBlockKV * kHeadDimIdx * sizeof(KeyElement) + (kFp8Keys ? kBlockKV * sizeof(float) : 0);
-  static constexpr uint32_t kTmaBytesQ = kBlockQ * kHeadDimIdx * sizeof(Element);
 
-  // Gmem views of q_idx [B * S_new * Hkv, Di], the index-key cache [cache rows, Di] and (fp8) its
-  // scales [cache rows].
+  // Gmem views of the index-key cache [cache rows, Di] and (fp8) its scales [cache rows].
   using GmemShape = Shape<int32_t, Int<kHeadDimIdx>>;
   using GmemStride = Stride<Int<kHeadDimIdx>, _1>;
-  using GmemTensor = decltype(make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), GmemShape{},
-                                          GmemStride{}));
   using GmemTensorK = decltype(make_tensor(make_gmem_ptr(static_cast<KeyElement const*>(nullptr)), GmemShape{},
                                            GmemStride{}));
   using GmemTensorScale =
       decltype(make_tensor(make_gmem_ptr(static_cast<float const*>(nullptr)), Shape<int32_t>{}, Stride<_1>{}));
-  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutQ{}));
   using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensorK{}, take<0, 2>(SmemLayoutK{})));
   using SmemLayoutScale = Layout<Shape<Int<kBlockKV>, Int<kStages>>>;
   using TmaScale = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensorScale{}, take<0, 1>(SmemLayoutScale{})));
 
-  struct Fp8Storage {
-    cute::array_aligned<MmaElement, cute::cosize_v<SmemLayoutKWide>, 1024> k_wide;
+  struct ScaleStorage {
     cute::array_aligned<float, cute::cosize_v<SmemLayoutScale>, 128> scale;
   };
   struct NoStorage {};
   struct SharedStorage {
-    cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> q;
     cute::array_aligned<KeyElement, cute::cosize_v<SmemLayoutK>, 1024> k;
-    std::conditional_t<kFp8Keys, Fp8Storage, NoStorage> fp8;
+    cute::array_aligned<MmaElement, cute::cosize_v<SmemLayoutQ>, 1024> q;
+    std::conditional_t<kFp8Keys, ScaleStorage, NoStorage> fp8;
+    float block_max[2][4][kBlockQ];  // per block: each warp's max over its keys, double-buffered
     typename MainloopPipeline::SharedStorage pipeline_k;
-    cutlass::arch::ClusterTransactionBarrier barrier_q;
   };
   static constexpr int kSmemBytes = sizeof(SharedStorage);
   static_assert(kSmemBytes * kCtasPerSm <= 226 * 1024, "shared memory budget exceeded");
