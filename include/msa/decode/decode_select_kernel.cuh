@@ -259,20 +259,36 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
       }
     }();
     const int key_row = warp * 16 + lane / 4;
+    // fp8: shared addresses of this thread's 16-byte pieces of its two key rows in stage 0. The
+    // swizzle permutes address bits below a stage's size only, so stage s adds s x kStageBytes.
+    constexpr int kRunBytes = kHeadDimIdx / 4;
+    constexpr int kLoads = kRunBytes / 16;
+    constexpr uint32_t kStageBytes = kBlockKV * kHeadDimIdx * sizeof(typename Traits::KeyElement);
+    uint32_t key_addr[2][kLoads];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int c = 0; c < kLoads; ++c) {
+        key_addr[h][c] = cute::cast_smem_ptr_to_uint(&sK(key_row + 8 * h, kRunBytes * quad + 16 * c, 0));
+      }
+    }
     PipelineState read_state;
+    int tile_in_block = 0;  // stage n's place in its block, and the block (no division per stage)
+    int block = range.blk_begin;
     for (int n = tile_begin; n < tile_end; ++n) {
       pipeline_k.consumer_wait(read_state);
       const int stage = read_state.index();
       if constexpr (Traits::kFp8Keys) {
         // This thread's bytes of its two key rows, then the stage is free again.
-        constexpr int kRunBytes = kHeadDimIdx / 4;
-        constexpr int kLoads = kRunBytes / 16;
         uint4 raw[2][kLoads];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
 #pragma unroll
           for (int c = 0; c < kLoads; ++c) {
-            raw[h][c] = *reinterpret_cast<const uint4*>(&sK(key_row + 8 * h, kRunBytes * quad + 16 * c, stage));
+            asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                         : "=r"(raw[h][c].x), "=r"(raw[h][c].y), "=r"(raw[h][c].z), "=r"(raw[h][c].w)
+                         : "r"(key_addr[h][c] + stage * kStageBytes)
+                         : "memory");
           }
         }
         const float scale0 = smem.fp8.scale[stage * kBlockKV + key_row];
@@ -317,7 +333,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
         ++read_state;
       }
 
-      const bool block_start = n % tiles_per_block == 0;
+      const bool block_start = tile_in_block == 0;
 #pragma unroll
       for (int j = 0; j < kBlockQ / 8; ++j) {
 #pragma unroll
@@ -326,9 +342,9 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
           pending[2 * j + c] = block_start ? v : fmaxf(pending[2 * j + c], v);
         }
       }
-      if ((n + 1) % tiles_per_block == 0) {
+      if (++tile_in_block == tiles_per_block) {
         // Block done: its max per query row over all 64 x tiles_per_block keys.
-        const int block = n / tiles_per_block;
+        tile_in_block = 0;
         float(&block_max)[4][kBlockQ] = smem.block_max[block & 1];  // double-buffered: see below
 #pragma unroll
         for (int i = 0; i < kRowsPerThread; ++i) {
@@ -353,6 +369,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
                                     fmaxf(block_max[2][own_row], block_max[3][own_row]));
           if (score > top.threshold()) top.insert(score, block);
         }
+        ++block;
       }
     }
   }
