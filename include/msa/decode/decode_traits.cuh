@@ -112,7 +112,7 @@ struct DecodeSelectTraits {
 
 // Sparse decode attention. A CTA owns one (request, new token, group) row and a chunk of its
 // selection's slots: it attends the G query heads of the token (rows 0..G-1 of a 64-row WGMMA
-// tile) over the chunk's blocks with an online softmax, K/V streaming through a three-stage TMA
+// tile) over the chunk's blocks with an online softmax, K/V streaming through a two-stage TMA
 // ring; the last CTA of the row to finish merges the chunks. Decode attention is bandwidth-bound
 // (each block is read once per token and group), so the padding rows cost only tensor-core time,
 // which is idle anyway.
@@ -126,9 +126,7 @@ struct DecodeAttnTraits {
 
   static constexpr int kBlockM = 64;
   static constexpr int kNumThreads = common::kThreadsPerWarpGroup;
-  // Three blocks of K and V in flight (208 KB at D = 128, block 128): a CTA of a 128K x 8 step
-  // walks 4 blocks, and with two stages its third and fourth loads waited for the first two.
-  static constexpr int kStages = 3;
+  static constexpr int kStages = 2;
 
   using TiledMmaQK = decltype(make_tiled_mma(
       GMMA::ss_op_selector<Element, Element, float, Shape<Int<kBlockM>, Int<kBlockN>, Int<kHeadDim>>>()));
