@@ -9,7 +9,8 @@ captured CUDA graph (how a serving loop runs a decode step: no launch gaps); eac
 events with L2 flushed before each rep. Reports the speedup and each side's bandwidth on the bytes
 it must read (dense: K and V of the whole cache; MSA: the index-key cache plus topk blocks of K
 and V per group). Issue 5's targets: >= 7x at 1M x 2 and 128K x 8 (bf16 index keys), and >= 85%
-of dense decoding's bandwidth. --profile adds the per-kernel CUDA time of one MSA step.
+of dense decoding's bandwidth. --profile adds the per-kernel CUDA time of one MSA step, --timeline
+each kernel's start and end inside a replayed step graph, --append the step that appends first.
 """
 
 import argparse
@@ -65,6 +66,43 @@ def profile_kernels(step, reps=10):
     return dict(sorted(times.items(), key=lambda kv: -kv[1]))
 
 
+def graph_timeline(graph, reps=10):
+    """Where a replayed step graph's time goes (programmatic launches on): each kernel's start and
+    end in microseconds from the step's first kernel start, medians over reps replays."""
+    import statistics
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            graph.replay()
+            torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.load(open(f.name))["traceEvents"]
+    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    steps, step = [], []
+    for e in kernels:  # replays are synchronized: a long idle gap starts the next step
+        if step and e["ts"] - max(k["ts"] + k["dur"] for k in step) > 30:
+            steps.append(step)
+            step = []
+        step.append(e)
+    if step:
+        steps.append(step)
+    n = min(len(s) for s in steps)
+    return [dict(name=steps[0][i]["name"][:60],
+                 start_us=statistics.median(s[i]["ts"] - s[0]["ts"] for s in steps),
+                 end_us=statistics.median(s[i]["ts"] + s[i]["dur"] - s[0]["ts"] for s in steps)) for i in range(n)]
+
+
+def print_timeline(timeline):
+    for k in timeline:
+        print(f"      {k['start_us']:7.1f} .. {k['end_us']:7.1f} us  {k['name']}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", nargs="+", default=["131072x8", "1048576x2"], help="LENGTHxBATCH")
@@ -73,6 +111,9 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", action="store_true", help="per-kernel times of the MSA step (torch.profiler)")
     ap.add_argument("--fp8", action="store_true", help="also time the step over an fp8 (e4m3) index-key cache")
+    ap.add_argument("--append", action="store_true",
+                    help="also time the step that appends the new tokens' k, v, k_idx first (as serving does)")
+    ap.add_argument("--timeline", action="store_true", help="each kernel's start / end inside a replayed step")
     args = ap.parse_args()
     dev = torch.device("cuda")
     flush = L2Flusher(dev)
@@ -125,6 +166,27 @@ def main():
             row["kernels_us"] = profile_kernels(msa_step)
             for name, us in row["kernels_us"].items():
                 print(f"    {us:9.2f} us  {name}")
+        if args.timeline:
+            row["timeline"] = graph_timeline(g_msa)
+            print_timeline(row["timeline"])
+        if args.append:
+            k_new = torch.randn(batch, n, HKV, D, **bf16)
+            v_new, ki_new = torch.randn_like(k_new), torch.randn(batch, n, DI, **bf16)
+            lens_before = lens - n  # each replay appends the same tokens at the same rows
+
+            def msa_append_step(_):
+                return msa_cuda.sparse_attn_with_kvcache(q, k_cache, v_cache, q_idx, ki_cache, cache_seqlens=lens_before,
+                                                         k=k_new, v=v_new, k_idx=ki_new, block_size=BS, topk=TOPK)
+
+            g_app = capture(msa_append_step)
+            tg_app = time_op(lambda _: g_app.replay(), flush, reps=args.reps)
+            row.update(append_graph_ms=tg_app.median_ms, append_graph_speedup=tg_dense.median_ms / tg_app.median_ms)
+            print(f"{length:>8} x {batch} graph, with append: MSA {tg_app.median_ms:8.4f} ms  speedup "
+                  f"{row['append_graph_speedup']:.2f}x", flush=True)
+            if args.timeline:
+                row["append_timeline"] = graph_timeline(g_app)
+                print_timeline(row["append_timeline"])
+            del g_app
         if args.fp8:
             keys, scales = msa_cuda.quantize_index_keys(ki_cache)
 
@@ -145,6 +207,9 @@ def main():
                 row["fp8_kernels_us"] = profile_kernels(msa_fp8_step)
                 for name, us in row["fp8_kernels_us"].items():
                     print(f"    {us:9.2f} us  {name}")
+            if args.timeline:
+                row["fp8_timeline"] = graph_timeline(g_fp8)
+                print_timeline(row["fp8_timeline"])
             del keys, scales, g_fp8
         rows.append(row)
         torch.cuda.empty_cache()

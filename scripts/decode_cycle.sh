@@ -21,7 +21,7 @@ if has test; then
   timeout 200 python3 -m pytest tests -q -x > "$OUT/tests.log" 2>&1; echo "tests rc=$?"; tail -3 "$OUT/tests.log"
 fi
 if has bench; then
-  timeout 240 python3 bench/bench_decode.py --profile --fp8 --out "$OUT" 2>&1 | tail -40
+  timeout 240 python3 bench/bench_decode.py --profile --fp8 --append --timeline --out "$OUT" 2>&1 | grep -v -i warn | tail -90
 fi
 if has ncu; then
   for flag in "" --fp8; do

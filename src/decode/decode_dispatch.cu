@@ -25,6 +25,9 @@ cudaError_t launch_decode_attn(const DecodeParams& p, const DecodeWorkspace& ws,
 namespace {
 
 __global__ void __launch_bounds__(128) decode_append_kernel(const AppendParams p) {
+  // The indexer may launch now (programmatic dependent launch); it waits for this grid to finish
+  // before touching memory.
+  asm volatile("griddepcontrol.launch_dependents;");
   const int b = blockIdx.x / p.s_new;
   const int i = blockIdx.x % p.s_new;
   const int64_t pos = static_cast<int64_t>(p.cache.cache_seqlens[b]) + i;

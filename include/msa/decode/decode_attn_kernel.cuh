@@ -80,13 +80,22 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
 
   // The token's G query rows (contiguous in q) into rows 0..G-1 of the tile, zeros below: q is
   // not written by the kernels before this one, so this runs before waiting for them.
+  // All of a thread's loads are issued before any store (one memory round trip, not one per piece).
   const Element* q_rows = params.q + (token * params.num_heads + group * G) * kHeadDim;
-  for (int idx = threadIdx.x; idx < kBlockM * kChunksPerRow; idx += Traits::kNumThreads) {
+  constexpr int kPiecesPerThread = kBlockM * kChunksPerRow / Traits::kNumThreads;
+  static_assert(kBlockM * kChunksPerRow % Traits::kNumThreads == 0, "whole pieces per thread");
+  uint4 q_piece[kPiecesPerThread];
+#pragma unroll
+  for (int i = 0; i < kPiecesPerThread; ++i) {
+    const int idx = threadIdx.x + i * Traits::kNumThreads;
     const int r = idx / kChunksPerRow;
-    const int c = idx % kChunksPerRow;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (r < G) v = *reinterpret_cast<const uint4*>(q_rows + r * kHeadDim + c * 8);
-    *reinterpret_cast<uint4*>(&sQ(r, c * 8)) = v;
+    q_piece[i] = make_uint4(0, 0, 0, 0);
+    if (r < G) q_piece[i] = *reinterpret_cast<const uint4*>(q_rows + r * kHeadDim + (idx % kChunksPerRow) * 8);
+  }
+#pragma unroll
+  for (int i = 0; i < kPiecesPerThread; ++i) {
+    const int idx = threadIdx.x + i * Traits::kNumThreads;
+    *reinterpret_cast<uint4*>(&sQ(idx / kChunksPerRow, (idx % kChunksPerRow) * 8)) = q_piece[i];
   }
   cutlass::arch::fence_view_async_shared();  // generic-proxy writes -> WGMMA reads
   if (threadIdx.x == 0) {

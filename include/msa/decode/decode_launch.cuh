@@ -51,12 +51,11 @@ cudaError_t launch_decode_select_tile(const DecodeParams& p, const DecodeWorkspa
       p.init_blocks,
       p.local_blocks,
   };
-  auto kernel = decode_select_split_kernel<Traits>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
-  if (err != cudaSuccess) return err;
+  // A programmatic dependent launch: the CTAs become resident while the append kernel (or the
+  // caller's last kernel) runs, and wait for it before touching memory.
   const dim3 grid(num_splits, (rows + kBlockQ - 1) / kBlockQ, p.batch);
-  kernel<<<grid, Traits::kNumThreads, Traits::kSmemBytes, stream>>>(kp);
-  err = cudaGetLastError();
+  cudaError_t err = common::launch_dependent(decode_select_split_kernel<Traits>, grid, Traits::kNumThreads,
+                                             Traits::kSmemBytes, stream, kp, p.programmatic_launch);
   if (err != cudaSuccess) return err;
 
   DecodeMergeParams mp{CacheGeometry::from(p), ws.part_score, ws.part_id, p.block_indices, p.s_new, p.num_heads_kv,

@@ -155,6 +155,9 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
   extern __shared__ char smem_buf[];
   auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_buf);
 
+  // Launched early (programmatic dependent launch): the previous grid (the append, or whatever
+  // the caller ran last) is complete and its writes visible past this point, before any read.
+  asm volatile("griddepcontrol.wait;" ::: "memory");
   const int split = blockIdx.x;
   const int m_tile = blockIdx.y;
   const int b = blockIdx.z;
