@@ -10,7 +10,9 @@ events with L2 flushed before each rep. Reports the speedup and each side's band
 it must read (dense: K and V of the whole cache; MSA: the index-key cache plus topk blocks of K
 and V per group). Issue 5's targets: >= 7x at 1M x 2 and 128K x 8 (bf16 index keys), and >= 85%
 of dense decoding's bandwidth. --profile adds the per-kernel CUDA time of one MSA step, --timeline
-each kernel's start and end inside a replayed step graph, --append the step that appends first.
+each kernel's start and end inside a replayed step graph, --append the step that appends first,
+--layers N the per-layer time of N steps over independent caches captured in one graph (a serving
+loop's whole forward), dense likewise.
 """
 
 import argparse
@@ -103,6 +105,52 @@ def print_timeline(timeline):
         print(f"      {k['start_us']:7.1f} .. {k['end_us']:7.1f} us  {k['name']}")
 
 
+def time_layers(length, batch, n, layers, mask, flush, reps, fp8):
+    """Per-layer time of `layers` decoding steps over independent caches (a model's layers)
+    captured in one CUDA graph, for MSA (bf16 and, with fp8, e4m3 index keys) and dense: how a
+    serving loop that captures its whole forward runs, the graph's launch shared by the layers.
+    Independent caches keep one layer's selected blocks from sitting in L2 for the next."""
+    dev = torch.device("cuda")
+    bf16 = dict(device=dev, dtype=torch.bfloat16)
+    sets = []
+    for _ in range(layers):
+        ki = torch.randn(batch, length, DI, **bf16)
+        layer = dict(q=torch.randn(batch, n, HQ, D, **bf16), q_idx=torch.randn(batch, n, HKV, DI, **bf16),
+                     k=torch.randn(batch, length, HKV, D, **bf16), v=torch.randn(batch, length, HKV, D, **bf16), ki=ki)
+        if fp8:
+            layer["ki8"], layer["scales"] = msa_cuda.quantize_index_keys(ki)
+        sets.append(layer)
+    lens = torch.full((batch,), length, dtype=torch.int32, device=dev)
+
+    def msa_layers(keys, scales):
+        def run(_):
+            for layer in sets:
+                msa_cuda.sparse_attn_with_kvcache(layer["q"], layer["k"], layer["v"], layer["q_idx"], layer[keys],
+                                                  k_idx_scale_cache=layer.get(scales), cache_seqlens=lens,
+                                                  block_size=BS, topk=TOPK)
+        return run
+
+    def dense_layers(_):
+        for layer in sets:
+            F.scaled_dot_product_attention(layer["q"].transpose(1, 2), layer["k"].transpose(1, 2),
+                                           layer["v"].transpose(1, 2), attn_mask=mask, enable_gqa=True)
+
+    result = dict(layers=layers)
+    variants = [("msa", msa_layers("ki", None)), ("dense", dense_layers)]
+    if fp8:
+        variants.append(("fp8", msa_layers("ki8", "scales")))
+    for name, fn in variants:
+        graph = capture(fn)
+        result[name + "_ms"] = time_op(lambda _: graph.replay(), flush, reps=reps).median_ms / layers
+        del graph
+    for name in ("msa", "fp8"):
+        if name + "_ms" in result:
+            result[name + "_speedup"] = result["dense_ms"] / result[name + "_ms"]
+    del sets
+    torch.cuda.empty_cache()
+    return result
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", nargs="+", default=["131072x8", "1048576x2"], help="LENGTHxBATCH")
@@ -114,6 +162,8 @@ def main():
     ap.add_argument("--append", action="store_true",
                     help="also time the step that appends the new tokens' k, v, k_idx first (as serving does)")
     ap.add_argument("--timeline", action="store_true", help="each kernel's start / end inside a replayed step")
+    ap.add_argument("--layers", type=int, default=0,
+                    help="also time this many steps over independent caches in one graph (per-layer time)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     flush = L2Flusher(dev)
@@ -211,6 +261,12 @@ def main():
                 row["fp8_timeline"] = graph_timeline(g_fp8)
                 print_timeline(row["fp8_timeline"])
             del keys, scales, g_fp8
+        if args.layers > 0:
+            row["graph_layers"] = time_layers(length, batch, n, args.layers, mask, flush, args.reps, args.fp8)
+            lay = row["graph_layers"]
+            print(f"{length:>8} x {batch} graph of {args.layers} layers, per layer: MSA {lay['msa_ms']:8.4f} ms  dense "
+                  f"{lay['dense_ms']:8.4f} ms  speedup {lay['msa_speedup']:.2f}x"
+                  + (f"  fp8 {lay['fp8_ms']:8.4f} ms ({lay['fp8_speedup']:.2f}x)" if args.fp8 else ""), flush=True)
         rows.append(row)
         torch.cuda.empty_cache()
     if args.out:

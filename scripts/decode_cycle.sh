@@ -21,7 +21,7 @@ if has test; then
   timeout 200 python3 -m pytest tests -q -x > "$OUT/tests.log" 2>&1; echo "tests rc=$?"; tail -3 "$OUT/tests.log"
 fi
 if has bench; then
-  timeout 240 python3 bench/bench_decode.py --profile --fp8 --append --timeline --out "$OUT" 2>&1 | grep -v -i warn | tail -90
+  timeout 240 python3 bench/bench_decode.py --profile --fp8 --append --timeline --layers 4 --out "$OUT" 2>&1 | grep -v -i warn | tail -100
 fi
 if has ncu; then
   for flag in "" --fp8; do
