@@ -17,14 +17,14 @@
 // index-scale is applied (it does not change the order).
 //
 // Pass 2 (decode_select_merge_kernel, one CTA per row): the row's lists (one per split, at most
-// 256) go to shared memory (16-byte loads, all in flight). Winners are found by counting, not by
-// a tournament (which needed two levels of N serial warp-reduction rounds): each list head's rank
-// among the heads gives the bar, the N-th best head; only entries not ranking after the bar can
-// win (at most N lists' worth); each of those counts the survivors ranking before it, and the
-// first N are the winners. The order is score descending, then block id ascending. The row's
-// selection is the forced leading blocks, the winners in ascending order and the forced recent
-// blocks, -1 padded. (Merging in every attention CTA instead cost more than the launch it saved:
-// the merge sat on each CTA's critical path.)
+// 256) go to shared memory (16-byte loads, all in flight), then a two-level tournament: each of
+// the 8 warps merges its share (at most 32 lists, one per lane) k-way into its best N, and warp 0
+// merges the 8 lists of N the same way. A step is two warp reductions (the max score key, then
+// the min id among the lanes holding it, so ties go to the lower block id); the winning lane
+// moves to its list's next entry, already in registers. The
+// row's selection is the forced leading blocks, the winners in ascending order and the forced
+// recent blocks, -1 padded. (Merging in every attention CTA instead cost more than the launch it
+// saved: the merge sat on each CTA's critical path.)
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -428,30 +428,71 @@ struct DecodeMergeParams {
 };
 
 constexpr int kMergeThreads = 256;
-constexpr int kMaxSplits = kMergeThreads;  // one list head per thread when ranking the heads
-constexpr int kMaxWinners = 32;            // topk <= 32
+constexpr int kMergeWarps = kMergeThreads / 32;
+constexpr int kMaxSplits = 32 * kMergeWarps;  // one list per lane in the first merge level
 
-// Shared-memory bytes of the merge kernel: the lists, plus the survivors (at most kMaxWinners
-// lists' worth, see the kernel).
+// Shared-memory bytes of the merge kernel: the lists, plus each warp's best kTopKCap.
 template <int kTopKCap>
 constexpr int merge_smem_bytes(int num_splits) {
-  return num_splits * kTopKCap * 8 + kMaxWinners * kTopKCap * 8;
+  return num_splits * kTopKCap * 8 + kMergeWarps * kTopKCap * 8;
+}
+
+// Order-preserving map of a finite score to a key > 0 (0 = nothing).
+__device__ __forceinline__ uint32_t score_key(float s) {
+  const uint32_t bits = __float_as_uint(s);
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+__device__ __forceinline__ float key_score(uint32_t key) {
+  return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
+}
+
+// k-way merge of at most 32 sorted (descending) lists by one warp, lane l owning list l: lists of
+// `stride` entries (scores, ids; id < 0 ends a list). Takes up to `count` winners; lane k gets
+// the k-th (its key and id). Returns how many were taken.
+__device__ __forceinline__ int warp_kway_merge(const float* scores, const int32_t* ids, int num_lists, int stride,
+                                               int count, int lane, uint32_t& won_key, int& won_id) {
+  const float* my_scores = scores + lane * stride;
+  const int32_t* my_ids = ids + lane * stride;
+  const bool owner = lane < num_lists;
+  auto entry = [&](int h, uint32_t& key, int& id) {
+    id = owner && h < stride ? my_ids[h] : -1;
+    key = id >= 0 ? score_key(my_scores[h]) : 0u;
+  };
+  uint32_t key, next_key;
+  int id, next_id, head = 0;
+  entry(0, key, id);
+  entry(1, next_key, next_id);
+  won_key = 0;
+  won_id = -1;
+  int taken = 0;
+  for (; taken < count; ++taken) {
+    const uint32_t top = __reduce_max_sync(0xffffffff, key);
+    if (top == 0) break;  // every list ran out
+    const int top_id = __reduce_min_sync(0xffffffff, key == top ? id : 0x7fffffff);
+    if (lane == taken) {
+      won_key = top;
+      won_id = top_id;
+    }
+    if (key == top && id == top_id) {  // ids are unique: one lane owns the winner
+      key = next_key;
+      id = next_id;
+      ++head;
+      entry(head + 1, next_key, next_id);
+    }
+  }
+  return taken;
 }
 
 template <int kTopKCap>
 __global__ void __launch_bounds__(kMergeThreads) decode_select_merge_kernel(const DecodeMergeParams p) {
   extern __shared__ char smem_buf[];
-  __shared__ int s_num_survivors;
-  __shared__ float s_bar_score;  // the num_selected-th best list head ...
-  __shared__ int s_bar_id;       // ... (-1: fewer non-empty lists than winners)
-  __shared__ int s_winner[kMaxWinners];
-  constexpr int kMaxSurvivors = kMaxWinners * kTopKCap;
   const int num_lists = p.num_splits;  // one per split
   const int entries = num_lists * kTopKCap;
   float* s_score = reinterpret_cast<float*>(smem_buf);
   int32_t* s_id = reinterpret_cast<int32_t*>(s_score + entries);
-  float* v_score = reinterpret_cast<float*>(s_id + entries);  // survivors
-  int32_t* v_id = reinterpret_cast<int32_t*>(v_score + kMaxSurvivors);
+  float* w_score = reinterpret_cast<float*>(s_id + entries);  // [warps, kTopKCap]
+  int32_t* w_id = reinterpret_cast<int32_t*>(w_score + kMergeWarps * kTopKCap);
 
   const int rows = p.s_new * p.num_idx_heads;
   const int64_t row = blockIdx.x;  // b * rows + r
@@ -470,9 +511,10 @@ __global__ void __launch_bounds__(kMergeThreads) decode_select_merge_kernel(cons
     return;
   }
   const common::BlockRanges ranges(pos / p.block_size, p.init_blocks, p.local_blocks);
-  const int num_selected = max(0, min(min(p.topk, kMaxWinners) - ranges.num_forced(), ranges.num_candidates()));
+  const int num_selected = max(0, min(p.topk - ranges.num_forced(), ranges.num_candidates()));
 
   int taken = 0;
+  uint32_t won_key = 0;
   int won_id = -1;
   if (num_selected > 0) {
     const float4* src_score = reinterpret_cast<const float4*>(p.part_score + row * entries);
@@ -498,58 +540,23 @@ __global__ void __launch_bounds__(kMergeThreads) decode_select_merge_kernel(cons
         }
       }
     }
-    if (threadIdx.x == 0) {
-      s_num_survivors = 0;
-      s_bar_id = -1;
-    }
-    if (threadIdx.x < kMaxWinners) s_winner[threadIdx.x] = -1;
     __syncthreads();
-    // 1. The bar: the num_selected-th best list head (lists are sorted, ids unique, ranks_before a
-    // total order). An entry ranking after it has num_selected heads ranking before it, so it
-    // cannot win; the entries at or before it come from the at most num_selected lists whose
-    // heads are at or before it.
-    if (threadIdx.x < num_lists) {
-      const float head_score = s_score[threadIdx.x * kTopKCap];
-      const int head_id = s_id[threadIdx.x * kTopKCap];
-      if (head_id >= 0) {
-        int rank = 0;
-        for (int l = 0; l < num_lists; ++l) {
-          rank += ranks_before(s_score[l * kTopKCap], s_id[l * kTopKCap], head_score, head_id);
-        }
-        if (rank == num_selected - 1) {
-          s_bar_score = head_score;
-          s_bar_id = head_id;
-        }
-      }
-    }
-    __syncthreads();
-    // 2. The survivors: every real entry not ranking after the bar.
-    const float bar_score = s_bar_score;
-    const int bar_id = s_bar_id;
-    for (int e = threadIdx.x; e < entries; e += kMergeThreads) {
-      const int id = s_id[e];
-      const float score = s_score[e];
-      if (id < 0 || (bar_id >= 0 && ranks_before(bar_score, bar_id, score, id))) continue;
-      const int slot = atomicAdd(&s_num_survivors, 1);
-      if (slot < kMaxSurvivors) {  // always (bound above); guards against NaN scores
-        v_score[slot] = score;
-        v_id[slot] = id;
-      }
-    }
-    __syncthreads();
-    // 3. Each survivor's rank among the survivors; the first num_selected win.
-    const int n = min(s_num_survivors, kMaxSurvivors);
-    for (int i = threadIdx.x; i < n; i += kMergeThreads) {
-      const float score = v_score[i];
-      const int id = v_id[i];
-      int rank = 0;
-      for (int j = 0; j < n; ++j) rank += ranks_before(v_score[j], v_id[j], score, id);
-      if (rank < num_selected) s_winner[rank] = id;
+    // Level 1: warp w merges lists [w * share, (w + 1) * share) into its best num_selected.
+    const int share = (num_lists + kMergeWarps - 1) / kMergeWarps;
+    const int first = min(num_lists, warp * share);
+    const int mine = min(num_lists, first + share) - first;
+    uint32_t key;
+    int id;
+    const int got = warp_kway_merge(s_score + first * kTopKCap, s_id + first * kTopKCap, mine, kTopKCap,
+                                    num_selected, lane, key, id);
+    if (lane < kTopKCap) {
+      w_score[warp * kTopKCap + lane] = lane < got ? key_score(key) : 0.f;
+      w_id[warp * kTopKCap + lane] = lane < got ? id : -1;
     }
     __syncthreads();
     if (warp != 0) return;
-    taken = min(num_selected, n);
-    won_id = lane < taken ? s_winner[lane] : -1;
+    // Level 2: warp 0 merges the warps' lists.
+    taken = warp_kway_merge(w_score, w_id, kMergeWarps, kTopKCap, num_selected, lane, won_key, won_id);
   } else if (warp != 0) {
     return;
   }
