@@ -86,7 +86,7 @@ struct SplitRange {
   }
 };
 
-// fp8 keys: the index-dimension column whose value the WGMMA's logical column k carries. In a
+// fp8 keys: the WGMMA's logical k column that carries index-dimension column `physical`. In a
 // 16-column k-slice s, thread quad q of the register fragment holds logical columns 2q, 2q+1,
 // 2q+8 and 2q+9; they map to the 4 consecutive bytes at column (Di / 4) q + 4 s, so a thread's
 // share of a key row is one contiguous run of Di / 4 bytes (whole 16-byte loads). The query
@@ -99,6 +99,19 @@ __host__ __device__ constexpr int fp8_logical_column(int physical) {
   const int j = physical % 4;
   return 16 * s + 2 * q + (j % 2) + 8 * (j / 2);
 }
+
+template <int kHeadDimIdx>
+constexpr bool fp8_columns_are_a_permutation() {
+  bool taken[kHeadDimIdx] = {};
+  for (int p = 0; p < kHeadDimIdx; ++p) {
+    const int k = fp8_logical_column<kHeadDimIdx>(p);
+    if (k < 0 || k >= kHeadDimIdx || taken[k]) return false;
+    taken[k] = true;
+  }
+  return true;
+}
+static_assert(fp8_columns_are_a_permutation<64>() && fp8_columns_are_a_permutation<128>(),
+              "the fp8 key column order must be a permutation of the index dimension");
 
 // The CTA's query rows -> sQ (rows past the request's are zero), as the WGMMA's B operand. All of
 // a thread's 16-byte loads are issued before any is used.
