@@ -84,7 +84,8 @@ def graph_timeline(graph, reps=10):
             torch.cuda.synchronize()
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
-        events = json.load(open(f.name))["traceEvents"]
+        with open(f.name) as trace:
+            events = json.load(trace)["traceEvents"]
     kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
     steps, step = [], []
     for e in kernels:  # replays are synchronized: a long idle gap starts the next step
@@ -100,8 +101,10 @@ def graph_timeline(graph, reps=10):
                  end_us=statistics.median(s[i]["ts"] + s[i]["dur"] - s[0]["ts"] for s in steps)) for i in range(n)]
 
 
-def print_timeline(timeline):
-    for k in timeline:
+def record_timeline(row, key, graph):
+    """graph_timeline(graph) into row[key], printed."""
+    row[key] = graph_timeline(graph)
+    for k in row[key]:
         print(f"      {k['start_us']:7.1f} .. {k['end_us']:7.1f} us  {k['name']}")
 
 
@@ -217,8 +220,7 @@ def main():
             for name, us in row["kernels_us"].items():
                 print(f"    {us:9.2f} us  {name}")
         if args.timeline:
-            row["timeline"] = graph_timeline(g_msa)
-            print_timeline(row["timeline"])
+            record_timeline(row, "timeline", g_msa)
         if args.append:
             k_new = torch.randn(batch, n, HKV, D, **bf16)
             v_new, ki_new = torch.randn_like(k_new), torch.randn(batch, n, DI, **bf16)
@@ -234,8 +236,7 @@ def main():
             print(f"{length:>8} x {batch} graph, with append: MSA {tg_app.median_ms:8.4f} ms  speedup "
                   f"{row['append_graph_speedup']:.2f}x", flush=True)
             if args.timeline:
-                row["append_timeline"] = graph_timeline(g_app)
-                print_timeline(row["append_timeline"])
+                record_timeline(row, "append_timeline", g_app)
             del g_app
         if args.fp8:
             keys, scales = msa_cuda.quantize_index_keys(ki_cache)
@@ -258,8 +259,7 @@ def main():
                 for name, us in row["fp8_kernels_us"].items():
                     print(f"    {us:9.2f} us  {name}")
             if args.timeline:
-                row["fp8_timeline"] = graph_timeline(g_fp8)
-                print_timeline(row["fp8_timeline"])
+                record_timeline(row, "fp8_timeline", g_fp8)
             del keys, scales, g_fp8
         if args.layers > 0:
             row["graph_layers"] = time_layers(length, batch, n, args.layers, mask, flush, args.reps, args.fp8)
