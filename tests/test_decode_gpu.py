@@ -164,6 +164,45 @@ def test_decode_m3_long_request():
     _check_step(seqs, out, aux, 1, block_size=128, topk=16, min_agree=0.75)
 
 
+@pytest.mark.parametrize("length,batch", [(131072, 8), (131072 - 77, 8), (300001, 2)])
+def test_decode_selection_full_lists_exact(length, batch):
+    """M3-sized index caches (every indexer split's list full: 16 of 31 or more blocks), the
+    selection checked exactly: the 15 non-forced blocks must be the top 15 by fp32 block score
+    (lower id first on a tie), except where the scores differ by fp32 rounding only. A merge that
+    drops a list's entry shows here (it did: the tournament merge on 33 and 132 full lists)."""
+    hkv, di, bs, topk = 4, 128, 128, 16
+    g = torch.Generator(device="cuda").manual_seed(length + batch)
+    mk = lambda *s: torch.randn(*s, generator=g, device="cuda").to(torch.bfloat16)  # noqa: E731
+    ki = mk(batch, length, di)
+    q_idx = mk(batch, 1, hkv, di)
+    k_c, v_c, q = mk(batch, length, hkv, 64), mk(batch, length, hkv, 64), mk(batch, 1, hkv, 64)
+    lens = torch.full((batch,), length, dtype=torch.int32, device="cuda")
+    _, aux = msa_cuda.sparse_attn_with_kvcache(q, k_c, v_c, q_idx, ki, cache_seqlens=lens, block_size=bs,
+                                               topk=topk, return_aux=True)
+    local = (length - 1) // bs
+    nblk = local + 1
+    bad = []
+    for b in range(batch):
+        scores = ki[b].float() @ q_idx[b, 0].float().T  # [L, Hkv]
+        pad = torch.full((nblk * bs - length, hkv), -float("inf"), device="cuda")
+        block = torch.cat([scores, pad]).view(nblk, bs, hkv).amax(1)[:local]  # candidates only
+        for h in range(hkv):
+            order = torch.sort(-block[:, h], stable=True).indices
+            want = set(order[:topk - 1].tolist())
+            sel = aux.block_indices[b, 0, h].tolist()
+            assert local in sel and -1 not in sel, sel
+            got = set(sel) - {local}
+            if got == want:
+                continue
+            tol = 1e-5 * block[:, h].abs().max().item()
+            worst_picked = min(got - want, key=lambda x: block[x, h].item())
+            best_missed = max(want - got, key=lambda y: block[y, h].item())
+            if block[best_missed, h].item() - block[worst_picked, h].item() > tol:
+                bad.append((b, h, worst_picked, round(block[worst_picked, h].item(), 4), best_missed,
+                            round(block[best_missed, h].item(), 4)))
+    assert not bad, f"{len(bad)} rows miss a top block (b, group, picked, its score, missed, its score): {bad[:5]}"
+
+
 def test_decode_append_in_place_and_only_there():
     lengths, s_new = [40, 700], 3
     seqs, args, kw = _make_step(lengths, s_new, 8, 2, 64, 64, torch.bfloat16, 128, True, seed=9)

@@ -17,14 +17,15 @@
 // index-scale is applied (it does not change the order).
 //
 // Pass 2 (decode_select_merge_kernel, one CTA per row): the row's lists (one per split, at most
-// 256) go to shared memory (16-byte loads, all in flight), then a two-level tournament: each of
-// the 8 warps merges its share (at most 32 lists, one per lane) k-way into its best N, and warp 0
-// merges the 8 lists of N the same way. A step is two warp reductions (the max score key, then
-// the min id among the lanes holding it, so ties go to the lower block id); the winning lane
-// moves to its list's next entry, already in registers. The
-// row's selection is the forced leading blocks, the winners in ascending order and the forced
-// recent blocks, -1 padded. (Merging in every attention CTA instead cost more than the launch it
-// saved: the merge sat on each CTA's critical path.)
+// 256) go to shared memory as 64-bit keys (score order, then the lower block id), and the winners
+// are found by counting. The bar is the N-th best list head (N winners to find): N heads rank at
+// or above it, so an entry below it cannot win, and only the at most N lists whose heads are at
+// or above it can hold winners. Those entries (about N..2N in practice) each count the survivors
+// above them, and the first N win. No step depends on the lists being sorted. The row's selection
+// is the forced leading blocks, the winners in ascending order and the forced recent blocks, -1
+// padded. (The two-level tournament this replaces, 2 x N serial warp-reduction rounds, took 5 us
+// and missed top blocks at M3 sizes, 31 of 32 rows at 128K x 8; the root cause was not isolated.
+// Merging in every attention CTA instead cost more than the launch it saved.)
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -441,71 +442,37 @@ struct DecodeMergeParams {
 };
 
 constexpr int kMergeThreads = 256;
-constexpr int kMergeWarps = kMergeThreads / 32;
-constexpr int kMaxSplits = 32 * kMergeWarps;  // one list per lane in the first merge level
+constexpr int kMaxSplits = kMergeThreads;  // one list head per thread when ranking the heads
+constexpr int kMaxWinners = 32;            // topk <= 32
 
-// Shared-memory bytes of the merge kernel: the lists, plus each warp's best kTopKCap.
+// Shared-memory bytes of the merge kernel: the lists' keys, then the survivors (at most
+// kMaxWinners lists' worth, see the kernel).
 template <int kTopKCap>
 constexpr int merge_smem_bytes(int num_splits) {
-  return num_splits * kTopKCap * 8 + kMergeWarps * kTopKCap * 8;
+  return (num_splits + kMaxWinners) * kTopKCap * 8;
 }
 
-// Order-preserving map of a finite score to a key > 0 (0 = nothing).
-__device__ __forceinline__ uint32_t score_key(float s) {
-  const uint32_t bits = __float_as_uint(s);
-  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
-}
-
-__device__ __forceinline__ float key_score(uint32_t key) {
-  return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
-}
-
-// k-way merge of at most 32 sorted (descending) lists by one warp, lane l owning list l: lists of
-// `stride` entries (scores, ids; id < 0 ends a list). Takes up to `count` winners; lane k gets
-// the k-th (its key and id). Returns how many were taken.
-__device__ __forceinline__ int warp_kway_merge(const float* scores, const int32_t* ids, int num_lists, int stride,
-                                               int count, int lane, uint32_t& won_key, int& won_id) {
-  const float* my_scores = scores + lane * stride;
-  const int32_t* my_ids = ids + lane * stride;
-  const bool owner = lane < num_lists;
-  auto entry = [&](int h, uint32_t& key, int& id) {
-    id = owner && h < stride ? my_ids[h] : -1;
-    key = id >= 0 ? score_key(my_scores[h]) : 0u;
-  };
-  uint32_t key, next_key;
-  int id, next_id, head = 0;
-  entry(0, key, id);
-  entry(1, next_key, next_id);
-  won_key = 0;
-  won_id = -1;
-  int taken = 0;
-  for (; taken < count; ++taken) {
-    const uint32_t top = __reduce_max_sync(0xffffffff, key);
-    if (top == 0) break;  // every list ran out
-    const int top_id = __reduce_min_sync(0xffffffff, key == top ? id : 0x7fffffff);
-    if (lane == taken) {
-      won_key = top;
-      won_id = top_id;
-    }
-    if (key == top && id == top_id) {  // ids are unique: one lane owns the winner
-      key = next_key;
-      id = next_id;
-      ++head;
-      entry(head + 1, next_key, next_id);
-    }
-  }
-  return taken;
+// An entry's 64-bit key: (order-preserving bits of the score) << 32 | ~id, so that "ranks
+// before" (a higher score, or the same score and a lower block id) is one unsigned compare; an
+// empty entry (id < 0) is 0, below every real one.
+__device__ __forceinline__ uint64_t entry_key(float score, int id) {
+  const uint32_t bits = __float_as_uint(score);
+  const uint32_t ordered = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+  return id < 0 ? 0ull : (static_cast<uint64_t>(ordered) << 32) | static_cast<uint32_t>(~id);
 }
 
 template <int kTopKCap>
 __global__ void __launch_bounds__(kMergeThreads) decode_select_merge_kernel(const DecodeMergeParams p) {
-  extern __shared__ char smem_buf[];
+  extern __shared__ __align__(16) char smem_buf[];
+  __shared__ __align__(16) uint64_t s_head[kMaxSplits];  // the lists' first entries, padded to 4
+  __shared__ uint64_t s_bar;
+  __shared__ int s_num_survivors;
+  __shared__ int s_winner[kMaxWinners];
+  constexpr int kMaxSurvivors = kMaxWinners * kTopKCap;
   const int num_lists = p.num_splits;  // one per split
   const int entries = num_lists * kTopKCap;
-  float* s_score = reinterpret_cast<float*>(smem_buf);
-  int32_t* s_id = reinterpret_cast<int32_t*>(s_score + entries);
-  float* w_score = reinterpret_cast<float*>(s_id + entries);  // [warps, kTopKCap]
-  int32_t* w_id = reinterpret_cast<int32_t*>(w_score + kMergeWarps * kTopKCap);
+  uint64_t* s_key = reinterpret_cast<uint64_t*>(smem_buf);  // [entries]
+  uint64_t* v_key = s_key + entries;                         // the survivors
 
   const int rows = p.s_new * p.num_idx_heads;
   const int64_t row = blockIdx.x;  // b * rows + r
@@ -524,12 +491,12 @@ __global__ void __launch_bounds__(kMergeThreads) decode_select_merge_kernel(cons
     return;
   }
   const common::BlockRanges ranges(pos / p.block_size, p.init_blocks, p.local_blocks);
-  const int num_selected = max(0, min(p.topk - ranges.num_forced(), ranges.num_candidates()));
+  const int num_selected = max(0, min(min(p.topk, kMaxWinners) - ranges.num_forced(), ranges.num_candidates()));
 
   int taken = 0;
-  uint32_t won_key = 0;
   int won_id = -1;
   if (num_selected > 0) {
+    // 1. The lists -> keys in shared memory (16-byte loads, all in flight); the heads also apart.
     const float4* src_score = reinterpret_cast<const float4*>(p.part_score + row * entries);
     const int4* src_id = reinterpret_cast<const int4*>(p.part_id + row * entries);
     const int n4 = entries / 4;
@@ -548,28 +515,68 @@ __global__ void __launch_bounds__(kMergeThreads) decode_select_merge_kernel(cons
       for (int u = 0; u < 4; ++u) {
         const int e = base + u * kMergeThreads;
         if (e < n4) {
-          reinterpret_cast<float4*>(s_score)[e] = sc[u];
-          reinterpret_cast<int4*>(s_id)[e] = id[u];
+          const uint64_t k0 = entry_key(sc[u].x, id[u].x);
+          reinterpret_cast<ulonglong2*>(s_key)[2 * e] = make_ulonglong2(k0, entry_key(sc[u].y, id[u].y));
+          reinterpret_cast<ulonglong2*>(s_key)[2 * e + 1] =
+              make_ulonglong2(entry_key(sc[u].z, id[u].z), entry_key(sc[u].w, id[u].w));
+          if ((4 * e) % kTopKCap == 0) s_head[4 * e / kTopKCap] = k0;
         }
       }
     }
+    const int padded = (num_lists + 3) / 4 * 4;
+    if (static_cast<int>(threadIdx.x) >= num_lists && static_cast<int>(threadIdx.x) < padded) {
+      s_head[threadIdx.x] = 0ull;
+    }
+    if (threadIdx.x == 0) {
+      s_bar = 0ull;
+      s_num_survivors = 0;
+    }
+    if (threadIdx.x < kMaxWinners) s_winner[threadIdx.x] = -1;
     __syncthreads();
-    // Level 1: warp w merges lists [w * share, (w + 1) * share) into its best num_selected.
-    const int share = (num_lists + kMergeWarps - 1) / kMergeWarps;
-    const int first = min(num_lists, warp * share);
-    const int mine = min(num_lists, first + share) - first;
-    uint32_t key;
-    int id;
-    const int got = warp_kway_merge(s_score + first * kTopKCap, s_id + first * kTopKCap, mine, kTopKCap,
-                                    num_selected, lane, key, id);
-    if (lane < kTopKCap) {
-      w_score[warp * kTopKCap + lane] = lane < got ? key_score(key) : 0.f;
-      w_id[warp * kTopKCap + lane] = lane < got ? id : -1;
+    // 2. The bar: the head with exactly num_selected - 1 heads above it (none when fewer lists
+    // are non-empty; then every entry survives).
+    if (static_cast<int>(threadIdx.x) < num_lists) {
+      const uint64_t mine = s_head[threadIdx.x];
+      int above = 0;
+#pragma unroll 4
+      for (int l = 0; l < padded; l += 4) {
+        const ulonglong2 h01 = *reinterpret_cast<const ulonglong2*>(s_head + l);
+        const ulonglong2 h23 = *reinterpret_cast<const ulonglong2*>(s_head + l + 2);
+        above += (h01.x > mine) + (h01.y > mine) + (h23.x > mine) + (h23.y > mine);
+      }
+      if (mine != 0ull && above == num_selected - 1) s_bar = mine;
+    }
+    __syncthreads();
+    // 3. The survivors (at or above the bar), compacted by warp ballots.
+    const uint64_t bar = s_bar;
+#pragma unroll 4
+    for (int e0 = warp * 32; e0 < entries; e0 += kMergeThreads) {
+      const int e = e0 + lane;
+      const uint64_t k = e < entries ? s_key[e] : 0ull;
+      const bool keep = k != 0ull && k >= bar;
+      const unsigned ballot = __ballot_sync(0xffffffff, keep);
+      if (ballot != 0u) {  // warp-uniform; most pieces hold no survivor
+        int slot0 = 0;
+        if (lane == 0) slot0 = atomicAdd(&s_num_survivors, __popc(ballot));
+        slot0 = __shfl_sync(0xffffffff, slot0, 0);
+        const int slot = slot0 + __popc(ballot & ((1u << lane) - 1u));
+        if (keep && slot < kMaxSurvivors) v_key[slot] = k;  // always below the bound (see above)
+      }
+    }
+    __syncthreads();
+    // 4. Each survivor's rank among the survivors; the first num_selected win.
+    const int n = min(s_num_survivors, kMaxSurvivors);
+    for (int i = threadIdx.x; i < n; i += kMergeThreads) {
+      const uint64_t mine = v_key[i];
+      int above = 0;
+#pragma unroll 4
+      for (int j = 0; j < n; ++j) above += v_key[j] > mine;
+      if (above < num_selected) s_winner[above] = static_cast<int>(~static_cast<uint32_t>(mine));
     }
     __syncthreads();
     if (warp != 0) return;
-    // Level 2: warp 0 merges the warps' lists.
-    taken = warp_kway_merge(w_score, w_id, kMergeWarps, kTopKCap, num_selected, lane, won_key, won_id);
+    taken = min(num_selected, n);
+    won_id = lane < taken ? s_winner[lane] : -1;
   } else if (warp != 0) {
     return;
   }
