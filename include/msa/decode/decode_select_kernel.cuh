@@ -441,9 +441,9 @@ struct DecodeMergeParams {
   int block_size, topk, init_blocks, local_blocks;
 };
 
-constexpr int kMergeThreads = 512;
-constexpr int kMaxSplits = 256;   // list heads a CTA ranks (each by 2 or more threads)
-constexpr int kMaxWinners = 32;   // topk <= 32
+constexpr int kMergeThreads = 256;
+constexpr int kMaxSplits = kMergeThreads;  // one list head per thread when ranking the heads
+constexpr int kMaxWinners = 32;            // topk <= 32
 
 // Shared-memory bytes of the merge kernel: the lists' keys, then the survivors (at most
 // kMaxWinners lists' worth, see the kernel).
@@ -465,7 +465,6 @@ template <int kTopKCap>
 __global__ void __launch_bounds__(kMergeThreads) decode_select_merge_kernel(const DecodeMergeParams p) {
   extern __shared__ __align__(16) char smem_buf[];
   __shared__ __align__(16) uint64_t s_head[kMaxSplits];  // the lists' first entries, padded to 4
-  __shared__ int s_above[kMergeThreads];  // head ranking: each part's count
   __shared__ uint64_t s_bar;
   __shared__ int s_num_survivors;
   __shared__ int s_winner[kMaxWinners];
@@ -535,30 +534,16 @@ __global__ void __launch_bounds__(kMergeThreads) decode_select_merge_kernel(cons
     if (threadIdx.x < kMaxWinners) s_winner[threadIdx.x] = -1;
     __syncthreads();
     // 2. The bar: the head with exactly num_selected - 1 heads above it (none when fewer lists
-    // are non-empty; then every entry survives). Each head is ranked by `parts` threads, each
-    // counting the heads above it in one run of the list (parts * padded <= kMergeThreads).
-    int parts = 1;
-    while (parts < 16 && 2 * parts * padded <= kMergeThreads) parts *= 2;
-    const int run = ((padded + parts - 1) / parts + 3) / 4 * 4;  // parts * run >= padded
-    if (static_cast<int>(threadIdx.x) < parts * padded) {
-      const int head = threadIdx.x % padded;
-      const int part = threadIdx.x / padded;
-      const uint64_t mine = s_head[head];
+    // are non-empty; then every entry survives).
+    if (static_cast<int>(threadIdx.x) < num_lists) {
+      const uint64_t mine = s_head[threadIdx.x];
       int above = 0;
-      const int end = min(padded, (part + 1) * run);
 #pragma unroll 4
-      for (int l = part * run; l < end; l += 4) {
+      for (int l = 0; l < padded; l += 4) {
         const ulonglong2 h01 = *reinterpret_cast<const ulonglong2*>(s_head + l);
         const ulonglong2 h23 = *reinterpret_cast<const ulonglong2*>(s_head + l + 2);
         above += (h01.x > mine) + (h01.y > mine) + (h23.x > mine) + (h23.y > mine);
       }
-      s_above[threadIdx.x] = above;
-    }
-    __syncthreads();
-    if (static_cast<int>(threadIdx.x) < num_lists) {
-      int above = 0;
-      for (int part = 0; part < parts; ++part) above += s_above[part * padded + threadIdx.x];
-      const uint64_t mine = s_head[threadIdx.x];
       if (mine != 0ull && above == num_selected - 1) s_bar = mine;
     }
     __syncthreads();
