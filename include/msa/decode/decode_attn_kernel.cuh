@@ -22,6 +22,7 @@
 #include "msa/common/arch.cuh"
 #include "msa/common/gemm.cuh"
 #include "msa/decode/decode_cache.cuh"
+#include "msa/decode/decode_merge.cuh"
 #include "msa/decode/decode_traits.cuh"
 #include "msa/fwd/fwd_collective.cuh"
 
@@ -37,7 +38,9 @@ struct DecodeAttnParams {
   CacheGeometry cache;
   int32_t cache_rows;
   const Element* q;               // [B, S_new, Hq, D]
-  const int32_t* block_indices;   // [B, S_new, Hkv, topk]: the selection
+  int32_t* block_indices;         // [B, S_new, Hkv, topk]: the selection (written by chunk 0's CTA)
+  const float* part_score;        // the indexer's lists [B * S_new * Hkv, num_splits, list_cap]
+  const int32_t* part_id;
   Element* part_o;                // [B * S_new, Hq, num_chunks, D], normalized
   float2* part_stats;             // [B * S_new, Hq, num_chunks]: (lse, lse), log2 units
   int32_t* row_arrivals;          // [B * S_new * Hkv], zeroed by the indexer
@@ -45,6 +48,7 @@ struct DecodeAttnParams {
   float* lse;                     // [B, Hq, S_new], natural log
   int s_new, num_heads, num_heads_kv, group_size, topk, num_blocks_max;
   int slots_per_cta, num_chunks;
+  int num_splits, list_cap, block_size, init_blocks, local_blocks;
   float scale_log2;
 };
 
@@ -54,6 +58,12 @@ struct DecodeAttnParams {
 // sum (3 shuffles each) and turn the lse into weights in place; (3) each pair sums weight x row.
 // Its serial chains are short: a warp per head (the combine_slots of the prefill) spent about 0.8 us per head
 // on dependent shuffles and loads, 4 heads in series per warp (2.8 vs 4.4 us at 128K x 8).
+// Barrier of the attention's warpgroup (the merge-only warpgroup has exited by then).
+template <class Traits>
+__device__ __forceinline__ void attn_sync() {
+  cutlass::arch::NamedBarrier::sync(Traits::kNumThreads, 1);
+}
+
 template <class Traits, class Params>
 __device__ __forceinline__ void combine_row_chunks(const Params& params, int64_t token, int group, int b,
                                                       int token_in_req, float* s_w) {
@@ -95,7 +105,7 @@ __device__ __forceinline__ void combine_row_chunks(const Params& params, int64_t
     const int i = threadIdx.x + k * kThreads;
     if (i < G * nc) s_w[i] = lse_reg[k];
   }
-  __syncthreads();
+  attn_sync<Traits>();
   // (2) Weights: head h = t / 8; its 8 threads take slots t % 8, + 8, ...
   {
     const int h = threadIdx.x / 8;
@@ -128,7 +138,7 @@ __device__ __forceinline__ void combine_row_chunks(const Params& params, int64_t
           total > 0.f ? (m + __log2f(total)) * 0.69314718055994531f : -CUDART_INF_F;
     }
   }
-  __syncthreads();
+  attn_sync<Traits>();
   // (3) out = sum of weight x row.
   float acc[kPairsPerThread][8] = {};
   for (int s0 = 0; s0 < nc; s0 += kBatch) {
@@ -159,7 +169,7 @@ __device__ __forceinline__ void combine_row_chunks(const Params& params, int64_t
 }
 
 template <class Traits>
-__global__ void __launch_bounds__(Traits::kNumThreads, 1)
+__global__ void __launch_bounds__(Traits::kCtaThreads, 1)
     decode_attn_kernel(CUTE_GRID_CONSTANT DecodeAttnParams<Traits> const params) {
 #if MSA_SM90_ENABLED
   using Element = typename Traits::Element;
@@ -193,18 +203,20 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   const Element* q_rows = params.q + (token * params.num_heads + group * G) * kHeadDim;
   constexpr int kPiecesPerThread = kBlockM * kChunksPerRow / Traits::kNumThreads;
   static_assert(kBlockM * kChunksPerRow % Traits::kNumThreads == 0, "whole pieces per thread");
-  uint4 q_piece[kPiecesPerThread];
+  if (threadIdx.x < Traits::kNumThreads) {
+    uint4 q_piece[kPiecesPerThread];
 #pragma unroll
-  for (int i = 0; i < kPiecesPerThread; ++i) {
-    const int idx = threadIdx.x + i * Traits::kNumThreads;
-    const int r = idx / kChunksPerRow;
-    q_piece[i] = make_uint4(0, 0, 0, 0);
-    if (r < G) q_piece[i] = *reinterpret_cast<const uint4*>(q_rows + r * kHeadDim + (idx % kChunksPerRow) * 8);
-  }
+    for (int i = 0; i < kPiecesPerThread; ++i) {
+      const int idx = threadIdx.x + i * Traits::kNumThreads;
+      const int r = idx / kChunksPerRow;
+      q_piece[i] = make_uint4(0, 0, 0, 0);
+      if (r < G) q_piece[i] = *reinterpret_cast<const uint4*>(q_rows + r * kHeadDim + (idx % kChunksPerRow) * 8);
+    }
 #pragma unroll
-  for (int i = 0; i < kPiecesPerThread; ++i) {
-    const int idx = threadIdx.x + i * Traits::kNumThreads;
-    *reinterpret_cast<uint4*>(&sQ(idx / kChunksPerRow, (idx % kChunksPerRow) * 8)) = q_piece[i];
+    for (int i = 0; i < kPiecesPerThread; ++i) {
+      const int idx = threadIdx.x + i * Traits::kNumThreads;
+      *reinterpret_cast<uint4*>(&sQ(idx / kChunksPerRow, (idx % kChunksPerRow) * 8)) = q_piece[i];
+    }
   }
   cutlass::arch::fence_view_async_shared();  // generic-proxy writes -> WGMMA reads
   if (threadIdx.x == 0) {
@@ -220,10 +232,15 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     cute::prefetch_tma_descriptor(params.tma_k.get_tma_descriptor());
     cute::prefetch_tma_descriptor(params.tma_v.get_tma_descriptor());
   }
-  // Launched early (programmatic dependent launch): the selection is complete past this point.
+  // Launched early (programmatic dependent launch): the indexer's lists are complete past this
+  // point. Both warpgroups merge them into the row's selection; then the second one leaves.
   asm volatile("griddepcontrol.wait;" ::: "memory");
-  if (threadIdx.x < params.topk) smem.selection[threadIdx.x] = __ldcg(params.block_indices + row * params.topk + threadIdx.x);
-  __syncthreads();
+  merge_row_selection<Traits::kCtaThreads>(
+      params.part_score + row * params.num_splits * params.list_cap, params.part_id + row * params.num_splits * params.list_cap,
+      params.num_splits, params.list_cap, query_pos, params.block_size, params.topk, params.init_blocks,
+      params.local_blocks, reinterpret_cast<char*>(smem.k.data()), smem.merge, smem.selection);
+  if (threadIdx.x >= Traits::kNumThreads) return;
+  if (chunk == 0 && threadIdx.x < params.topk) params.block_indices[row * params.topk + threadIdx.x] = smem.selection[threadIdx.x];
   if (threadIdx.x == 0) {
     // The chunk's blocks the merge below will count: ids naming a block of the cache.
     const int slot_end = min(params.topk, (chunk + 1) * params.slots_per_cta);
@@ -234,7 +251,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     }
     smem.num_blocks = n;
   }
-  __syncthreads();
+  attn_sync<Traits>();
   const int num_blocks = smem.num_blocks;
 
   Tensor mK = params.tma_k.get_tma_tensor(make_shape(params.cache_rows, Int<kHeadDim>{}, params.num_heads_kv));
@@ -297,11 +314,11 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         }
       }
       cutlass::arch::fence_view_async_shared();
-      __syncthreads();
+      attn_sync<Traits>();
     }
     common::warpgroup_gemm</*kZeroInit=*/false>(tiled_mma_pv, tOrP, tOrVt(_, _, _, st), tOrO);
     // Every thread is done with this stage: refill it.
-    __syncthreads();
+    attn_sync<Traits>();
     if (threadIdx.x == 0 && n + Traits::kStages < num_blocks) issue(n + Traits::kStages);
   }
 
@@ -326,11 +343,11 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   __threadfence();  // the partial is visible device-wide before this CTA counts itself in
 
   // Every CTA of the row counts itself in; the last merges the row's chunks.
-  __syncthreads();
+  attn_sync<Traits>();
   if (threadIdx.x == 0) {
     smem.is_last = atomicAdd(params.row_arrivals + row, 1) == params.num_chunks - 1;
   }
-  __syncthreads();
+  attn_sync<Traits>();
   if (!smem.is_last) return;
   __threadfence();
   // The K stages are free (every block was consumed): the weights' scratch.

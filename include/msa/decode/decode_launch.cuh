@@ -54,14 +54,8 @@ cudaError_t launch_decode_select_tile(const DecodeParams& p, const DecodeWorkspa
   // A programmatic dependent launch: the CTAs become resident while the append kernel (or the
   // caller's last kernel) runs, and wait for it before touching memory.
   const dim3 grid(num_splits, (rows + kBlockQ - 1) / kBlockQ, p.batch);
-  cudaError_t err = common::launch_dependent(decode_select_split_kernel<Traits>, grid, Traits::kNumThreads,
-                                             Traits::kSmemBytes, stream, kp, p.programmatic_launch);
-  if (err != cudaSuccess) return err;
-
-  DecodeMergeParams mp{CacheGeometry::from(p), ws.part_score, ws.part_id, p.block_indices, p.s_new, p.num_heads_kv,
-                       num_splits, p.block_size, p.topk, p.init_blocks, p.local_blocks};
-  return common::launch_dependent(decode_select_merge_kernel<kTopKCap>, dim3(p.batch * rows), kMergeThreads,
-                                  merge_smem_bytes<kTopKCap>(num_splits), stream, mp, p.programmatic_launch);
+  return common::launch_dependent(decode_select_split_kernel<Traits>, grid, Traits::kNumThreads, Traits::kSmemBytes,
+                                  stream, kp, p.programmatic_launch);
 }
 
 template <class Element, int kHeadDimIdx, int kTopKCap, bool kFp8Keys>
@@ -103,6 +97,8 @@ cudaError_t launch_decode_attn_block(const DecodeParams& p, const DecodeWorkspac
       static_cast<int32_t>(p.cache_rows),
       static_cast<const Element*>(p.q),
       p.block_indices,
+      ws.part_score,
+      ws.part_id,
       static_cast<Element*>(ws.part_o),
       ws.part_stats,
       ws.row_arrivals,
@@ -116,6 +112,11 @@ cudaError_t launch_decode_attn_block(const DecodeParams& p, const DecodeWorkspac
       (p.capacity + kBlockN - 1) / kBlockN,
       0,
       0,
+      decode_select_splits(p),
+      common::topk_list_cap(p.topk),  // the indexer's list length
+      p.block_size,
+      p.init_blocks,
+      p.local_blocks,
       p.softmax_scale * 1.4426950408889634f,
   };
   // Chunks per row: about one CTA per SM in all (one CTA per SM: two K/V stages of up to 64 KB).
@@ -124,7 +125,7 @@ cudaError_t launch_decode_attn_block(const DecodeParams& p, const DecodeWorkspac
   kp.slots_per_cta = (p.topk + want_chunks - 1) / want_chunks;
   kp.num_chunks = (p.topk + kp.slots_per_cta - 1) / kp.slots_per_cta;
   const dim3 grid(kp.num_chunks, p.s_new * p.num_heads_kv, p.batch);
-  return common::launch_dependent(decode_attn_kernel<Traits>, grid, Traits::kNumThreads, Traits::kSmemBytes, stream,
+  return common::launch_dependent(decode_attn_kernel<Traits>, grid, Traits::kCtaThreads, Traits::kSmemBytes, stream,
                                   kp, p.programmatic_launch);
 }
 

@@ -16,16 +16,8 @@
 // Candidate blocks are fully visible to every row that may take them, so no key is masked, and no
 // index-scale is applied (it does not change the order).
 //
-// Pass 2 (decode_select_merge_kernel, one CTA per row): the row's lists (one per split, at most
-// 256) go to shared memory as 64-bit keys (score order, then the lower block id), and the winners
-// are found by counting. The bar is the N-th best list head (N winners to find): N heads rank at
-// or above it, so an entry below it cannot win, and only the at most N lists whose heads are at
-// or above it can hold winners. Those entries (about N..2N in practice) each count the survivors
-// above them, and the first N win. No step depends on the lists being sorted. The row's selection
-// is the forced leading blocks, the winners in ascending order and the forced recent blocks, -1
-// padded. (The two-level tournament this replaces, 2 x N serial warp-reduction rounds, took 5 us
-// and missed top blocks at M3 sizes, 31 of 32 rows at 128K x 8; the root cause was not isolated.
-// Merging in every attention CTA instead cost more than the launch it saved.)
+// Pass 2, the merge of a row's lists into its topk blocks, runs in the attention CTAs of the row
+// (decode_merge.cuh).
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -391,8 +383,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
     }
   }
 
-  // The merge kernel may launch now (programmatic dependent launch); it waits for this grid to
-  // finish before reading the lists.
+  // The attention kernel may launch now (programmatic dependent launch); it waits for this grid
+  // to finish before reading the lists.
   asm volatile("griddepcontrol.launch_dependents;");
   // The row's two lists -> one: both go to shared memory (the consumed key stages; every stage
   // has been waited for and read once all threads pass this barrier), the even-parity owner
@@ -430,171 +422,6 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
     }
   }
 #endif
-}
-
-struct DecodeMergeParams {
-  CacheGeometry cache;
-  const float* part_score;  // [B * rows, num_splits, cap]
-  const int32_t* part_id;
-  int32_t* block_indices;   // [B * rows, topk]
-  int s_new, num_idx_heads, num_splits;
-  int block_size, topk, init_blocks, local_blocks;
-};
-
-constexpr int kMergeThreads = 256;
-constexpr int kMaxSplits = kMergeThreads;  // one list head per thread when ranking the heads
-constexpr int kMaxWinners = 32;            // topk <= 32
-
-// Shared-memory bytes of the merge kernel: the lists' keys, then the survivors (at most
-// kMaxWinners lists' worth, see the kernel).
-template <int kTopKCap>
-constexpr int merge_smem_bytes(int num_splits) {
-  return (num_splits + kMaxWinners) * kTopKCap * 8;
-}
-
-// An entry's 64-bit key: (order-preserving bits of the score) << 32 | ~id, so that "ranks
-// before" (a higher score, or the same score and a lower block id) is one unsigned compare; an
-// empty entry (id < 0) is 0, below every real one.
-__device__ __forceinline__ uint64_t entry_key(float score, int id) {
-  const uint32_t bits = __float_as_uint(score);
-  const uint32_t ordered = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
-  return id < 0 ? 0ull : (static_cast<uint64_t>(ordered) << 32) | static_cast<uint32_t>(~id);
-}
-
-template <int kTopKCap>
-__global__ void __launch_bounds__(kMergeThreads) decode_select_merge_kernel(const DecodeMergeParams p) {
-  extern __shared__ __align__(16) char smem_buf[];
-  __shared__ __align__(16) uint64_t s_head[kMaxSplits];  // the lists' first entries, padded to 4
-  __shared__ uint64_t s_bar;
-  __shared__ int s_num_survivors;
-  __shared__ int s_winner[kMaxWinners];
-  constexpr int kMaxSurvivors = kMaxWinners * kTopKCap;
-  const int num_lists = p.num_splits;  // one per split
-  const int entries = num_lists * kTopKCap;
-  uint64_t* s_key = reinterpret_cast<uint64_t*>(smem_buf);  // [entries]
-  uint64_t* v_key = s_key + entries;                         // the survivors
-
-  const int rows = p.s_new * p.num_idx_heads;
-  const int64_t row = blockIdx.x;  // b * rows + r
-  const int b = static_cast<int>(row / rows);
-  const int r = static_cast<int>(row % rows);
-  const int pos = p.cache.length(b) - p.s_new + r / p.num_idx_heads;
-  int32_t* out = p.block_indices + row * p.topk;
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  // The indexer (the previous grid) must be complete before its lists are read; the attention
-  // kernel may launch meanwhile (it waits for this grid in turn).
-  asm volatile("griddepcontrol.launch_dependents;");
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  if (pos < 0) {  // a request shorter than its new tokens: this token sees nothing
-    for (int s = threadIdx.x; s < p.topk; s += blockDim.x) out[s] = -1;
-    return;
-  }
-  const common::BlockRanges ranges(pos / p.block_size, p.init_blocks, p.local_blocks);
-  const int num_selected = max(0, min(min(p.topk, kMaxWinners) - ranges.num_forced(), ranges.num_candidates()));
-
-  int taken = 0;
-  int won_id = -1;
-  if (num_selected > 0) {
-    // 1. The lists -> keys in shared memory (16-byte loads, all in flight); the heads also apart.
-    const float4* src_score = reinterpret_cast<const float4*>(p.part_score + row * entries);
-    const int4* src_id = reinterpret_cast<const int4*>(p.part_id + row * entries);
-    const int n4 = entries / 4;
-    for (int base = threadIdx.x; base < n4; base += 4 * kMergeThreads) {
-      float4 sc[4];
-      int4 id[4];
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const int e = base + u * kMergeThreads;
-        if (e < n4) {
-          sc[u] = src_score[e];
-          id[u] = src_id[e];
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const int e = base + u * kMergeThreads;
-        if (e < n4) {
-          const uint64_t k0 = entry_key(sc[u].x, id[u].x);
-          reinterpret_cast<ulonglong2*>(s_key)[2 * e] = make_ulonglong2(k0, entry_key(sc[u].y, id[u].y));
-          reinterpret_cast<ulonglong2*>(s_key)[2 * e + 1] =
-              make_ulonglong2(entry_key(sc[u].z, id[u].z), entry_key(sc[u].w, id[u].w));
-          if ((4 * e) % kTopKCap == 0) s_head[4 * e / kTopKCap] = k0;
-        }
-      }
-    }
-    const int padded = (num_lists + 3) / 4 * 4;
-    if (static_cast<int>(threadIdx.x) >= num_lists && static_cast<int>(threadIdx.x) < padded) {
-      s_head[threadIdx.x] = 0ull;
-    }
-    if (threadIdx.x == 0) {
-      s_bar = 0ull;
-      s_num_survivors = 0;
-    }
-    if (threadIdx.x < kMaxWinners) s_winner[threadIdx.x] = -1;
-    __syncthreads();
-    // 2. The bar: the head with exactly num_selected - 1 heads above it (none when fewer lists
-    // are non-empty; then every entry survives).
-    if (static_cast<int>(threadIdx.x) < num_lists) {
-      const uint64_t mine = s_head[threadIdx.x];
-      int above = 0;
-#pragma unroll 4
-      for (int l = 0; l < padded; l += 4) {
-        const ulonglong2 h01 = *reinterpret_cast<const ulonglong2*>(s_head + l);
-        const ulonglong2 h23 = *reinterpret_cast<const ulonglong2*>(s_head + l + 2);
-        above += (h01.x > mine) + (h01.y > mine) + (h23.x > mine) + (h23.y > mine);
-      }
-      if (mine != 0ull && above == num_selected - 1) s_bar = mine;
-    }
-    __syncthreads();
-    // 3. The survivors (at or above the bar), compacted by warp ballots.
-    const uint64_t bar = s_bar;
-#pragma unroll 4
-    for (int e0 = warp * 32; e0 < entries; e0 += kMergeThreads) {
-      const int e = e0 + lane;
-      const uint64_t k = e < entries ? s_key[e] : 0ull;
-      const bool keep = k != 0ull && k >= bar;
-      const unsigned ballot = __ballot_sync(0xffffffff, keep);
-      if (ballot != 0u) {  // warp-uniform; most pieces hold no survivor
-        int slot0 = 0;
-        if (lane == 0) slot0 = atomicAdd(&s_num_survivors, __popc(ballot));
-        slot0 = __shfl_sync(0xffffffff, slot0, 0);
-        const int slot = slot0 + __popc(ballot & ((1u << lane) - 1u));
-        if (keep && slot < kMaxSurvivors) v_key[slot] = k;  // always below the bound (see above)
-      }
-    }
-    __syncthreads();
-    // 4. Each survivor's rank among the survivors; the first num_selected win.
-    const int n = min(s_num_survivors, kMaxSurvivors);
-    for (int i = threadIdx.x; i < n; i += kMergeThreads) {
-      const uint64_t mine = v_key[i];
-      int above = 0;
-#pragma unroll 4
-      for (int j = 0; j < n; ++j) above += v_key[j] > mine;
-      if (above < num_selected) s_winner[above] = static_cast<int>(~static_cast<uint32_t>(mine));
-    }
-    __syncthreads();
-    if (warp != 0) return;
-    taken = min(num_selected, n);
-    won_id = lane < taken ? s_winner[lane] : -1;
-  } else if (warp != 0) {
-    return;
-  }
-  // Winners in ascending order: lane k's rank among them is its slot after the leading blocks.
-  int rank = 0;
-  for (int k = 0; k < taken; ++k) rank += __shfl_sync(0xffffffff, won_id, k) < won_id;
-  if (lane < taken) out[ranges.init_end + rank] = won_id;
-  const int recent_begin = ranges.init_end + taken;
-  const int num_recent = ranges.local - ranges.local_begin + 1;
-  for (int slot = lane; slot < p.topk; slot += 32) {
-    if (slot < ranges.init_end) {
-      out[slot] = slot;
-    } else if (slot >= recent_begin && slot < recent_begin + num_recent) {
-      out[slot] = ranges.local_begin + (slot - recent_begin);
-    } else if (slot >= recent_begin + num_recent) {
-      out[slot] = -1;
-    }
-  }
 }
 
 }  // namespace msa::decode

@@ -10,6 +10,7 @@
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
 #include "msa/common/arch.cuh"
+#include "msa/decode/decode_merge.cuh"
 
 namespace msa::decode {
 
@@ -125,7 +126,8 @@ struct DecodeAttnTraits {
   static_assert(kBlockN == 64 || kBlockN == 128, "block_size must be 64 or 128");
 
   static constexpr int kBlockM = 64;
-  static constexpr int kNumThreads = common::kThreadsPerWarpGroup;
+  static constexpr int kNumThreads = common::kThreadsPerWarpGroup;  // the attention's warpgroup
+  static constexpr int kCtaThreads = 2 * kNumThreads;  // both merge the lists, then one leaves
   static constexpr int kStages = 2;
 
   using TiledMmaQK = decltype(make_tiled_mma(
@@ -149,10 +151,16 @@ struct DecodeAttnTraits {
   using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensorKV{}, take<0, 2>(SmemLayoutKV{})));
 
   static constexpr int kMaxSlots = 32;
+  static constexpr int kKVBytes = 2 * cute::cosize_v<SmemLayoutKV> * int(sizeof(Element));
+  static constexpr int kMergeExtraBytes = kKVBytes >= kMergeScratchBytes ? 16 : kMergeScratchBytes - kKVBytes;
+  static_assert(cute::cosize_v<SmemLayoutKV> * sizeof(Element) % 1024 == 0, "k, v and merge_extra are contiguous");
   struct SharedStorage {
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> q;
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutKV>, 1024> k;
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutKV>, 1024> v;
+    // The merge's scratch is k, v and this (contiguous) before any block is loaded.
+    char merge_extra[kMergeExtraBytes];
+    MergeSmallStorage merge;
     cutlass::arch::ClusterTransactionBarrier barrier_k[kStages];
     cutlass::arch::ClusterTransactionBarrier barrier_v[kStages];
     int32_t selection[kMaxSlots];  // the row's selection
