@@ -3,7 +3,9 @@
 // Grid (chunk, new token x group, request). A row (token, group) of the selection is split into
 // chunks of slots_per_cta consecutive slots, sized on the host so the grid covers the GPU about
 // once. A CTA copies the token's G query heads into rows 0..G-1 of a 64-row SW128 tile (zeros
-// below) and walks its chunk's blocks with an online softmax: one thread keeps two blocks of K
+// below), waits for the indexer grid, merges the row's split lists into its selection with both
+// of its warpgroups (merge_row_selection; the second warpgroup then exits, so the rest syncs on a
+// named barrier of the first), and walks its chunk's blocks with an online softmax: one thread keeps two blocks of K
 // and V in flight (TMA, a barrier each, at the block's cache row: contiguous, or inside one page),
 // and per block the warpgroup runs S = Q K^T (WGMMA, fp32) as soon as K lands, the causal mask at
 // the token's position, the running max / sum, and O += P V (RS WGMMA). The normalized O (q's
