@@ -5,11 +5,11 @@
 // once. A CTA copies the token's G query heads into rows 0..G-1 of a 64-row SW128 tile (zeros
 // below), waits for the indexer grid, merges the row's split lists into its selection with both
 // of its warpgroups (merge_row_selection; the second warpgroup then exits, so the rest syncs on a
-// named barrier of the first), and walks its chunk's blocks with an online softmax: one thread keeps two blocks of K
-// and V in flight (TMA, a barrier each, at the block's cache row: contiguous, or inside one page),
-// and per block the warpgroup runs S = Q K^T (WGMMA, fp32) as soon as K lands, the causal mask at
-// the token's position, the running max / sum, and O += P V (RS WGMMA). The normalized O (q's
-// dtype) and its lse (log2 units) go to the chunk's partial. Every CTA of the row (empty chunks
+// named barrier of the first), and walks its chunk's blocks with an online softmax: one thread
+// keeps two blocks of K and V in flight (TMA, a barrier each, at the block's cache row:
+// contiguous, or inside one page), and per block the warpgroup runs S = Q K^T (WGMMA, fp32) as
+// soon as K lands, the causal mask at the token's position, the running max / sum, and O += P V
+// (RS WGMMA). The normalized O (q's dtype) and its lse (log2 units) go to the chunk's partial. Every CTA of the row (empty chunks
 // too) then counts itself in; the last one merges the row's chunks (combine_row_chunks, reading
 // the partials through L2) into out and lse, so no combine kernel runs. Rows of a block past the
 // request's length are stale cache memory: their V rows are zeroed in shared memory before P V (a
@@ -54,21 +54,22 @@ struct DecodeAttnParams {
   float scale_log2;
 };
 
-// The row's last CTA merges the G heads' chunk partials in three short phases, every partial row
-// load issued first: (1) thread p keeps the rows of its (head, 16-byte column chunk) pairs in
-// registers while the slots' lse go to shared memory; (2) 8 threads per head reduce its max and
-// sum (3 shuffles each) and turn the lse into weights in place; (3) each pair sums weight x row.
-// Its serial chains are short: a warp per head (the combine_slots of the prefill) spent about 0.8 us per head
-// on dependent shuffles and loads, 4 heads in series per warp (2.8 vs 4.4 us at 128K x 8).
 // Barrier of the attention's warpgroup (the merge-only warpgroup has exited by then).
 template <class Traits>
 __device__ __forceinline__ void attn_sync() {
   cutlass::arch::NamedBarrier::sync(Traits::kNumThreads, 1);
 }
 
+// The row's last CTA merges the G heads' chunk partials in three short phases, every partial row
+// load issued first: (1) thread p keeps the rows of its (head, 16-byte column chunk) pairs in
+// registers while the slots' lse go to shared memory; (2) 8 threads per head reduce its max and
+// sum (3 shuffles each) and turn the lse into weights in place; (3) each pair sums weight x row.
+// Its serial chains are short: a warp per head (the prefill's combine_slots) spent about 0.8 us
+// per head on dependent shuffles and loads, 4 heads in series per warp (2.8 vs 4.4 us at
+// 128K x 8).
 template <class Traits, class Params>
 __device__ __forceinline__ void combine_row_chunks(const Params& params, int64_t token, int group, int b,
-                                                      int token_in_req, float* s_w) {
+                                                   int token_in_req, float* s_w) {
   using Element = typename Traits::Element;
   constexpr int kHeadDim = Traits::kHeadDim;
   constexpr int kThreads = Traits::kNumThreads;
@@ -237,14 +238,17 @@ __global__ void __launch_bounds__(Traits::kCtaThreads, 1)
   // Launched early (programmatic dependent launch): the indexer's lists are complete past this
   // point. Both warpgroups merge them into the row's selection; then the second one leaves.
   asm volatile("griddepcontrol.wait;" ::: "memory");
-  merge_row_selection<Traits::kCtaThreads>(
-      params.part_score + row * params.num_splits * params.list_cap, params.part_id + row * params.num_splits * params.list_cap,
-      params.num_splits, params.list_cap, query_pos, params.block_size, params.topk, params.init_blocks,
-      params.local_blocks, reinterpret_cast<char*>(smem.k.data()), smem.merge, smem.selection);
+  const int64_t list0 = row * params.num_splits * params.list_cap;  // the row's first list entry
+  merge_row_selection<Traits::kCtaThreads>(params.part_score + list0, params.part_id + list0, params.num_splits,
+                                           params.list_cap, query_pos, params.block_size, params.topk,
+                                           params.init_blocks, params.local_blocks,
+                                           reinterpret_cast<char*>(smem.k.data()), smem.merge, smem.selection);
   if (threadIdx.x >= Traits::kNumThreads) return;
-  if (chunk == 0 && threadIdx.x < params.topk) params.block_indices[row * params.topk + threadIdx.x] = smem.selection[threadIdx.x];
+  if (chunk == 0 && threadIdx.x < params.topk) {  // the step's block_indices output
+    params.block_indices[row * params.topk + threadIdx.x] = smem.selection[threadIdx.x];
+  }
   if (threadIdx.x == 0) {
-    // The chunk's blocks the merge below will count: ids naming a block of the cache.
+    // The chunk's blocks the slot combine below will count: ids naming a block of the cache.
     const int slot_end = min(params.topk, (chunk + 1) * params.slots_per_cta);
     int n = 0;
     for (int s = chunk * params.slots_per_cta; s < slot_end; ++s) {
