@@ -3,17 +3,17 @@
 // Grid (chunk, new token x group, request). A row (token, group) of the selection is split into
 // chunks of slots_per_cta consecutive slots, sized on the host so the grid covers the GPU about
 // once. A CTA copies the token's G query heads into rows 0..G-1 of a 64-row SW128 tile (zeros
-// below), waits for the indexer grid, merges the row's split lists into its selection with both
-// of its warpgroups (merge_row_selection; the second warpgroup then exits, so the rest syncs on a
+// below), waits for the indexer grid, merges the row's split lists into its selection with both of
+// its warpgroups (merge_row_selection; the second warpgroup then exits, so the rest syncs on a
 // named barrier of the first), and walks its chunk's blocks with an online softmax: one thread
-// keeps two blocks of K and V in flight (TMA, a barrier each, at the block's cache row:
-// contiguous, or inside one page), and per block the warpgroup runs S = Q K^T (WGMMA, fp32) as
-// soon as K lands, the causal mask at the token's position, the running max / sum, and O += P V
-// (RS WGMMA). The normalized O (q's dtype) and its lse (log2 units) go to the chunk's partial. Every CTA of the row (empty chunks
-// too) then counts itself in; the last one merges the row's chunks (combine_row_chunks, reading
-// the partials through L2) into out and lse, so no combine kernel runs. Rows of a block past the
-// request's length are stale cache memory: their V rows are zeroed in shared memory before P V (a
-// masked score gives P = 0, but 0 x NaN would still poison O).
+// keeps two blocks of K and V in flight (TMA, a barrier each, at the block's cache row: contiguous,
+// or inside one page), and per block the warpgroup runs S = Q K^T (WGMMA, fp32) as soon as K lands,
+// the causal mask at the token's position, the running max / sum, and O += P V (RS WGMMA). The
+// normalized O (q's dtype) and its lse (log2 units) go to the chunk's partial. Every CTA of the row
+// (empty chunks too) then counts itself in; the last one merges the row's chunks
+// (combine_row_chunks, reading the partials through L2) into out and lse, so no combine kernel
+// runs. Rows of a block past the request's length are stale cache memory: their V rows are zeroed
+// in shared memory before P V (a masked score gives P = 0, but 0 x NaN would still poison O).
 #pragma once
 
 #include <cute/tensor.hpp>
