@@ -3,13 +3,14 @@
 // CTA of a row repeats it (the lists are ~17 KB in L2 at M3); a separate merge kernel cost a grid
 // hand-off plus writing and re-reading the selection, about 0.5 us more per step (H200).
 //
-// The lists (one per indexer split, at most 256, each at most 32 entries sorted or not) become
+// The lists (one per indexer split, at most 256, each at most 32 entries, best first) become
 // 64-bit keys: (order-preserving bits of the score) << 32 | ~id, so that "ranks before" (a higher
 // score, or the same score and a lower block id) is one unsigned compare; an empty entry is 0.
 // The winners are found by counting. The bar is the N-th best list head (N winners to find): N
-// heads rank at or above it, so an entry below it cannot win, and only the at most N lists whose
-// heads are at or above it can hold winners. Those entries (about N..2N in practice) each count
-// the survivors above them, and the first N win. The selection is the forced leading blocks, the
+// heads rank at or above it, so an entry below it cannot win. Every entry at or above it survives
+// (about N..2N in practice); each counts the survivors above it, and the first N win. The result
+// needs no list order; the bound on the survivors does: with sorted lists they come from the at
+// most N lists whose heads are at or above the bar, so N x 32 entries hold them. The selection is the forced leading blocks, the
 // winners in ascending order and the forced recent blocks, -1 padded.
 // (The two-level tournament this replaces, 2 x N serial warp-reduction rounds, took 5 us and
 // missed top blocks at M3 sizes, 31 of 32 rows at 128K x 8; its root cause was not isolated.)
@@ -132,7 +133,7 @@ __device__ __forceinline__ void merge_row_selection(const float* part_score, con
         if (lane == 0) slot0 = atomicAdd(&small.num_survivors, __popc(ballot));
         slot0 = __shfl_sync(0xffffffff, slot0, 0);
         const int slot = slot0 + __popc(ballot & ((1u << lane) - 1u));
-        if (keep && slot < kMaxSurvivors) v_key[slot] = k;  // always below the bound (see above)
+        if (keep && slot < kMaxSurvivors) v_key[slot] = k;  // below the bound for sorted lists
       }
     }
     __syncthreads();
