@@ -36,6 +36,12 @@ cudaError_t run_bwd(const BwdParams& params, void* workspace, cudaStream_t strea
 size_t kl_workspace_bytes(const KlParams& params);
 cudaError_t run_kl(const KlParams& params, void* workspace, cudaStream_t stream);
 
+// The dense warm-up variant (support = the whole causal history; block_indices and topk unused):
+// query-outer passes over TMA tiles, the student's per-chunk stats, then teacher + loss +
+// gradients. `workspace` must hold kl_dense_workspace_bytes(params) bytes.
+size_t kl_dense_workspace_bytes(const KlParams& params);
+cudaError_t run_kl_dense(const KlParams& params, void* workspace, cudaStream_t stream);
+
 // One decoding step over a KV cache (append -> split indexer + merge -> split sparse attention
 // + combine), no host synchronization and a launch shape fixed by the shapes, so the step can
 // be captured in a CUDA graph. `workspace` must hold decode_workspace_bytes(params) bytes.

@@ -138,6 +138,7 @@ struct KlParams {
   int seqlen_q = 0;
   int seqlen_k = 0;
   int max_seqlen_k = 0;
+  int max_seqlen_q = 0;  // varlen (the dense variant's row tiles); the padded seqlen_q otherwise
   int num_heads = 0;     // Hq
   int num_heads_kv = 0;  // Hkv
   int head_dim = 0;      // D

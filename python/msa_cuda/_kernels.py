@@ -45,6 +45,7 @@ _KERNEL_OPS = {
     "block_sparse_attn": "block_sparse_attn_fwd",
     "block_sparse_attn_backward": "block_sparse_attn_bwd",
     "indexer_kl_loss": "indexer_kl",
+    "indexer_kl_loss_dense": "indexer_kl_dense",
     "sparse_attn_with_kvcache": "decode_step",
 }
 

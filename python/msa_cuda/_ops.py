@@ -259,8 +259,8 @@ def _kl_reference(q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqle
 
 
 def _kl_kernel_applies(q, k, q_idx, k_idx, lse, dense) -> bool:
-    """The kernel covers the selected support with one dtype for all four tensors."""
-    if dense or not _use_kernel("indexer_kl_loss", q):
+    """A kernel covers the support (selected, or dense) with one dtype for all four tensors."""
+    if not _use_kernel("indexer_kl_loss_dense" if dense else "indexer_kl_loss", q):
         return False
     if not (k.dtype == q_idx.dtype == k_idx.dtype == q.dtype) or (lse is not None and lse.dtype != torch.float32):
         return False
@@ -268,10 +268,58 @@ def _kl_kernel_applies(q, k, q_idx, k_idx, lse, dense) -> bool:
     return q.shape[-1] in (64, 128) and q_idx.shape[-1] in (64, 128) and g in (1, 2, 4, 8, 16)
 
 
-def _indexer_kl_kernel(q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, block_size,
-                       softmax_scale, index_scale):
+def _dense_causal_lse(q, k, cu_seqlens_q, cu_seqlens_k, softmax_scale) -> Tensor:
+    """The dense causal (bottom-right aligned) lse of the main branch, float32 [B, Hq, Sq] /
+    [Hq, Tq]: the dense KL's teacher normaliser when the caller passes none. Equal lengths in a
+    padded batch use PyTorch's flash attention (one dense forward); otherwise query chunks in
+    float32 (slow; pass ``lse`` from your dense attention instead)."""
+    hq, hkv = q.shape[-2], k.shape[-2]
+    g = hq // hkv
+    if cu_seqlens_q is None and q.shape[1] == k.shape[1]:
+        kx = k.repeat_interleave(g, dim=2).transpose(1, 2)
+        res = torch.ops.aten._scaled_dot_product_flash_attention(
+            q.transpose(1, 2), kx, kx, 0.0, True, False, scale=softmax_scale)
+        return res[1].float().contiguous()
+    if cu_seqlens_q is None:
+        return torch.stack([_dense_causal_lse_one(q[b], k[b], softmax_scale) for b in range(q.shape[0])])
+    bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    parts = [_dense_causal_lse_one(q[bq[b]:bq[b + 1]], k[bk[b]:bk[b + 1]], softmax_scale)
+             for b in range(len(bq) - 1)]
+    return torch.cat(parts, dim=1) if parts else q.new_empty((hq, 0), dtype=torch.float32)
+
+
+def _dense_causal_lse_one(q, k, softmax_scale) -> Tensor:
+    """[Hq, Sq] float32 for one sequence (q [Sq, Hq, D], k [Sk, Hkv, D]), in query chunks of at
+    most ~1 GiB of scores."""
+    sq, hq, d = q.shape
+    sk, hkv = k.shape[0], k.shape[1]
+    out = torch.empty((hq, sq), dtype=torch.float32, device=q.device)
+    if sq == 0:
+        return out
+    kf = k.float().permute(1, 2, 0)  # [Hkv, D, Sk]
+    chunk = max(1, (1 << 28) // max(1, hq * sk))
+    keys = torch.arange(sk, device=q.device)
+    for start in range(0, sq, chunk):
+        qc = q[start:start + chunk].float()  # [c, Hq, D]
+        c = qc.shape[0]
+        s = torch.matmul(qc.reshape(c, hkv, hq // hkv, d).permute(1, 2, 0, 3), kf.unsqueeze(1)) * softmax_scale
+        pos = sk - sq + start + torch.arange(c, device=q.device)
+        s = s.masked_fill(keys.view(1, 1, 1, sk) > pos.view(1, 1, c, 1), float("-inf"))
+        out[:, start:start + c] = torch.logsumexp(s, dim=-1).reshape(hq, c)
+    return out
+
+
+def _indexer_kl_kernel(q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                       max_seqlen_k, block_size, softmax_scale, index_scale, dense):
     """(loss, d loss / d q_idx, d loss / d k_idx), the gradients in float32."""
-    q, k, block_indices = q.contiguous(), k.contiguous(), block_indices.contiguous()
+    q, k = q.contiguous(), k.contiguous()
+    if dense:
+        if lse is None:
+            lse = _dense_causal_lse(q, k, cu_seqlens_q, cu_seqlens_k, softmax_scale)
+        return _kernels.kernel("indexer_kl_loss_dense")(
+            q, k, q_idx.contiguous(), k_idx.contiguous(), lse.contiguous(), cu_seqlens_q, cu_seqlens_k,
+            max_seqlen_q, max_seqlen_k, block_size, softmax_scale, index_scale)
+    block_indices = block_indices.contiguous()
     if lse is None:
         # The teacher's normaliser is the main branch's lse on the same support; it does not depend
         # on v, so k stands in for it.
@@ -313,7 +361,8 @@ def indexer_kl_loss(q: Tensor, k: Tensor, q_idx: Tensor, k_idx: Tensor, block_in
     if _kl_kernel_applies(q, k, q_idx, k_idx, lse, dense):
         # The kernel always produces the gradients: they cost a fraction of the teacher.
         loss, dq_idx, dk_idx = _indexer_kl_kernel(q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q,
-                                                  cu_seqlens_k, max_seqlen_k, block_size, softmax_scale, index_scale)
+                                                  cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, softmax_scale,
+                                                  index_scale, dense)
     elif need_grad:
         loss, (dq_idx, dk_idx) = _kl_reference_with_grads(
             q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -355,9 +404,10 @@ def indexer_kl_loss_backward(grad_loss: Tensor, q: Tensor, k: Tensor, q_idx: Ten
     if dense:
         block_indices = None
     if _kl_kernel_applies(q, k, q_idx, k_idx, lse, dense):
-        _, max_seqlen_k = _seq_checks(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        max_seqlen_q, max_seqlen_k = _seq_checks(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
         _, dq_idx, dk_idx = _indexer_kl_kernel(q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k,
-                                               max_seqlen_k, block_size, softmax_scale, index_scale)
+                                               max_seqlen_q, max_seqlen_k, block_size, softmax_scale, index_scale,
+                                               dense)
     else:
         _, (dq_idx, dk_idx) = _kl_reference_with_grads(q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q,
                                                        cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size,

@@ -25,6 +25,10 @@ TORCH_LIBRARY(msa_cuda_kernels, m) {
       "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_k, int block_size, float softmax_scale, "
       "float index_scale) -> (Tensor, Tensor, Tensor)");
   m.def(
+      "indexer_kl_dense(Tensor q, Tensor k, Tensor q_idx, Tensor k_idx, Tensor lse, Tensor? cu_seqlens_q, "
+      "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, int block_size, float softmax_scale, "
+      "float index_scale) -> (Tensor, Tensor, Tensor)");
+  m.def(
       "decode_step(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor q_idx, Tensor(c!) k_idx_cache, "
       "Tensor(d!)? k_idx_scale_cache, Tensor cache_seqlens, Tensor? k, Tensor? v, Tensor? k_idx, Tensor? block_table, int block_size, int topk, "
       "float softmax_scale, int init_blocks, int local_blocks) -> (Tensor, Tensor, Tensor)");
@@ -36,8 +40,8 @@ PyObject* compiled_variants(PyObject*, PyObject*) {
   return Py_BuildValue("{s:s,s:s,s:s,s:s}", "select_blocks", msa::select_compiled_variants(), "block_sparse_attn",
                        "forward and backward: dtype={bf16,fp16} D={64,128} block_size={64,128} G={1,2,4,8,16} topk=1..32",
                        "indexer_kl_loss",
-                       "selected support (dense=False): dtype={bf16,fp16} D={64,128} Di={64,128} block_size={64,128} "
-                       "G={1,2,4,8,16} topk=1..32",
+                       "selected support (dense=False) and dense warm-up (dense=True): dtype={bf16,fp16} D={64,128} "
+                       "Di={64,128} block_size={64,128} G={1,2,4,8,16} topk=1..32 (selected support)",
                        "sparse_attn_with_kvcache",
                        "dtype={bf16,fp16} D={64,128} Di={64,128} block_size={64,128} G={1,2,4,8,16} topk=1..32 "
                        "S_new=1..16, contiguous or paged caches, index-key cache in q_idx's dtype or float8_e4m3fn");

@@ -71,27 +71,39 @@ struct AttnShape {
 // given) [B, Sk, Hkv, D] / [Tk, Hkv, D]; block_indices [B, Sq, Hkv, topk] / [Tq, Hkv, topk] int32;
 // cu_seqlens; supported D, G, topk and block_size; 16-byte alignment; 32-bit index ranges of the
 // plan. Value checks of cu_seqlens and max_seqlen_k are the Python layer's (host reads).
+// block_indices may be null (the dense KL variant: no selection); topk is then 1.
 inline AttnShape check_attn_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor* v,
-                                   const at::Tensor& block_indices, const c10::optional<at::Tensor>& cu_seqlens_q,
+                                   const at::Tensor* block_indices_or_null,
+                                   const c10::optional<at::Tensor>& cu_seqlens_q,
                                    const c10::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_k,
                                    int64_t block_size) {
-  for (auto [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&block_indices, "block_indices"}}) {
+  for (auto [t, name] : {std::pair{&q, "q"}, {&k, "k"}}) {
     check_cuda_contiguous(*t, name);
     check_same_device_as(*t, name, q);
   }
   dtype_of(q, "q");
   TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(), "k must have q's dtype");
-  TORCH_CHECK_TYPE(block_indices.scalar_type() == at::kInt, "block_indices must be int32");
   AttnShape s;
   s.varlen = cu_seqlens_q.has_value();
   TORCH_CHECK(s.varlen == cu_seqlens_k.has_value(), "cu_seqlens_q and cu_seqlens_k must be given together");
   const int rank = s.varlen ? 3 : 4;
-  TORCH_CHECK(q.dim() == rank && k.dim() == rank && block_indices.dim() == rank, "q, k, block_indices must all be ",
-              rank, "-D");
+  TORCH_CHECK(q.dim() == rank && k.dim() == rank, "q and k must both be ", rank, "-D");
   s.d = q.size(-1);
   s.hq = q.size(-2);
   s.hkv = k.size(-2);
-  s.topk = block_indices.size(-1);
+  s.topk = 1;
+  if (block_indices_or_null != nullptr) {
+    const at::Tensor& block_indices = *block_indices_or_null;
+    check_cuda_contiguous(block_indices, "block_indices");
+    check_same_device_as(block_indices, "block_indices", q);
+    TORCH_CHECK_TYPE(block_indices.scalar_type() == at::kInt, "block_indices must be int32");
+    TORCH_CHECK(block_indices.dim() == rank, "block_indices must be ", rank, "-D like q and k");
+    TORCH_CHECK(block_indices.size(0) == q.size(0) && (s.varlen || block_indices.size(1) == q.size(1)),
+                "block_indices must have q's batch and Sq (varlen: q's token count)");
+    s.topk = block_indices.size(-1);
+    TORCH_CHECK(block_indices.size(-2) == s.hkv && s.topk >= 1 && s.topk <= 32,
+                "block_indices must be [..., Hkv, topk<=32]");
+  }
   TORCH_CHECK(s.d == 64 || s.d == 128, "head dim must be 64 or 128, got ", s.d);
   TORCH_CHECK(k.size(-1) == s.d, "k must have q's head dim");
   if (v != nullptr) {
@@ -103,8 +115,6 @@ inline AttnShape check_attn_inputs(const at::Tensor& q, const at::Tensor& k, con
   TORCH_CHECK(s.hkv > 0 && s.hq % s.hkv == 0, "Hq must be a multiple of Hkv");
   const int64_t g = s.hq / s.hkv;
   TORCH_CHECK(g == 1 || g == 2 || g == 4 || g == 8 || g == 16, "G = Hq / Hkv must be 1, 2, 4, 8 or 16");
-  TORCH_CHECK(block_indices.size(-2) == s.hkv && s.topk >= 1 && s.topk <= 32,
-              "block_indices must be [..., Hkv, topk<=32]");
   TORCH_CHECK(block_size == 64 || block_size == 128, "block_size must be 64 or 128");
   s.total_q = q.numel() / (s.hq * s.d);
   s.total_k = k.numel() / (s.hkv * s.d);
@@ -118,14 +128,11 @@ inline AttnShape check_attn_inputs(const at::Tensor& q, const at::Tensor& k, con
   check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", s.batch, q);
   check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", s.batch, q);
   if (!s.varlen) {
-    TORCH_CHECK(k.size(0) == s.batch && block_indices.size(0) == s.batch && block_indices.size(1) == q.size(1),
-                "batch and Sq must agree between q, k and block_indices");
+    TORCH_CHECK(k.size(0) == s.batch, "batch must agree between q and k");
     TORCH_CHECK(q.size(1) <= k.size(1), "Sq must not exceed Sk");
     s.seqlen_q = static_cast<int>(q.size(1));
     s.seqlen_k = static_cast<int>(k.size(1));
     s.max_seqlen_k = s.seqlen_k;
-  } else {
-    TORCH_CHECK(block_indices.size(0) == q.size(0), "block_indices must have q's token count");
   }
   if (s.total_q > 0 && s.batch > 0) {  // an empty call launches nothing
     if (s.varlen) {
@@ -138,6 +145,13 @@ inline AttnShape check_attn_inputs(const at::Tensor& q, const at::Tensor& k, con
   }
   check_sm90(q);
   return s;
+}
+
+inline AttnShape check_attn_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor* v,
+                                   const at::Tensor& block_indices, const c10::optional<at::Tensor>& cu_seqlens_q,
+                                   const c10::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_k,
+                                   int64_t block_size) {
+  return check_attn_inputs(q, k, v, &block_indices, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, block_size);
 }
 
 // The fields every attention-shaped parameter struct (FwdParams, BwdParams, KlParams) shares:

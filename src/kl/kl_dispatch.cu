@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "msa/kl/kl_dense_launch.cuh"
 #include "msa/kl/kl_launch.cuh"
 #include "msa/msa.h"
 
@@ -20,6 +21,29 @@ cudaError_t run_kl_typed(const KlParams& p, void* workspace, cudaStream_t stream
   }
   return p.head_dim_idx == 128 ? kl::run_kl_for<Element, 64, 128>(p, workspace, stream)
                                : kl::run_kl_for<Element, 64, 64>(p, workspace, stream);
+}
+
+template <class Element>
+cudaError_t run_kl_dense_typed(const KlParams& p, void* workspace, cudaStream_t stream) {
+  if (p.head_dim == 128) {
+    return p.head_dim_idx == 128 ? kl::run_kl_dense_for<Element, 128, 128>(p, workspace, stream)
+                                 : kl::run_kl_dense_for<Element, 128, 64>(p, workspace, stream);
+  }
+  return p.head_dim_idx == 128 ? kl::run_kl_dense_for<Element, 64, 128>(p, workspace, stream)
+                               : kl::run_kl_dense_for<Element, 64, 64>(p, workspace, stream);
+}
+
+// The shape checks both variants share.
+cudaError_t check_kl_params(const KlParams& p) {
+  if (p.head_dim != 64 && p.head_dim != 128) return cudaErrorInvalidValue;
+  if (p.head_dim_idx != 64 && p.head_dim_idx != 128) return cudaErrorInvalidValue;
+  if (p.block_size != 64 && p.block_size != 128) return cudaErrorInvalidValue;
+  const int g = p.num_heads_kv > 0 ? p.num_heads / p.num_heads_kv : 0;
+  if (g < 1 || g > 16 || (g & (g - 1)) != 0 || p.num_heads != g * p.num_heads_kv) return cudaErrorInvalidValue;
+  for (const void* ptr : {p.q, p.k, p.q_idx, p.k_idx}) {
+    if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return cudaErrorMisalignedAddress;
+  }
+  return cudaSuccess;
 }
 
 }  // namespace
@@ -60,15 +84,8 @@ size_t kl_workspace_bytes(const KlParams& p) {
 }
 
 cudaError_t run_kl(const KlParams& p, void* workspace, cudaStream_t stream) {
-  if (p.head_dim != 64 && p.head_dim != 128) return cudaErrorInvalidValue;
-  if (p.head_dim_idx != 64 && p.head_dim_idx != 128) return cudaErrorInvalidValue;
-  if (p.block_size != 64 && p.block_size != 128) return cudaErrorInvalidValue;
-  const int g = p.num_heads_kv > 0 ? p.num_heads / p.num_heads_kv : 0;
-  if (g < 1 || g > 16 || (g & (g - 1)) != 0 || p.num_heads != g * p.num_heads_kv) return cudaErrorInvalidValue;
+  if (const cudaError_t err = check_kl_params(p); err != cudaSuccess) return err;
   if (p.topk < 1 || p.topk > 32) return cudaErrorInvalidValue;
-  for (const void* ptr : {p.q, p.k, p.q_idx, p.k_idx}) {
-    if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return cudaErrorMisalignedAddress;
-  }
   // The plan packs query tokens in 26 bits (one chunk holds every token here).
   if (p.total_q >= fwd::kMaxChunkTokens) return cudaErrorInvalidValue;
   const int64_t num_blocks_max = (int64_t{p.max_seqlen_k} + p.block_size - 1) / p.block_size;
@@ -76,6 +93,25 @@ cudaError_t run_kl(const KlParams& p, void* workspace, cudaStream_t stream) {
   if (p.total_q * p.num_heads_kv * p.topk >= (int64_t{1} << 31)) return cudaErrorInvalidValue;
   return p.dtype == DType::kBF16 ? run_kl_typed<cutlass::bfloat16_t>(p, workspace, stream)
                                  : run_kl_typed<cutlass::half_t>(p, workspace, stream);
+}
+
+size_t kl_dense_workspace_bytes(const KlParams& p) {
+  if (p.num_heads_kv <= 0 || p.block_size <= 0) return 0;
+  return kl::KlDenseWorkspaceLayout(p).end;
+}
+
+cudaError_t run_kl_dense(const KlParams& p, void* workspace, cudaStream_t stream) {
+  if (const cudaError_t err = check_kl_params(p); err != cudaSuccess) return err;
+  // 32-bit TMA row coordinates and work item ids.
+  if (p.total_q * p.num_heads >= (int64_t{1} << 31) || p.total_k * p.num_heads_kv >= (int64_t{1} << 31)) {
+    return cudaErrorInvalidValue;
+  }
+  const kl::DenseChunking c(p);
+  if (int64_t{c.num_row_tiles} * p.batch * p.num_heads_kv * c.num_chunks >= (int64_t{1} << 30)) {
+    return cudaErrorInvalidValue;
+  }
+  return p.dtype == DType::kBF16 ? run_kl_dense_typed<cutlass::bfloat16_t>(p, workspace, stream)
+                                 : run_kl_dense_typed<cutlass::half_t>(p, workspace, stream);
 }
 
 }  // namespace msa

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# KL-focused GPU cycle: build, KL tests, the whole suite, the dense warm-up KL timing.
+#   usage: scripts/kl_cycle.sh OUT_DIR [steps: build,kltest,test,bench,sanitize]
+set -uo pipefail
+OUT=${1:?usage}; STEPS=${2:-build,kltest,bench}
+has() { [[ ",$STEPS," == *",$1,"* ]]; }
+mkdir -p "$OUT"
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
+export PYTHONPATH=/tmp/site
+nvidia-smi --query-gpu=name --format=csv,noheader
+if has build; then
+  s=$(date +%s); python3 -m pip install --no-build-isolation --no-deps --no-index -v . > /tmp/build.log 2>&1
+  echo "build rc=$? $(( $(date +%s) - s ))s"; cp /tmp/build.log "$OUT/build.log"
+  grep -E "error" /tmp/build.log | head -20
+  grep -A3 "Compiling entry function '_ZN3msa2kl15kl_dense" /tmp/build.log | grep -E "Used|spill" | sort | uniq -c | head -12
+fi
+if has kltest; then
+  timeout 300 python3 -m pytest tests/test_kl_gpu.py -q -x -rs > "$OUT/kltests.log" 2>&1
+  echo "kl tests rc=$?"; tail -30 "$OUT/kltests.log"
+fi
+if has test; then
+  timeout 240 python3 -m pytest tests -q > "$OUT/tests.log" 2>&1; echo "tests rc=$?"; tail -5 "$OUT/tests.log"
+fi
+if has bench; then
+  timeout 300 python3 bench/bench_ops.py --ops attn,kl --kl-dense --seqlens ${KL_SEQLENS:-8192 32768} --out "$OUT" 2>&1 \
+    | grep -v -i warn | tail -40
+fi
+if has sanitize; then
+  for tool in memcheck racecheck; do
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 200 compute-sanitizer --tool $tool --print-limit 10 python3 -m pytest \
+      tests/test_kl_gpu.py -q -x -k "${SAN_FILTER:-dense}" > "$OUT/san_$tool.log" 2>&1
+    echo "$tool rc=$? $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/san_$tool.log" | tr '\n' ' ')"
+  done
+fi
