@@ -20,8 +20,10 @@ For every sequence length S (B=1, Hq=64, Hkv=4, D=Di=128, block 128, topk 16, bf
   ``attn`` is not selected): the loss alone, and forward + backward with q_idx and k_idx as leaves
   (the training call). Its target is ``kl fwd+bwd time / block_sparse_attn fwd time <= 0.75``
   (``kl_targets`` in the JSON, and after the table). ``--kl-dense`` adds the dense warm-up
-  variant (``dense=True``, forward + backward, PyTorch reference) for S <= 8192, reported against
-  the dense cuDNN forward;
+  variant (``dense=True``, forward + backward, given the dense causal lse computed once, untimed,
+  by FlashAttention's forward) up to S = 131072 on its SM90 kernel (S <= 8192 where it falls
+  back to the PyTorch reference; a call predicted above 10 s is skipped); its target is
+  ``dense kl fwd+bwd time / dense cuDNN fwd time <= 1.5`` at 32K;
 - ``flex``: FlexAttention (``torch.compile``) with a BlockMask built from the selection. A
   BlockMask works on 128 x 128 tiles, so a query tile must attend the UNION over its 128 queries
   of the blocks they selected (per KV group): it cannot express per-token selection and computes
@@ -65,7 +67,10 @@ DEFAULT_SEQLENS = [8192, 16384, 32768, 65536, 131072]
 SEQLEN_1M = 1 << 20
 OPS = ("select", "attn", "hot", "sparse_attn", "kl", "flex", "bwd")
 KL_TARGET = 0.75  # indexer_kl_loss forward + backward time / block_sparse_attn forward time, at most
-KL_DENSE_MAX_SEQLEN = 8192  # the dense KL warm-up variant (--kl-dense) still runs the PyTorch reference
+KL_DENSE_TARGET = 1.5  # dense=True indexer_kl_loss fwd + bwd time / dense cuDNN fwd time, at most (at 32K)
+KL_DENSE_MAX_SEQLEN = 131072  # longest S of the dense KL warm-up variant (--kl-dense) on its kernel
+KL_DENSE_REFERENCE_MAX_SEQLEN = 8192  # ... and where it falls back to the PyTorch reference
+KL_DENSE_MAX_CALL_S = 10.0  # skip a dense KL length whose call is predicted (S^2) to take longer
 DENSE = {"fwd": "dense_cudnn", "bwd": "dense_cudnn_bwd"}
 # Measured throughputs the dry run draws its fake times from (TFLOP/s, low and high).
 _DRY_RUN_TFLOPS = {"dense": (380.0, 520.0), "select": (250.0, 600.0), "ref": (2.0, 20.0),
@@ -286,7 +291,7 @@ class Runner:
     def kl_targets(self) -> List[Dict[str, Any]]:
         """Per length: indexer_kl_loss forward + backward time / block_sparse_attn forward time
         (target <= KL_TARGET), and with ``--kl-dense`` the dense warm-up variant's forward + backward
-        time / the dense cuDNN forward time (no target)."""
+        time (dense lse given) / the dense cuDNN forward time (target <= KL_DENSE_TARGET, at 32K)."""
         out = []
         for seqlen in sorted({r.seqlen for r in self.rows}):
             kl, attn = self.row("indexer_kl_loss_fwd_bwd", seqlen), self.row("block_sparse_attn", seqlen)
@@ -298,8 +303,11 @@ class Runner:
                 "kl_fwd_bwd_over_attn_fwd": (kl.median_ms / attn.median_ms
                                              if kl is not None and attn is not None else None),
                 "target": KL_TARGET,
+                "dense_kl_fwd_bwd_ms": kl_dense.median_ms if kl_dense is not None else None,
+                "dense_fwd_ms": dense.median_ms if dense is not None else None,
                 "dense_kl_fwd_bwd_over_dense_fwd": (kl_dense.median_ms / dense.median_ms
                                                     if kl_dense is not None and dense is not None else None),
+                "dense_target": KL_DENSE_TARGET,
             }
             if entry["kl_fwd_bwd_over_attn_fwd"] is not None or entry["dense_kl_fwd_bwd_over_dense_fwd"] is not None:
                 out.append(entry)
@@ -396,14 +404,18 @@ def print_table(runner: Runner) -> None:
     if kl:
         print()
         print(f"kl target: indexer_kl_loss fwd+bwd time / block_sparse_attn fwd time <= {KL_TARGET} "
-              "(same selection, lse given); dense = dense=True fwd+bwd time / dense cuDNN fwd time")
+              f"(same selection, lse given); dense kl target: dense=True fwd+bwd time / dense cuDNN fwd "
+              f"time <= {KL_DENSE_TARGET} at 32K (dense causal lse given)")
         for t in kl:
             ratio = t["kl_fwd_bwd_over_attn_fwd"]
             r_txt = "-" if ratio is None else f"{ratio:.2f} ({'met' if ratio <= KL_TARGET else 'NOT met'})"
             times = ("" if ratio is None
                      else f"  ({t['kl_fwd_bwd_ms']:.3f} ms / {t['attn_fwd_ms']:.3f} ms)")
             dense_ratio = t["dense_kl_fwd_bwd_over_dense_fwd"]
-            d_txt = "" if dense_ratio is None else f"  dense {dense_ratio:.2f}x"
+            d_txt = ("" if dense_ratio is None
+                     else f"  dense kl/dense fwd {dense_ratio:.2f} "
+                          f"({'met' if dense_ratio <= KL_DENSE_TARGET else 'NOT met'}) "
+                          f"({t['dense_kl_fwd_bwd_ms']:.3f} ms / {t['dense_fwd_ms']:.3f} ms)")
             print(f"{t['seqlen']:>8}  kl/attn {r_txt}{times}{d_txt}")
 
 
@@ -601,9 +613,11 @@ def bench_kl(runner: Runner, shape: Shape, msa, inputs: Tuple[torch.Tensor, ...]
     ``indexer_kl_loss_fwd_bwd`` (a training call: forward and backward with q_idx, k_idx as leaves;
     q and k carry no gradient; its cost model is the backward's, which already counts both score
     sets once plus the dq_idx and dk_idx products), ``indexer_kl_loss_bwd`` with ``bwd`` (the
-    backward alone, after an untimed forward), and with ``--kl-dense`` (S <= KL_DENSE_MAX_SEQLEN)
-    ``indexer_kl_loss_dense_fwd_bwd``, the dense warm-up variant, next to the dense cuDNN forward.
-    The ratios against the attention forward go to :meth:`Runner.kl_targets`.
+    backward alone, after an untimed forward), and with ``--kl-dense`` (S <= KL_DENSE_MAX_SEQLEN on
+    the dense kernel, KL_DENSE_REFERENCE_MAX_SEQLEN on the reference, and a call predicted under
+    KL_DENSE_MAX_CALL_S) ``indexer_kl_loss_dense_fwd_bwd``, the dense warm-up variant's training
+    call (forward + backward given the dense causal lse, :func:`dense_causal_lse`, untimed), next
+    to the dense cuDNN forward. The ratios go to :meth:`Runner.kl_targets`.
     """
     args, dry = runner.args, runner.args.dry_run
     q, k, v, q_idx, k_idx = inputs
@@ -651,16 +665,87 @@ def bench_kl(runner: Runner, shape: Shape, msa, inputs: Tuple[torch.Tensor, ...]
                        min_bytes=kl_bwd_bytes(shape), exponent=1,
                        note=f"backward alone (a fused forward may already hold the gradients); {note}")
     if args.kl_dense:
-        if S > KL_DENSE_MAX_SEQLEN:
-            runner.skip("indexer_kl_loss_dense_fwd_bwd", S, "fwd", f"dense KL only up to S={KL_DENSE_MAX_SEQLEN}")
+        # The sparse selection's lse does not apply to the dense support: it gets its own.
+        bench_kl_dense(runner, shape, q, k, fwd_bwd, leaves)
+
+
+def dense_causal_lse(q: torch.Tensor, k: torch.Tensor) -> Tuple[torch.Tensor, str]:
+    """The main branch's dense causal lse, float32 [B, Hq, S] (natural log, scale 1 / sqrt(D)).
+
+    Sq = Sk, so SDPA's top-left causal mask is the bottom-right one. One KV group at a time: its G
+    query heads against k expanded to G heads (k also stands in for v, on which the lse does not
+    depend), through FlashAttention's forward, or the memory-efficient one if FlashAttention
+    refuses. Returns the lse and the backend used.
+    """
+    b, s, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    parts, backend = [], "FlashAttention"
+    for h in range(hkv):
+        qh = q[:, :, h * g:(h + 1) * g].transpose(1, 2)  # [B, G, S, D]
+        kh = k[:, :, h:h + 1].expand(b, s, g, d).contiguous().transpose(1, 2)
+        try:
+            if backend != "FlashAttention":
+                raise RuntimeError("FlashAttention refused an earlier group")
+            out = torch.ops.aten._scaled_dot_product_flash_attention(qh, kh, kh, 0.0, True, False)
+        except RuntimeError:
+            backend = "memory-efficient attention"
+            out = torch.ops.aten._scaled_dot_product_efficient_attention(qh, kh, kh, None, True, 0.0, True)
+        parts.append(out[1][:, :, :s].float())  # the efficient kernel pads the lse's length to 32
+        del out, kh
+    return torch.cat(parts, dim=1).contiguous(), backend
+
+
+def dense_lse_error(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, rows: int = 3) -> float:
+    """Largest |lse - exact| over all heads of a few query rows (first, middle, last), the exact
+    value computed in float32 from the bf16 inputs: guards the lse the dense KL is timed with."""
+    b, s, hq, d = q.shape
+    hkv = k.shape[2]
+    pos = torch.linspace(0, s - 1, rows, device=q.device).round().long()
+    qr = q[:, pos].float().view(b, rows, hkv, hq // hkv, d)
+    scores = torch.einsum("brhgd,bkhd->bhgrk", qr, k.float()) * d ** -0.5  # [B, Hkv, G, rows, S]
+    scores.masked_fill_(torch.arange(s, device=q.device) > pos[:, None], float("-inf"))
+    exact = torch.logsumexp(scores, dim=-1).reshape(b, hq, rows)
+    return (lse[:, :, pos] - exact).abs().max().item()
+
+
+def bench_kl_dense(runner: Runner, shape: Shape, q: torch.Tensor, k: torch.Tensor, fwd_bwd: Callable,
+                   leaves: Callable) -> None:
+    """``indexer_kl_loss_dense_fwd_bwd``: the dense warm-up variant's training call (forward +
+    backward with q_idx, k_idx as leaves), given the dense causal lse, computed once untimed."""
+    op, dry = "indexer_kl_loss_dense_fwd_bwd", runner.args.dry_run
+    S = shape.seqlen
+    kernel = dry or runner.meta.get("kl_dense_kernel", False)
+    cap = KL_DENSE_MAX_SEQLEN if kernel else KL_DENSE_REFERENCE_MAX_SEQLEN
+    if S > cap:
+        runner.skip(op, S, "fwd", f"dense KL only up to S={cap}" + ("" if kernel else " (PyTorch reference)"))
+        return
+    if op in runner.history:
+        s0, ms0 = runner.history[op]
+        predicted_s = 1e-3 * ms0 * (S / s0) ** 2
+        if predicted_s > KL_DENSE_MAX_CALL_S:
+            runner.skip(op, S, "fwd", f"est. {predicted_s:.0f} s/call > {KL_DENSE_MAX_CALL_S:.0f} s")
             return
-        # Dense support: every causally visible key, Hkv * S (S + 1) / 2 triples; the lse of the
-        # sparse selection does not apply, so the op recomputes it.
-        dense_triples = shape.batch * shape.hkv * S * (S + 1) // 2
-        runner.measure("indexer_kl_loss_dense_fwd_bwd", shape, lambda st: fwd_bwd(st, None, dense=True),
-                       setup=leaves, flops=kl_bwd_flops(shape, dense_triples), min_bytes=kl_bwd_bytes(shape),
-                       note="dense=True warm-up variant, fwd+bwd, lse None (vs dense = dense fwd / this); "
-                            "PyTorch reference")
+    lse, lse_note = None, "dense causal lse given"
+    if not dry:
+        got = runner.prepare("dense lse for dense kl", S, lambda: dense_causal_lse(q, k))
+        if got is None:
+            runner.skip(op, S, "fwd", "no dense lse (its computation failed)")
+            return
+        lse, backend = got
+        del got
+        err = runner.prepare("dense lse check", S, lambda: dense_lse_error(q, k, lse))
+        about = [backend, "untimed"]
+        if err is not None:
+            about.append(f"max |err| {err:.1e} on 3 rows" + (" -- LSE MISMATCH" if err > 1e-2 else ""))
+        lse_note = f"dense causal lse given ({', '.join(about)})"
+    # Dense support: every causally visible key, B * Hkv * S (S + 1) / 2 triples.
+    dense_triples = shape.batch * shape.hkv * S * (S + 1) // 2
+    runner.measure(op, shape, lambda st: fwd_bwd(st, None, dense=True, lse_=lse), setup=leaves,
+                   flops=kl_bwd_flops(shape, dense_triples), min_bytes=kl_bwd_bytes(shape),
+                   fake="dense" if kernel else "ref",
+                   note=f"dense=True warm-up variant, fwd+bwd, {lse_note} (vs dense = dense fwd / this)"
+                        + ("" if dry else "; SM90 kernel" if kernel else "; PyTorch reference"))
 
 
 def bench_seqlen(runner: Runner, shape: Shape, msa, ref) -> None:
@@ -855,7 +940,8 @@ def import_msa(dry_run: bool):
 def kernel_backends(dry_run: bool) -> Dict[str, Any]:
     """Which ops run a compiled kernel on this GPU (else the reference), for the notes."""
     if dry_run:
-        return {"select_backend": "dry run", "raw_kernel_op": False, "attn_kernel": False, "kl_kernel": False}
+        return {"select_backend": "dry run", "raw_kernel_op": False, "attn_kernel": False, "kl_kernel": False,
+                "kl_dense_kernel": False}
     try:
         from msa_cuda import _kernels
 
@@ -863,12 +949,13 @@ def kernel_backends(dry_run: bool) -> Dict[str, Any]:
         select = _kernels.has_kernel("select_blocks", dev, torch.bfloat16)
         attn = _kernels.has_kernel("block_sparse_attn", dev, torch.bfloat16)
         kl = _kernels.has_kernel("indexer_kl_loss", dev, torch.bfloat16)
+        kl_dense = _kernels.has_kernel("indexer_kl_loss_dense", dev, torch.bfloat16)
         raw = _kernels.extension_loaded() and hasattr(torch.ops.msa_cuda_kernels, "select_blocks")
     except Exception as exc:
         return {"select_backend": f"unknown ({exc!r})", "raw_kernel_op": False, "attn_kernel": False,
-                "kl_kernel": False}
+                "kl_kernel": False, "kl_dense_kernel": False}
     return {"select_backend": "SM90 kernel" if select else "REFERENCE (no kernel on this device/build)",
-            "raw_kernel_op": bool(raw), "attn_kernel": attn, "kl_kernel": kl}
+            "raw_kernel_op": bool(raw), "attn_kernel": attn, "kl_kernel": kl, "kl_dense_kernel": kl_dense}
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -887,8 +974,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--time-limit-s", type=float, default=480.0,
                    help="start no measurement that would end after this many seconds of run time")
     p.add_argument("--kl-dense", action="store_true",
-                   help=f"with kl: also time the dense warm-up loss (dense=True, fwd+bwd) for S <= "
-                        f"{KL_DENSE_MAX_SEQLEN}, next to the dense cuDNN forward")
+                   help=f"with kl: also time the dense warm-up loss (dense=True, fwd+bwd, dense causal lse "
+                        f"given) for S <= {KL_DENSE_MAX_SEQLEN} ({KL_DENSE_REFERENCE_MAX_SEQLEN} without its "
+                        f"kernel; calls over {KL_DENSE_MAX_CALL_S:.0f} s skipped), against the dense cuDNN "
+                        f"forward (target <= {KL_DENSE_TARGET}x at 32K)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dry-run", action="store_true", help="no GPU: random times, exercises the outputs")
     args = p.parse_args(argv)

@@ -8,7 +8,14 @@ the maximum error relative to the largest reference gradient; the allocator is p
 every kernel call so unwritten outputs show. Covered: D, Di, block_size, G and dtype; selections
 from select_blocks and caller-made ones (unsorted, -1 padded, blocks past the query, rows whose
 support is empty); lse given and lse None; Sq < Sk with a padded batch; varlen; no-grad calls and
-inputs without requires_grad; scaling by the incoming gradient; an M3-like shape; dense=True.
+inputs without requires_grad; scaling by the incoming gradient; an M3-like shape.
+
+The dense warm-up variant (dense=True: the support is the whole causal history; its kernel is
+torch.ops.msa_cuda_kernels.indexer_kl_dense) is compared the same way, with lse None (the op
+computes the dense causal lse) or the dense causal lse computed here in float64: dtype x D x Di x
+block_size, every G, Sq < Sk with a padded batch, varlen (a sequence shorter than one block),
+Sq = Sk = 2500 at M3-like heads (rows split over several key chunks), autograd behaviour, and
+equality with the selected-support kernel on a selection of every block.
 """
 
 import itertools
@@ -275,7 +282,7 @@ def test_kl_gradient_scaled_by_incoming_gradient(scale):
 
 
 # ---------------------------------------------------------------------------------------------
-# Dense warm-up variant (reference path on CUDA)
+# Dense warm-up variant: against the selected-support kernel on every block
 # ---------------------------------------------------------------------------------------------
 
 
@@ -306,3 +313,204 @@ def test_kl_kernel_is_the_path_taken():
 
     assert _kernels.has_kernel("indexer_kl_loss", DEVICE, torch.bfloat16)
     assert _kernels.has_kernel("indexer_kl_loss", DEVICE, torch.float16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense warm-up kernel (dense=True on CUDA bf16/fp16)
+# ---------------------------------------------------------------------------------------------
+
+
+def _varlen(lens_q, lens_k):
+    """cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k of per-sequence lengths."""
+    cu = lambda lens: torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32,  # noqa: E731
+                                   device=DEVICE)
+    return dict(cu_seqlens_q=cu(lens_q), cu_seqlens_k=cu(lens_k), max_seqlen_q=max(lens_q),
+                max_seqlen_k=max(lens_k))
+
+
+def _dense_lse_one(q, k, scale, rows=256):
+    """float64 [Hq, Sq]: lse[h, i] = logsumexp over j <= Sk - Sq + i of scale * q[i, h] . k[j, h // G],
+    for one sequence (q [Sq, Hq, D], k [Sk, Hkv, D]), in chunks of rows."""
+    sq, hq, _ = q.shape
+    sk, hkv, _ = k.shape
+    keys = k.double().repeat_interleave(hq // hkv, dim=1).permute(1, 2, 0)  # [Hq, D, Sk]
+    key_pos = torch.arange(sk, device=q.device)
+    out = torch.empty(hq, sq, dtype=torch.float64, device=q.device)
+    for r0 in range(0, sq, rows):
+        r1 = min(r0 + rows, sq)
+        s = torch.matmul(q[r0:r1].double().transpose(0, 1), keys) * scale  # [Hq, r, Sk]
+        pos = torch.arange(r0, r1, device=q.device) + (sk - sq)  # bottom-right aligned
+        s.masked_fill_((key_pos[None, :] > pos[:, None])[None], float("-inf"))
+        out[:, r0:r1] = torch.logsumexp(s, dim=-1)
+    return out
+
+
+def _dense_lse(q, k, cu_seqlens_q=None, cu_seqlens_k=None, **_):
+    """The main branch's dense causal lse as a caller passes it: float32 [B, Hq, Sq] (varlen
+    [Hq, Tq]), computed in float64 with the default softmax scale 1 / sqrt(D)."""
+    scale = q.shape[-1] ** -0.5
+    if cu_seqlens_q is None:
+        return torch.stack([_dense_lse_one(q[b], k[b], scale) for b in range(q.shape[0])]).float()
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    parts = [_dense_lse_one(q[cq[i]:cq[i + 1]], k[ck[i]:ck[i + 1]], scale) for i in range(len(cq) - 1)]
+    return torch.cat(parts, dim=1).float().contiguous()
+
+
+def _check_dense(q, k, q_idx, k_idx, block_size, with_lse, sel=None, **kw):
+    """Dense kernel path vs the float64 dense reference: loss, dq_idx, dk_idx; the dense causal lse
+    given to both, or to neither. ``sel`` (ignored with dense=True) goes to the public op only."""
+    dtype = q.dtype
+    lse = _dense_lse(q, k, **kw) if with_lse else None
+    loss, dqi, dki = _kernel(q, k, q_idx, k_idx, sel, block_size, dense=True, lse=lse, **kw)
+    ref_loss, ref_dqi, ref_dki = _reference(q, k, q_idx, k_idx, None, block_size, lse=lse, dense=True, **kw)
+    _assert_loss_close(loss, ref_loss, dtype, "dense loss")
+    _assert_grad_close("dq_idx", dqi, ref_dqi, q_idx, dtype)
+    _assert_grad_close("dk_idx", dki, ref_dki, k_idx, dtype)
+    return loss, dqi, dki
+
+
+def test_kl_dense_kernel_is_the_path_taken():
+    """The dense comparisons below test the kernel, not the reference falling back."""
+    from msa_cuda import _kernels
+
+    assert hasattr(torch.ops.msa_cuda_kernels, "indexer_kl_dense")
+    assert _kernels.has_kernel("indexer_kl_loss_dense", DEVICE, torch.bfloat16)
+    assert _kernels.has_kernel("indexer_kl_loss_dense", DEVICE, torch.float16)
+
+
+def test_kl_dense_lse_helper_matches_the_attention_kernel():
+    """The test's dense lse is the main branch's: on a selection of every block (5 blocks), the
+    attention kernel's lse equals it."""
+    q, k, q_idx, k_idx = _inputs(2, 131, 300, 8, 2, 64, 64, torch.bfloat16, seed=3)
+    full = torch.arange(5, dtype=torch.int32, device=DEVICE).expand(2, 131, 2, 5).contiguous()
+    torch.testing.assert_close(_lse(q, k, full, 64), _dense_lse(q, k), rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("di", [64, 128])
+@pytest.mark.parametrize("block_size", [64, 128])
+@pytest.mark.parametrize("with_lse", [False, True])
+def test_kl_dense_shapes(dtype, d, di, block_size, with_lse):
+    # G = 4, B = 2, 517 tokens (not a multiple of either block).
+    q, k, q_idx, k_idx = _inputs(2, 517, 517, 8, 2, d, di, dtype, seed=3 * d + di + block_size + with_lse)
+    _check_dense(q, k, q_idx, k_idx, block_size, with_lse)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("g_size", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("with_lse", [False, True])
+def test_kl_dense_group_sizes(dtype, g_size, with_lse):
+    hkv = 2 if g_size < 16 else 1
+    q, k, q_idx, k_idx = _inputs(1, 333, 333, hkv * g_size, hkv, 128, 64, dtype, seed=g_size * 5 + with_lse)
+    _check_dense(q, k, q_idx, k_idx, 64, with_lse)
+
+
+@pytest.mark.parametrize("sq,sk", [(200, 517), (1, 700), (77, 129), (130, 259), (333, 334)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_lse", [False, True])
+def test_kl_dense_chunked_prefill_batch(sq, sk, dtype, with_lse):
+    # Sq < Sk (bottom-right aligned), B = 2 padded; k_idx with its size-1 head dim; a caller-made
+    # selection is passed and must be ignored.
+    block_size = 128
+    q, k, q_idx, k_idx = _inputs(2, sq, sk, 16, 2, 128, 128, dtype, seed=sq + sk + with_lse, k_idx_head=True)
+    sel = random_selection(2, sq, sk, 2, 2, block_size, seed=sq)
+    _check_dense(q, k, q_idx, k_idx, block_size, with_lse, sel=sel)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_lse", [False, True])
+def test_kl_dense_single_key(dtype, with_lse):
+    # Sq = Sk = 1: every support is one key, P = Q = 1, so the loss and both gradients are 0 up to
+    # rounding (and finite: no 0 * log 0, no empty key chunk merged in).
+    q, k, q_idx, k_idx = _inputs(2, 1, 1, 8, 2, 128, 128, dtype, seed=29)
+    lse = _dense_lse(q, k) if with_lse else None
+    loss, dqi, dki = _kernel(q, k, q_idx, k_idx, None, 64, dense=True, lse=lse)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss) and abs(loss.item()) <= 1e-4, loss.item()
+    for name, grad, like in (("dq_idx", dqi, q_idx), ("dk_idx", dki, k_idx)):
+        assert grad.dtype == like.dtype and grad.shape == like.shape, f"{name}: {tuple(grad.shape)}"
+        assert torch.isfinite(grad).all(), f"{name}: non-finite"
+        assert grad.abs().max().item() <= 1e-3, f"{name}: {grad.abs().max().item():.3e}"
+
+
+@pytest.mark.parametrize("lens_q,lens_k", [([1, 200, 77], [1, 200, 77]), ([1, 200, 77], [5, 333, 77]),
+                                           ([130, 3, 257], [300, 50, 257])])
+@pytest.mark.parametrize("block_size", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_lse", [False, True])
+def test_kl_dense_varlen(lens_q, lens_k, block_size, dtype, with_lse):
+    # Sequences shorter than one block (1, 3, 5, 50, 77 tokens) next to longer ones.
+    varlen = _varlen(lens_q, lens_k)
+    q, k, q_idx, k_idx = _inputs(None, sum(lens_q), sum(lens_k), 16, 4, 64, 128, dtype,
+                                 seed=sum(lens_k) + block_size)
+    _check_dense(q, k, q_idx, k_idx, block_size, with_lse, **varlen)
+
+
+@pytest.mark.parametrize("dtype,sq,sk,hq,hkv", [(torch.bfloat16, 2500, 2500, 16, 1),
+                                                (torch.bfloat16, 2500, 2500, 64, 4),
+                                                (torch.float16, 1901, 2500, 16, 1)])
+@pytest.mark.parametrize("with_lse", [False, True])
+def test_kl_dense_m3_heads_long(dtype, sq, sk, hq, hkv, with_lse):
+    # M3-like heads (G = 16), D = Di = 128, block 128, ~20 row tiles per group: the rows are split
+    # over several key chunks whose partial results are merged.
+    q, k, q_idx, k_idx = _inputs(1, sq, sk, hq, hkv, 128, 128, dtype, seed=sq + hq + with_lse)
+    _check_dense(q, k, q_idx, k_idx, 128, with_lse)
+
+
+@pytest.mark.parametrize("sq,sk,block_size", [(517, 517, 64), (300, 1999, 64), (130, 3001, 128),
+                                              (1000, 1000, 128)])
+@pytest.mark.parametrize("with_lse", [False, True])
+def test_kl_dense_equals_sparse_on_every_block(sq, sk, block_size, with_lse):
+    # A selection of every key block (<= 32 blocks; those past a query are invisible) makes the
+    # selected support the whole causal history: the dense kernel and the selected-support kernel
+    # compute the same loss and gradients (and both match the dense reference).
+    dtype, b = torch.bfloat16, 2
+    q, k, q_idx, k_idx = _inputs(b, sq, sk, 8, 2, 128, 128, dtype, seed=sk + block_size + with_lse)
+    nblk = -(-sk // block_size)
+    assert nblk <= 32
+    full = torch.arange(nblk, dtype=torch.int32, device=DEVICE).flip(0).expand(b, sq, 2, nblk).contiguous()
+    dense_loss, dense_dqi, dense_dki = _check_dense(q, k, q_idx, k_idx, block_size, with_lse)
+    lse = _dense_lse(q, k) if with_lse else None
+    loss, dqi, dki = _kernel(q, k, q_idx, k_idx, full, block_size, lse=lse)
+    _assert_loss_close(loss, dense_loss.double(), dtype, "sparse loss on every block vs dense kernel")
+    _assert_grad_close("dq_idx (every block vs dense)", dqi, dense_dqi.double(), q_idx, dtype)
+    _assert_grad_close("dk_idx (every block vs dense)", dki, dense_dki.double(), k_idx, dtype)
+
+
+@pytest.mark.parametrize("with_lse", [False, True])
+def test_kl_dense_autograd(with_lse):
+    # No-grad calls and inputs without requires_grad give the training call's loss; one index
+    # input requiring grad gets the training call's gradient; the incoming gradient scales them.
+    dtype, block_size = torch.float16, 64
+    q, k, q_idx, k_idx = _inputs(2, 333, 333, 16, 4, 128, 64, dtype, seed=17 + with_lse)
+    lse = _dense_lse(q, k) if with_lse else None
+    kw = dict(block_size=block_size, dense=True, lse=lse)
+    loss1, dqi1, dki1 = _check_dense(q, k, q_idx, k_idx, block_size, with_lse)
+    qi, ki = (t.clone().requires_grad_(True) for t in (q_idx, k_idx))
+    with torch.no_grad():
+        poison_allocator(4 * q.numel())
+        loss = msa_cuda.indexer_kl_loss(q, k, qi, ki, None, **kw)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, loss1, rtol=1e-4, atol=1e-6)
+    poison_allocator(4 * q.numel())
+    loss = msa_cuda.indexer_kl_loss(q, k, q_idx, k_idx, None, **kw)
+    assert not loss.requires_grad and q_idx.grad is None and k_idx.grad is None
+    torch.testing.assert_close(loss, loss1, rtol=1e-4, atol=1e-6)
+    for which in ("q_idx", "k_idx"):
+        qm, km = (t.clone().requires_grad_(True) for t in (q, k))
+        qi = q_idx.clone().requires_grad_(which == "q_idx")
+        ki = k_idx.clone().requires_grad_(which == "k_idx")
+        poison_allocator(4 * q.numel())
+        msa_cuda.indexer_kl_loss(qm, km, qi, ki, None, **kw).backward()
+        assert qm.grad is None and km.grad is None
+        if which == "q_idx":
+            assert ki.grad is None
+            _assert_grad_close("dq_idx (alone)", qi.grad, dqi1.double(), q_idx, dtype, tol=1e-2)
+        else:
+            assert qi.grad is None
+            _assert_grad_close("dk_idx (alone)", ki.grad, dki1.double(), k_idx, dtype, tol=1e-2)
+    scale = -0.5
+    loss3, dqi3, dki3 = _kernel(q, k, q_idx, k_idx, None, block_size, grad_scale=scale, dense=True, lse=lse)
+    torch.testing.assert_close(loss3, loss1, rtol=1e-4, atol=1e-6)
+    for name, got, base, like in (("dq_idx", dqi3, dqi1, q_idx), ("dk_idx", dki3, dki1, k_idx)):
+        _assert_grad_close(f"{name} x {scale}", got, scale * base.double(), like, dtype, tol=1e-2)
