@@ -258,7 +258,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
 
   // This thread's two rows of a work item: flat token, position (-1: past the sequence).
   struct Rows {
-    int64_t token[2];
+    int32_t token[2];  // total_q < 2^31 (checked on the host); products are widened at use
     int pos[2];
   };
   auto item_rows = [&](const Item& item, const common::SeqInfo& seq) {
@@ -267,7 +267,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     for (int i = 0; i < 2; ++i) {
       const int row = item.m * kBlockM + mma_wg * 64 + row_base + 8 * i;
       const bool valid = row < seq.seqlen_q;
-      r.token[i] = seq.q_token_start + row;
+      r.token[i] = static_cast<int32_t>(seq.q_token_start) + row;
       r.pos[i] = valid ? seq.query_position(row) : -1;
     }
     return r;
@@ -318,7 +318,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         if (quad == 0 && rows.pos[i] >= 0 && row_sum[i] > 0.f) {
-          params.stats[(rows.token[i] * params.num_heads_kv + item.group) * params.num_chunks + item.chunk] =
+          params.stats[(int64_t{rows.token[i]} * params.num_heads_kv + item.group) * params.num_chunks + item.chunk] =
               make_float2(row_max[i], row_sum[i]);
         }
       }
@@ -369,12 +369,12 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       const int qi_stage = qi_state.index();
       float loss_acc = 0.f;  // sum of P (log2 P - log2 Q) over this thread's elements of the item
       float row_logz[2];
-      const float* row_lse[2];
+      int32_t row_lse[2];  // offset of the row's first head of the group in lse_log2 (< total_q Hq < 2^31)
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const bool valid = rows.pos[i] >= 0;
-        row_logz[i] = valid ? params.logz[rows.token[i] * params.num_heads_kv + item.group] : 0.f;
-        row_lse[i] = valid ? params.lse_log2 + rows.token[i] * params.num_heads + item.group * G : nullptr;
+        row_logz[i] = valid ? params.logz[int64_t{rows.token[i]} * params.num_heads_kv + item.group] : 0.f;
+        row_lse[i] = rows.token[i] * params.num_heads + item.group * G;
       }
 #pragma unroll
       for (int v = 0; v < size(tDQrDQ); ++v) tDQrDQ(v) = 0.f;
@@ -390,13 +390,15 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         k_pipeline.consumer_wait(k_state);
         float next_lse[2];
 #pragma unroll
-        for (int i = 0; i < 2; ++i) next_lse[i] = row_lse[i] != nullptr ? row_lse[i][0] : CUDART_INF_F;
+        for (int i = 0; i < 2; ++i) next_lse[i] = rows.pos[i] >= 0 ? params.lse_log2[row_lse[i]] : CUDART_INF_F;
         typename QPipeline::PipelineState held_q_state;  // the last head's stage: held for dS staging
         for (int h = 0; h < G; ++h) {
           const float lse[2] = {next_lse[0], next_lse[1]};
           if (h + 1 < G) {
 #pragma unroll
-            for (int i = 0; i < 2; ++i) next_lse[i] = row_lse[i] != nullptr ? row_lse[i][h + 1] : CUDART_INF_F;
+            for (int i = 0; i < 2; ++i) {
+              next_lse[i] = rows.pos[i] >= 0 ? params.lse_log2[row_lse[i] + h + 1] : CUDART_INF_F;
+            }
           }
           q_pipeline.consumer_wait(q_state);
           common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_s, tSrQ(_, _, _, q_state.index()), tSrK, tSrS);
@@ -430,18 +432,25 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         const int ki_stage = ki_state.index();
         common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_idx, tIrQi(_, _, _, qi_stage), tIrKi(_, _, _, ki_stage),
                                                    tSrS);
+        // Branch-free (selects): a per-element branch here cost more issue slots than the teacher's
+        // exp of one head. P = 0 (masked, or underflow) contributes no loss term.
+        auto student = [&](auto is_full) {
 #pragma unroll
-        for (int v = 0; v < size(tSrS); ++v) {
-          const int i = (v / 2) % 2;
-          const int key = 8 * (v / 4) + 2 * quad + (v % 2);
-          float ds = 0.f;
-          if (key <= last_key[i]) {
+          for (int v = 0; v < size(tSrS); ++v) {
+            const int i = (v / 2) % 2;
             const float p = tSrP(v) * inv_group;
             const float s2 = tSrS(v) * params.index_scale_log2 - row_logz[i];  // log2 Q
-            if (p > 0.f) loss_acc += p * (__log2f(p) - s2);
-            ds = exp2f(s2) - p;
+            bool visible = true;
+            if constexpr (!decltype(is_full)::value) visible = 8 * (v / 4) + 2 * quad + (v % 2) <= last_key[i];
+            const float term = p * (__log2f(p) - s2);
+            loss_acc += visible && p > 0.f ? term : 0.f;
+            tDQrdS(v) = static_cast<Element>(visible ? exp2f(s2) - p : 0.f);
           }
-          tDQrdS(v) = static_cast<Element>(ds);
+        };
+        if (full_block) {
+          student(cute::true_type{});
+        } else {
+          student(cute::false_type{});
         }
 
         // dK_idx = dS^T q_idx through the staging tile (the held query stage when it fits).
@@ -489,7 +498,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         if (rows.pos[i] >= 0) {
-          float* dst = params.dq_idx_accum + (rows.token[i] * params.num_heads_kv + item.group) * kIdxDim + 2 * quad;
+          float* dst =
+              params.dq_idx_accum + (int64_t{rows.token[i]} * params.num_heads_kv + item.group) * kIdxDim + 2 * quad;
 #pragma unroll
           for (int j = 0; j < kIdxDim / 8; ++j) {
             atomicAdd(reinterpret_cast<float2*>(dst + 8 * j),
