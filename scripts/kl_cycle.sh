@@ -20,7 +20,7 @@ if has kltest; then
   echo "kl tests rc=$?"; tail -30 "$OUT/kltests.log"
 fi
 if has test; then
-  timeout 240 python3 -m pytest tests -q > "$OUT/tests.log" 2>&1; echo "tests rc=$?"; tail -5 "$OUT/tests.log"
+  timeout 240 python3 -m pytest tests -q -x > "$OUT/tests.log" 2>&1; echo "tests rc=$?"; tail -5 "$OUT/tests.log"
 fi
 if has bench; then
   timeout 300 python3 bench/bench_ops.py --ops attn,kl --kl-dense --seqlens ${KL_SEQLENS:-8192 32768} --out "$OUT" 2>&1 \
