@@ -447,18 +447,25 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         row_token[i] = smem.t_row_token[tstage][mma_wg * 64 + row_base + 8 * i];
         row_logz[i] = smem.t_row_logz[tstage][mma_wg * 64 + row_base + 8 * i];
       }
+      // Branch-free (selects): per-element branches here issued more than the math. P = 0
+      // (masked, or underflow) contributes no loss term.
+      auto student = [&](auto is_full) {
 #pragma unroll
-      for (int v = 0; v < size(tIrS); ++v) {
-        const int i = (v / 2) % 2;
-        const int key = 8 * (v / 4) + 2 * quad + (v % 2);
-        float ds = 0.f;
-        if (key <= last_key[i]) {
+        for (int v = 0; v < size(tIrS); ++v) {
+          const int i = (v / 2) % 2;
           const float p = tSrP(v) * inv_group;
           const float s2 = tIrS(v) * params.index_scale_log2 - row_logz[i];  // log2 Q
-          if (p > 0.f) loss_acc += p * (__log2f(p) - s2);
-          ds = exp2f(s2) - p;
+          bool visible = true;
+          if constexpr (!decltype(is_full)::value) visible = 8 * (v / 4) + 2 * quad + (v % 2) <= last_key[i];
+          const float term = p * (__log2f(p) - s2);
+          loss_acc += visible && p > 0.f ? term : 0.f;
+          tDQrdS(v) = static_cast<Element>(visible ? exp2f(s2) - p : 0.f);
         }
-        tDQrdS(v) = static_cast<Element>(ds);
+      };
+      if (full_block) {
+        student(cute::true_type{});
+      } else {
+        student(cute::false_type{});
       }
 
       // dK_idx = dS^T q_idx through the staging tile.
