@@ -234,7 +234,10 @@ def indexer_kl_loss(
         Use the dense warm-up support (all causally visible keys) instead of the selection.
     lse : Tensor, optional
         The main branch's logsumexp on the same support, float32 [B, Hq, Sq] (varlen: [Hq, Tq]),
-        e.g. from ``block_sparse_attn(..., return_lse=True)``; saves recomputing it. Default None.
+        e.g. from ``block_sparse_attn(..., return_lse=True)``; saves recomputing it. With
+        ``dense=True`` it is the dense causal attention's lse (natural log); without it the op
+        computes it (one PyTorch flash-attention forward when Sq = Sk in a padded batch, else a slow
+        float32 pass). Default None.
     cu_seqlens_q, cu_seqlens_k : Tensor, optional
         Varlen boundaries, int32 [B + 1]. Default None (padded batch).
     max_seqlen_q, max_seqlen_k : int, optional
