@@ -6,6 +6,7 @@ MSA_CUDA_FORCE_REFERENCE switch.
 """
 
 import math
+import os
 import warnings
 
 import pytest
@@ -401,6 +402,18 @@ def test_package_surface():
         assert msa_cuda.compiled_variants() == {}
     else:
         assert _kernels.load_error() is None
+
+
+def test_built_extension_loads():
+    """A compiled ``_C`` next to the package must import: an unresolved symbol (say, a kernel
+    instantiation no translation unit defines) would otherwise send every op to the reference
+    without failing anything."""
+    import glob
+
+    built = glob.glob(os.path.join(os.path.dirname(msa_cuda.__file__), "_C*.so"))
+    if not built:
+        pytest.skip("no compiled extension in this package (source tree or a build without CUDA)")
+    assert _kernels.extension_loaded(), f"{built[0]} failed to load: {_kernels.load_error()!r}"
 
 
 def test_ops_module_exports_ops():

@@ -6,6 +6,15 @@
 #include "msa/bwd/bwd_launch.cuh"
 #include "msa/msa.h"
 
+// Instantiated in this directory's per-(dtype, D) files; declared here so that the dispatch does
+// not compile every kernel a second time (it took as long as all of them together).
+namespace msa::bwd {
+extern template cudaError_t run_bwd_for<cutlass::bfloat16_t, 64>(const BwdParams&, void*, cudaStream_t);
+extern template cudaError_t run_bwd_for<cutlass::bfloat16_t, 128>(const BwdParams&, void*, cudaStream_t);
+extern template cudaError_t run_bwd_for<cutlass::half_t, 64>(const BwdParams&, void*, cudaStream_t);
+extern template cudaError_t run_bwd_for<cutlass::half_t, 128>(const BwdParams&, void*, cudaStream_t);
+}  // namespace msa::bwd
+
 namespace msa {
 
 size_t bwd_workspace_bytes(const BwdParams& p) {

@@ -6,6 +6,15 @@
 #include "msa/fwd/fwd_launch.cuh"
 #include "msa/msa.h"
 
+// Instantiated in this directory's per-(dtype, D) files; declared here so that the dispatch does
+// not compile every kernel a second time (it took as long as all of them together).
+namespace msa::fwd {
+extern template cudaError_t run_fwd_for<cutlass::bfloat16_t, 64>(const FwdParams&, void*, cudaStream_t);
+extern template cudaError_t run_fwd_for<cutlass::bfloat16_t, 128>(const FwdParams&, void*, cudaStream_t);
+extern template cudaError_t run_fwd_for<cutlass::half_t, 64>(const FwdParams&, void*, cudaStream_t);
+extern template cudaError_t run_fwd_for<cutlass::half_t, 128>(const FwdParams&, void*, cudaStream_t);
+}  // namespace msa::fwd
+
 namespace msa {
 
 size_t fwd_workspace_bytes(const FwdParams& p) { return fwd::use_query_outer(p) ? 0 : fwd::WorkspaceLayout(p).total; }

@@ -9,6 +9,19 @@
 #include "msa/kl/kl_launch.cuh"
 #include "msa/msa.h"
 
+// Instantiated in this directory's per-(dtype, D) files; declared here so that the dispatch does
+// not compile every kernel a second time (it took as long as all of them together).
+namespace msa::kl {
+extern template cudaError_t run_kl_for<cutlass::bfloat16_t, 64, 64>(const KlParams&, void*, cudaStream_t);
+extern template cudaError_t run_kl_for<cutlass::bfloat16_t, 64, 128>(const KlParams&, void*, cudaStream_t);
+extern template cudaError_t run_kl_for<cutlass::bfloat16_t, 128, 64>(const KlParams&, void*, cudaStream_t);
+extern template cudaError_t run_kl_for<cutlass::bfloat16_t, 128, 128>(const KlParams&, void*, cudaStream_t);
+extern template cudaError_t run_kl_for<cutlass::half_t, 64, 64>(const KlParams&, void*, cudaStream_t);
+extern template cudaError_t run_kl_for<cutlass::half_t, 64, 128>(const KlParams&, void*, cudaStream_t);
+extern template cudaError_t run_kl_for<cutlass::half_t, 128, 64>(const KlParams&, void*, cudaStream_t);
+extern template cudaError_t run_kl_for<cutlass::half_t, 128, 128>(const KlParams&, void*, cudaStream_t);
+}  // namespace msa::kl
+
 namespace msa {
 
 namespace {
