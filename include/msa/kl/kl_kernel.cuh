@@ -34,6 +34,7 @@
 #include "msa/fwd/fwd_collective.cuh"
 #include "msa/fwd/fwd_common.cuh"
 #include "msa/fwd/fwd_scheduler.cuh"
+#include "msa/kl/kl_collective.cuh"
 #include "msa/kl/kl_traits.cuh"
 
 namespace msa::kl {
@@ -414,21 +415,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
           last_q_state = q_state;
         }
         ++q_state;
-        if (full_block) {  // most tiles: a selected block wholly in the past of its tokens
-#pragma unroll
-          for (int v = 0; v < size(tSrS); ++v) {
-            const float p = exp2f(tSrS(v) * params.scale_log2 - row_lse[(v / 2) % 2]);
-            tSrP(v) = h == 0 ? p : tSrP(v) + p;
-          }
-        } else {
-#pragma unroll
-          for (int v = 0; v < size(tSrS); ++v) {
-            const int i = (v / 2) % 2;
-            const int key = 8 * (v / 4) + 2 * quad + (v % 2);
-            const float p = key <= last_key[i] ? exp2f(tSrS(v) * params.scale_log2 - row_lse[i]) : 0.f;
-            tSrP(v) = h == 0 ? p : tSrP(v) + p;
-          }
-        }
+        // Most tiles are full blocks: a selected block wholly in the past of its tokens.
+        accumulate_teacher_head(tSrS, tSrP, h, full_block, last_key, row_lse, params.scale_log2, quad);
       }
       if (finished) break;
       const fwd::TileCoord tc(item.x, params.num_blocks_max_div, params.num_heads_kv_div);
@@ -447,39 +435,14 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         row_token[i] = smem.t_row_token[tstage][mma_wg * 64 + row_base + 8 * i];
         row_logz[i] = smem.t_row_logz[tstage][mma_wg * 64 + row_base + 8 * i];
       }
-      // Branch-free (selects): per-element branches here issued more than the math. P = 0
-      // (masked, or underflow) contributes no loss term.
-      auto student = [&](auto is_full) {
-#pragma unroll
-        for (int v = 0; v < size(tIrS); ++v) {
-          const int i = (v / 2) % 2;
-          const float p = tSrP(v) * inv_group;
-          const float s2 = tIrS(v) * params.index_scale_log2 - row_logz[i];  // log2 Q
-          bool visible = true;
-          if constexpr (!decltype(is_full)::value) visible = 8 * (v / 4) + 2 * quad + (v % 2) <= last_key[i];
-          const float term = p * (__log2f(p) - s2);
-          loss_acc += visible && p > 0.f ? term : 0.f;
-          tDQrdS(v) = static_cast<Element>(visible ? exp2f(s2) - p : 0.f);
-        }
-      };
-      if (full_block) {
-        student(cute::true_type{});
-      } else {
-        student(cute::false_type{});
-      }
+      student_terms(tIrS, tSrP, tDQrdS, full_block, last_key, row_logz, inv_group, params.index_scale_log2, quad,
+                    loss_acc);
 
       // dK_idx = dS^T q_idx through the staging tile.
       const int staging_stage = Traits::kStageInQ ? last_q_state.index() : 0;
       const uint32_t staging_base =
           Traits::kStageInQ ? q_smem_base + staging_stage * Traits::kQStageBytes : own_staging_base;
-      fwd::stage_rows_stmatrix<kBlockN>(
-          [&](int v) {
-            cutlass::Array<Element, 2> pair;
-            pair[0] = tDQrdS(v);
-            pair[1] = tDQrdS(v + 1);
-            return reinterpret_cast<uint32_t const&>(pair);
-          },
-          staging_base, mma_wg, warp_in_wg, lane);
+      stage_ds<kBlockN>(tDQrdS, staging_base, mma_wg, warp_in_wg, lane);
       cutlass::arch::fence_view_async_shared();  // generic-proxy writes -> WGMMA reads
       cutlass::arch::NamedBarrier::sync(kMmaThreads, static_cast<int>(KlBarrier::StagingWritten));
       common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_dk, tDKrPt(_, _, _, staging_stage),
@@ -491,40 +454,22 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       ++tile_state;
       q_pipeline.consumer_release(last_q_state);
       const int block_start = tc.block * kBlockN;
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int key = dk_key_base + 8 * i;
-        if (block_start + key < seq.seqlen_k) {
-          float* dst = params.dk_idx_accum + (seq.k_token_start + block_start + key) * kIdxDim + dk_col_base;
-#pragma unroll
-          for (int j = 0; j < kDkCols / 8; ++j) {
-            atomicAdd(reinterpret_cast<float2*>(dst + 8 * j),
-                      make_float2(tDKrDK(4 * j + 2 * i) * params.grad_scale,
-                                  tDKrDK(4 * j + 2 * i + 1) * params.grad_scale));
-          }
-        }
-      }
+      atomic_add_rows<kDkCols>(
+          tDKrDK, params.grad_scale, [&](int i) { return block_start + dk_key_base + 8 * i < seq.seqlen_k; },
+          [&](int i) {
+            return params.dk_idx_accum + (seq.k_token_start + block_start + dk_key_base + 8 * i) * kIdxDim + dk_col_base;
+          });
 
       // dQ_idx = dS k_idx from registers.
       warpgroup_fence_operand(tDQrdS);
       common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_dq, tDQrdS, tDQrKi, tDQrDQ);
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        if (row_token[i] >= 0) {
-          float* dst = params.dq_idx_accum + (int64_t{row_token[i]} * params.num_heads_kv + tc.group) * kIdxDim + 2 * quad;
-#pragma unroll
-          for (int j = 0; j < kIdxDim / 8; ++j) {
-            atomicAdd(reinterpret_cast<float2*>(dst + 8 * j),
-                      make_float2(tDQrDQ(4 * j + 2 * i) * params.grad_scale,
-                                  tDQrDQ(4 * j + 2 * i + 1) * params.grad_scale));
-          }
-        }
-      }
+      atomic_add_rows<kIdxDim>(
+          tDQrDQ, params.grad_scale, [&](int i) { return row_token[i] >= 0; },
+          [&](int i) {
+            return params.dq_idx_accum + (int64_t{row_token[i]} * params.num_heads_kv + tc.group) * kIdxDim + 2 * quad;
+          });
     }
-    // The loss: one double atomic per warp.
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) loss_acc += __shfl_xor_sync(0xffffffff, loss_acc, offset);
-    if (lane == 0 && loss_acc != 0.f) atomicAdd(params.loss_sum, static_cast<double>(loss_acc) * 0.6931471805599453);
+    add_warp_loss(loss_acc, params.loss_sum, lane);
   }
   if (current_list >= 0) kv_pipeline.consumer_release(kv_state);
 #endif
