@@ -65,7 +65,7 @@ struct KlDenseKernelParams {
   float grad_scale;        // index_scale / pairs
 };
 
-// Query-side rows of a work item and the key blocks its chunk covers.
+// The key blocks a work item's chunk covers.
 struct DenseItemRange {
   int first_block = 0, end_block = 0;  // the chunk's key blocks [first, end)
 };
