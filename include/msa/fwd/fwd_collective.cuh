@@ -147,13 +147,12 @@ __device__ __forceinline__ float exp2_row_sum(TensorS& tSrS, int i, float scale_
 }
 
 // One key block of an online softmax over rows held as (row_max, row_sum) in log2 units of the
-// scaled scores: updates both rows of the thread, rescales O by exp2(old max - new max) and turns
-// S into P = exp2(S * scale_log2 - max) in place. A row with no visible key so far keeps max =
-// -inf and gets P = 0.
-template <int kBlockN, class TensorS, class TensorO>
-__device__ __forceinline__ void online_softmax_block(TensorS& tSrS, TensorO& tOrO, float (&row_max)[2],
-                                                     float (&row_sum)[2], float scale_log2) {
-  float alpha[2];
+// scaled scores: updates both rows of the thread, turns S into P = exp2(S * scale_log2 - max) in
+// place and returns in alpha the factor exp2(old max - new max) earlier sums are rescaled by. A
+// row with no visible key so far keeps max = -inf and gets P = 0.
+template <int kBlockN, class TensorS>
+__device__ __forceinline__ void online_softmax_rows(TensorS& tSrS, float (&row_max)[2], float (&row_sum)[2],
+                                                    float scale_log2, float (&alpha)[2]) {
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const float m = block_row_max<kBlockN>(tSrS, i);
@@ -163,6 +162,14 @@ __device__ __forceinline__ void online_softmax_block(TensorS& tSrS, TensorO& tOr
     row_sum[i] = row_sum[i] * alpha[i] + exp2_row_sum<kBlockN>(tSrS, i, scale_log2, base);
     row_max[i] = new_max;
   }
+}
+
+// online_softmax_rows, and O rescaled by alpha.
+template <int kBlockN, class TensorS, class TensorO>
+__device__ __forceinline__ void online_softmax_block(TensorS& tSrS, TensorO& tOrO, float (&row_max)[2],
+                                                     float (&row_sum)[2], float scale_log2) {
+  float alpha[2];
+  online_softmax_rows<kBlockN>(tSrS, row_max, row_sum, scale_log2, alpha);
 #pragma unroll
   for (int v = 0; v < size(tOrO); ++v) tOrO(v) *= alpha[(v / 2) % 2];
 }

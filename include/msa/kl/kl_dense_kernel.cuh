@@ -304,15 +304,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         int last_key[2];
         last_keys(rows, block, last_key);
         fwd::mask_block_columns<kBlockN>(tSrS, last_key, quad);
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const float m = fwd::block_row_max<kBlockN>(tSrS, i);
-          const float new_max = m == -CUDART_INF_F ? row_max[i] : fmaxf(row_max[i], m * params.index_scale_log2);
-          const float base = new_max == -CUDART_INF_F ? 0.f : new_max;
-          row_sum[i] = row_sum[i] * exp2f(row_max[i] - base) +
-                       fwd::exp2_row_sum<kBlockN>(tSrS, i, params.index_scale_log2, base);
-          row_max[i] = new_max;
-        }
+        float alpha[2];  // applied to row_sum only: there is no output to rescale
+        fwd::online_softmax_rows<kBlockN>(tSrS, row_max, row_sum, params.index_scale_log2, alpha);
       }
       qi_pipeline.consumer_release(qi_state);
       ++qi_state;
