@@ -1,6 +1,5 @@
 // Dense warm-up distillation loss, pass 2 instantiations for bf16, D = 64: Di = 64 and 128,
 // block_size 64 and 128.
-#define MSA_KL_DENSE_TU
 #include "msa/kl/kl_dense_launch.cuh"
 
 namespace msa::kl {

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "msa/kl/kl_dense_launch.cuh"
 #include "msa/kl/kl_launch.cuh"
@@ -12,38 +13,39 @@
 // Instantiated in this directory's per-(dtype, D) files; declared here so that the dispatch does
 // not compile every kernel a second time (it took as long as all of them together).
 namespace msa::kl {
-extern template cudaError_t run_kl_for<cutlass::bfloat16_t, 64, 64>(const KlParams&, void*, cudaStream_t);
-extern template cudaError_t run_kl_for<cutlass::bfloat16_t, 64, 128>(const KlParams&, void*, cudaStream_t);
-extern template cudaError_t run_kl_for<cutlass::bfloat16_t, 128, 64>(const KlParams&, void*, cudaStream_t);
-extern template cudaError_t run_kl_for<cutlass::bfloat16_t, 128, 128>(const KlParams&, void*, cudaStream_t);
-extern template cudaError_t run_kl_for<cutlass::half_t, 64, 64>(const KlParams&, void*, cudaStream_t);
-extern template cudaError_t run_kl_for<cutlass::half_t, 64, 128>(const KlParams&, void*, cudaStream_t);
-extern template cudaError_t run_kl_for<cutlass::half_t, 128, 64>(const KlParams&, void*, cudaStream_t);
-extern template cudaError_t run_kl_for<cutlass::half_t, 128, 128>(const KlParams&, void*, cudaStream_t);
+#define MSA_KL_EXTERN(E, D, DI)                                                                      \
+  extern template cudaError_t run_kl_for<E, D, DI>(const KlParams&, void*, cudaStream_t); \
+  extern template cudaError_t run_kl_dense_for<E, D, DI>(const KlParams&, void*, cudaStream_t);
+MSA_KL_EXTERN(cutlass::bfloat16_t, 64, 64)
+MSA_KL_EXTERN(cutlass::bfloat16_t, 64, 128)
+MSA_KL_EXTERN(cutlass::bfloat16_t, 128, 64)
+MSA_KL_EXTERN(cutlass::bfloat16_t, 128, 128)
+MSA_KL_EXTERN(cutlass::half_t, 64, 64)
+MSA_KL_EXTERN(cutlass::half_t, 64, 128)
+MSA_KL_EXTERN(cutlass::half_t, 128, 64)
+MSA_KL_EXTERN(cutlass::half_t, 128, 128)
+#undef MSA_KL_EXTERN
 }  // namespace msa::kl
 
 namespace msa {
 
 namespace {
 
-template <class Element>
+// Over (D, Di): the selected support's kernels, or (kDense) the dense warm-up's.
+template <class Element, bool kDense>
 cudaError_t run_kl_typed(const KlParams& p, void* workspace, cudaStream_t stream) {
-  if (p.head_dim == 128) {
-    return p.head_dim_idx == 128 ? kl::run_kl_for<Element, 128, 128>(p, workspace, stream)
-                                 : kl::run_kl_for<Element, 128, 64>(p, workspace, stream);
-  }
-  return p.head_dim_idx == 128 ? kl::run_kl_for<Element, 64, 128>(p, workspace, stream)
-                               : kl::run_kl_for<Element, 64, 64>(p, workspace, stream);
-}
-
-template <class Element>
-cudaError_t run_kl_dense_typed(const KlParams& p, void* workspace, cudaStream_t stream) {
-  if (p.head_dim == 128) {
-    return p.head_dim_idx == 128 ? kl::run_kl_dense_for<Element, 128, 128>(p, workspace, stream)
-                                 : kl::run_kl_dense_for<Element, 128, 64>(p, workspace, stream);
-  }
-  return p.head_dim_idx == 128 ? kl::run_kl_dense_for<Element, 64, 128>(p, workspace, stream)
-                               : kl::run_kl_dense_for<Element, 64, 64>(p, workspace, stream);
+  auto run = [&](auto head_dim, auto head_dim_idx) {
+    constexpr int kD = decltype(head_dim)::value, kDi = decltype(head_dim_idx)::value;
+    if constexpr (kDense) {
+      return kl::run_kl_dense_for<Element, kD, kDi>(p, workspace, stream);
+    } else {
+      return kl::run_kl_for<Element, kD, kDi>(p, workspace, stream);
+    }
+  };
+  using I64 = std::integral_constant<int, 64>;
+  using I128 = std::integral_constant<int, 128>;
+  if (p.head_dim == 128) return p.head_dim_idx == 128 ? run(I128{}, I128{}) : run(I128{}, I64{});
+  return p.head_dim_idx == 128 ? run(I64{}, I128{}) : run(I64{}, I64{});
 }
 
 // The shape checks both variants share.
@@ -104,8 +106,8 @@ cudaError_t run_kl(const KlParams& p, void* workspace, cudaStream_t stream) {
   const int64_t num_blocks_max = (int64_t{p.max_seqlen_k} + p.block_size - 1) / p.block_size;
   if (int64_t{p.batch} * p.num_heads_kv * num_blocks_max >= (int64_t{1} << 31)) return cudaErrorInvalidValue;
   if (p.total_q * p.num_heads_kv * p.topk >= (int64_t{1} << 31)) return cudaErrorInvalidValue;
-  return p.dtype == DType::kBF16 ? run_kl_typed<cutlass::bfloat16_t>(p, workspace, stream)
-                                 : run_kl_typed<cutlass::half_t>(p, workspace, stream);
+  return p.dtype == DType::kBF16 ? run_kl_typed<cutlass::bfloat16_t, false>(p, workspace, stream)
+                                 : run_kl_typed<cutlass::half_t, false>(p, workspace, stream);
 }
 
 size_t kl_dense_workspace_bytes(const KlParams& p) {
@@ -123,8 +125,8 @@ cudaError_t run_kl_dense(const KlParams& p, void* workspace, cudaStream_t stream
   if (int64_t{c.num_row_tiles} * p.batch * p.num_heads_kv * c.num_chunks >= (int64_t{1} << 30)) {
     return cudaErrorInvalidValue;
   }
-  return p.dtype == DType::kBF16 ? run_kl_dense_typed<cutlass::bfloat16_t>(p, workspace, stream)
-                                 : run_kl_dense_typed<cutlass::half_t>(p, workspace, stream);
+  return p.dtype == DType::kBF16 ? run_kl_typed<cutlass::bfloat16_t, true>(p, workspace, stream)
+                                 : run_kl_typed<cutlass::half_t, true>(p, workspace, stream);
 }
 
 }  // namespace msa

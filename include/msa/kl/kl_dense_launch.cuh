@@ -35,9 +35,9 @@ struct DenseChunking {
 };
 
 struct KlDenseWorkspaceLayout {
+  DenseChunking chunking;
   size_t stats = 0, logz = 0, counters = 0, end = 0;
-  explicit KlDenseWorkspaceLayout(const KlParams& p) {
-    const DenseChunking c(p);
+  explicit KlDenseWorkspaceLayout(const KlParams& p) : chunking(p) {
     auto take = [&](size_t bytes) {
       const size_t at = end;
       end += (bytes + 255) / 256 * 256;
@@ -45,7 +45,7 @@ struct KlDenseWorkspaceLayout {
     };
     logz = take(sizeof(float) * p.total_q * p.num_heads_kv);
     counters = take(2 * sizeof(int32_t));  // zeroed together with the stats
-    stats = take(sizeof(float2) * p.total_q * p.num_heads_kv * c.num_chunks);
+    stats = take(sizeof(float2) * p.total_q * p.num_heads_kv * chunking.num_chunks);
   }
 };
 
@@ -53,7 +53,7 @@ template <class Element, int kHeadDim, int kIdxDim, int kBlockN, bool kStatsPass
 cudaError_t launch_kl_dense_pass(const KlParams& p, const KlDenseWorkspaceLayout& ws, char* workspace,
                                  cudaStream_t stream) {
   using Traits = KlDenseTraits<Element, kHeadDim, kIdxDim, kBlockN, kStatsPass>;
-  const DenseChunking chunking(p);
+  const DenseChunking& chunking = ws.chunking;
   const int32_t total_q = static_cast<int32_t>(p.total_q), total_k = static_cast<int32_t>(p.total_k);
   const int hq = p.num_heads, hkv = p.num_heads_kv;
   auto rows3 = [](const void* ptr, int32_t rows, int cols, int heads) {
@@ -126,30 +126,17 @@ extern template cudaError_t launch_kl_dense_stats<cutlass::half_t, 128>(const Kl
 template <class Element, int kHeadDim, int kIdxDim>
 cudaError_t run_kl_dense_for(const KlParams& p, void* workspace_ptr, cudaStream_t stream) {
   const KlDenseWorkspaceLayout ws(p);
-  const DenseChunking chunking(p);
   char* workspace = static_cast<char*>(workspace_ptr);
   cudaError_t err = cudaMemsetAsync(workspace + ws.counters, 0, ws.end - ws.counters, stream);
   if (err == cudaSuccess) err = launch_kl_dense_stats<Element, kIdxDim>(p, ws, workspace, stream);
   if (err == cudaSuccess) {
     err = launch_kl_logz(reinterpret_cast<const float2*>(workspace + ws.stats),
                          reinterpret_cast<float*>(workspace + ws.logz), p.total_q * p.num_heads_kv,
-                         chunking.num_chunks, stream);
+                         ws.chunking.num_chunks, stream);
   }
   if (err != cudaSuccess) return err;
   return p.block_size == 128 ? launch_kl_dense_pass<Element, kHeadDim, kIdxDim, 128, false>(p, ws, workspace, stream)
                              : launch_kl_dense_pass<Element, kHeadDim, kIdxDim, 64, false>(p, ws, workspace, stream);
 }
-
-// Pass 2 per (dtype, D): src/kl/kl_dense_<dtype>_d<D>.cu; the dispatch only calls them.
-#ifndef MSA_KL_DENSE_TU
-#define MSA_KL_DENSE_EXTERN(E, D)                                                                     \
-  extern template cudaError_t run_kl_dense_for<E, D, 64>(const KlParams&, void*, cudaStream_t); \
-  extern template cudaError_t run_kl_dense_for<E, D, 128>(const KlParams&, void*, cudaStream_t);
-MSA_KL_DENSE_EXTERN(cutlass::bfloat16_t, 64)
-MSA_KL_DENSE_EXTERN(cutlass::bfloat16_t, 128)
-MSA_KL_DENSE_EXTERN(cutlass::half_t, 64)
-MSA_KL_DENSE_EXTERN(cutlass::half_t, 128)
-#undef MSA_KL_DENSE_EXTERN
-#endif
 
 }  // namespace msa::kl
