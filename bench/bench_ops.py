@@ -670,30 +670,11 @@ def bench_kl(runner: Runner, shape: Shape, msa, inputs: Tuple[torch.Tensor, ...]
 
 
 def dense_causal_lse(q: torch.Tensor, k: torch.Tensor) -> Tuple[torch.Tensor, str]:
-    """The main branch's dense causal lse, float32 [B, Hq, S] (natural log, scale 1 / sqrt(D)).
+    """The main branch's dense causal lse, float32 [B, Hq, S] (natural log, scale 1 / sqrt(D)), and
+    the SDPA backend that computed it: the op's own helper for an lse it is not given."""
+    from msa_cuda import _ops
 
-    Sq = Sk, so SDPA's top-left causal mask is the bottom-right one. One KV group at a time: its G
-    query heads against k expanded to G heads (k also stands in for v, on which the lse does not
-    depend), through FlashAttention's forward, or the memory-efficient one if FlashAttention
-    refuses. Returns the lse and the backend used.
-    """
-    b, s, hq, d = q.shape
-    hkv = k.shape[2]
-    g = hq // hkv
-    parts, backend = [], "FlashAttention"
-    for h in range(hkv):
-        qh = q[:, :, h * g:(h + 1) * g].transpose(1, 2)  # [B, G, S, D]
-        kh = k[:, :, h:h + 1].expand(b, s, g, d).contiguous().transpose(1, 2)
-        try:
-            if backend != "FlashAttention":
-                raise RuntimeError("FlashAttention refused an earlier group")
-            out = torch.ops.aten._scaled_dot_product_flash_attention(qh, kh, kh, 0.0, True, False)
-        except RuntimeError:
-            backend = "memory-efficient attention"
-            out = torch.ops.aten._scaled_dot_product_efficient_attention(qh, kh, kh, None, True, 0.0, True)
-        parts.append(out[1][:, :, :s].float())  # the efficient kernel pads the lse's length to 32
-        del out, kh
-    return torch.cat(parts, dim=1).contiguous(), backend
+    return _ops._dense_causal_lse_sdpa(q, k, q.shape[-1] ** -0.5)
 
 
 def dense_lse_error(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, rows: int = 3) -> float:

@@ -273,19 +273,41 @@ def _dense_causal_lse(q, k, cu_seqlens_q, cu_seqlens_k, softmax_scale) -> Tensor
     [Hq, Tq]: the dense KL's teacher normaliser when the caller passes none. Equal lengths in a
     padded batch use PyTorch's flash attention (one dense forward); otherwise query chunks in
     float32 (slow; pass ``lse`` from your dense attention instead)."""
-    hq, hkv = q.shape[-2], k.shape[-2]
-    g = hq // hkv
+    hq = q.shape[-2]
     if cu_seqlens_q is None and q.shape[1] == k.shape[1]:
-        kx = k.repeat_interleave(g, dim=2).transpose(1, 2)
-        res = torch.ops.aten._scaled_dot_product_flash_attention(
-            q.transpose(1, 2), kx, kx, 0.0, True, False, scale=softmax_scale)
-        return res[1].float().contiguous()
+        return _dense_causal_lse_sdpa(q, k, softmax_scale)[0]
     if cu_seqlens_q is None:
         return torch.stack([_dense_causal_lse_one(q[b], k[b], softmax_scale) for b in range(q.shape[0])])
     bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     parts = [_dense_causal_lse_one(q[bq[b]:bq[b + 1]], k[bk[b]:bk[b + 1]], softmax_scale)
              for b in range(len(bq) - 1)]
     return torch.cat(parts, dim=1) if parts else q.new_empty((hq, 0), dtype=torch.float32)
+
+
+def _dense_causal_lse_sdpa(q, k, softmax_scale) -> Tuple[Tensor, str]:
+    """A padded batch with Sq = Sk (SDPA's top-left causal mask is then the bottom-right one):
+    float32 [B, Hq, S] and the backend that computed it. One KV group at a time, its G query heads
+    against k expanded to G heads (k also stands in for v, on which the lse does not depend),
+    through FlashAttention's forward, or the memory-efficient one if FlashAttention refuses."""
+    b, s, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    parts, backend = [], "FlashAttention"
+    for h in range(hkv):
+        qh = q[:, :, h * g:(h + 1) * g].transpose(1, 2)  # [B, G, S, D]
+        kh = k[:, :, h:h + 1].expand(b, s, g, d).contiguous().transpose(1, 2)
+        try:
+            if backend != "FlashAttention":
+                raise RuntimeError("FlashAttention refused an earlier group")
+            out = torch.ops.aten._scaled_dot_product_flash_attention(qh, kh, kh, 0.0, True, False,
+                                                                     scale=softmax_scale)
+        except RuntimeError:
+            backend = "memory-efficient attention"
+            out = torch.ops.aten._scaled_dot_product_efficient_attention(qh, kh, kh, None, True, 0.0, True,
+                                                                         scale=softmax_scale)
+        parts.append(out[1][:, :, :s].float())  # the efficient kernel pads the lse's length to 32
+        del out, kh
+    return torch.cat(parts, dim=1).contiguous(), backend
 
 
 def _dense_causal_lse_one(q, k, softmax_scale) -> Tensor:
