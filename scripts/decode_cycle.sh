@@ -3,16 +3,8 @@
 #   usage: scripts/decode_cycle.sh OUT_DIR [steps: build,dtest,test,bench,sanitize]
 set -uo pipefail
 OUT=${1:?usage}; STEPS=${2:-build,dtest,bench}
-has() { [[ ",$STEPS," == *",$1,"* ]]; }
-mkdir -p "$OUT"
-export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
-export PYTHONPATH=/tmp/site
-nvidia-smi --query-gpu=name --format=csv,noheader
-if has build; then
-  s=$(date +%s); python3 -m pip install --no-build-isolation --no-deps --no-index -v . > /tmp/build.log 2>&1
-  echo "build rc=$? $(( $(date +%s) - s ))s"; grep -E "error|decode.*(registers|stack)" /tmp/build.log | head -30
-fi
+source "$(dirname "$0")/cycle_common.sh"
+if has build; then build_step "decode.*(registers|stack)"; fi
 if has dtest; then
   timeout 240 python3 -m pytest tests/test_decode_gpu.py tests/test_kvcache.py -q -x -rs > "$OUT/dtests.log" 2>&1
   echo "decode tests rc=$?"; tail -30 "$OUT/dtests.log"

@@ -3,16 +3,9 @@
 #   usage: scripts/kl_cycle.sh OUT_DIR [steps: build,kltest,test,bench,sanitize]
 set -uo pipefail
 OUT=${1:?usage}; STEPS=${2:-build,kltest,bench}
-has() { [[ ",$STEPS," == *",$1,"* ]]; }
-mkdir -p "$OUT"
-export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
-export PYTHONPATH=/tmp/site
-nvidia-smi --query-gpu=name --format=csv,noheader
+source "$(dirname "$0")/cycle_common.sh"
 if has build; then
-  s=$(date +%s); python3 -m pip install --no-build-isolation --no-deps --no-index -v . > /tmp/build.log 2>&1
-  echo "build rc=$? $(( $(date +%s) - s ))s"; cp /tmp/build.log "$OUT/build.log"
-  grep -E "error" /tmp/build.log | head -20
+  build_step  # the dense KL kernels' resource lines, summarized:
   grep -A3 "Compiling entry function '_ZN3msa2kl15kl_dense" /tmp/build.log | grep -E "Used|spill" | sort | uniq -c | head -12
 fi
 if has kltest; then
