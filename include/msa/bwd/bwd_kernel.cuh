@@ -341,14 +341,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     add_key_tile(params.dv, 1.f);
 
     // dK_tile = scale dS^T Q through the staging tile; dQ_rows = scale dS K from registers.
-    fwd::stage_rows_stmatrix<kBlockN>(
-        [&](int v) {
-          cutlass::Array<Element, 2> pair;
-          pair[0] = tDQrdS(v);
-          pair[1] = tDQrdS(v + 1);
-          return reinterpret_cast<uint32_t const&>(pair);
-        },
-        staging_base, mma_wg, warp_in_wg, lane);
+    fwd::stage_fragment_rows<kBlockN>(tDQrdS, staging_base, mma_wg, warp_in_wg, lane);
     cutlass::arch::fence_view_async_shared();
     barrier_all_consumers(BwdBarrier::StagingWritten);
     // One accumulator at a time (dK, then dQ) keeps the consumer within its registers.

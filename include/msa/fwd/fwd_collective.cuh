@@ -196,6 +196,23 @@ __device__ __forceinline__ void stage_rows_stmatrix(PairFn&& pair, uint32_t tile
   }
 }
 
+// A warpgroup's 64 rows of a 16-bit fragment in the accumulator's register order (dS in the
+// backward and the distillation loss), staged as above.
+template <int kCols, class TensorFrag>
+__device__ __forceinline__ void stage_fragment_rows(TensorFrag const& frag, uint32_t tile_base, int mma_wg,
+                                                    int warp_in_wg, int lane) {
+  using Element = typename TensorFrag::value_type;
+  static_assert(sizeof(Element) == 2, "a 16-bit fragment");
+  stage_rows_stmatrix<kCols>(
+      [&](int v) {
+        cutlass::Array<Element, 2> pair;
+        pair[0] = frag(v);
+        pair[1] = frag(v + 1);
+        return reinterpret_cast<uint32_t const&>(pair);
+      },
+      tile_base, mma_wg, warp_in_wg, lane);
+}
+
 // The output rows O (fp32) times out_scale per row, staged as above.
 template <class Traits, class TensorO>
 __device__ __forceinline__ void stage_output_rows(TensorO const& tOrO, const float (&out_scale)[2], uint32_t stage_base,

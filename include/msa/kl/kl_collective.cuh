@@ -5,9 +5,6 @@
 #pragma once
 
 #include <cute/tensor.hpp>
-#include <cutlass/array.h>
-
-#include "msa/fwd/fwd_collective.cuh"
 
 namespace msa::kl {
 
@@ -64,22 +61,6 @@ __device__ __forceinline__ void student_terms(TensorS const& tIrS, TensorP const
   } else {
     terms(cute::false_type{});
   }
-}
-
-// dS (tokens x keys, this warpgroup's 64 rows) into the staging tile at staging_base for the
-// dK_idx GEMM, which reads it transposed.
-template <int kBlockN, class TensorDS>
-__device__ __forceinline__ void stage_ds(TensorDS const& tDQrdS, uint32_t staging_base, int mma_wg, int warp_in_wg,
-                                         int lane) {
-  using Element = typename TensorDS::value_type;
-  fwd::stage_rows_stmatrix<kBlockN>(
-      [&](int v) {
-        cutlass::Array<Element, 2> pair;
-        pair[0] = tDQrdS(v);
-        pair[1] = tDQrdS(v + 1);
-        return reinterpret_cast<uint32_t const&>(pair);
-      },
-      staging_base, mma_wg, warp_in_wg, lane);
 }
 
 // This thread's two accumulator rows (kCols columns each, values 4 j + 2 i + c) times scale, added

@@ -442,7 +442,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       const int staging_stage = Traits::kStageInQ ? last_q_state.index() : 0;
       const uint32_t staging_base =
           Traits::kStageInQ ? q_smem_base + staging_stage * Traits::kQStageBytes : own_staging_base;
-      stage_ds<kBlockN>(tDQrdS, staging_base, mma_wg, warp_in_wg, lane);
+      fwd::stage_fragment_rows<kBlockN>(tDQrdS, staging_base, mma_wg, warp_in_wg, lane);
       cutlass::arch::fence_view_async_shared();  // generic-proxy writes -> WGMMA reads
       cutlass::arch::NamedBarrier::sync(kMmaThreads, static_cast<int>(KlBarrier::StagingWritten));
       common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_dk, tDKrPt(_, _, _, staging_stage),
