@@ -1,6 +1,6 @@
-// KV-outer block-sparse attention backward (MSA_SPEC s.6), first version: correct on every
-// configuration of the forward, WGMMA for all five GEMMs, fp32 atomics for the gradients (or, in
-// deterministic mode, 64-bit fixed-point atomics over a sorted plan: see GradAccum).
+// KV-outer block-sparse attention backward (MSA_SPEC s.6): WGMMA for all five GEMMs, dK/dV kept in
+// registers across a run of same-block tiles, fp32 atomics for the gradients (or, in deterministic
+// mode, 64-bit fixed-point atomics over a sorted plan: see GradAccum).
 //
 // Math per row i (query token t, head h) and key j of a selected block, with s = softmax_scale:
 //   P_ij = exp(s q_i.k_j - lse_i) (0 for masked keys), dP_ij = dO_i.v_j,
@@ -9,10 +9,11 @@
 // The work list is the forward plan's (tiles of 128/G tokens that chose one key block), walked by
 // the forward's dynamic scheduler. Warp roles: warpgroup 0 = producer (thread 0 TMA-loads K and V
 // when the block changes; all 128 threads gather the tile's Q and dO rows by cp.async and copy
-// each row's lse and delta); warpgroups 1-2 = consumers (64 rows each):
-//   S = Q K^T, dP = dO V^T (SS) -> P, dS in registers -> P^T to the staging tile -> dV_tile = P^T dO
-//   -> dS^T to the staging tile -> dK_tile = dS^T Q (SS) and dQ_rows = dS K (RS) -> atomics.
-// Later versions: dK/dV kept in registers across a run of same-block tiles, dQ through partials.
+// each row's lse, delta and last visible key); warpgroups 1-2 = consumers, keys as M (BwdTraits):
+//   per 64-row step: S^T = K Q^T, dP^T = V dO^T (SS) -> P^T, dS^T in registers ->
+//   dV += P^T dO, dK += dS^T Q (RS) and dS^T to the staging tile;
+//   per tile: dQ_rows = dS K (SS, from the staging tile) -> atomics;
+//   per run of same-block tiles: dK, dV -> atomics.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -160,10 +161,18 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       if (!last && (tid >> g_shift) < item.z) {
         token = fwd::entry_token(params.entries[item.y + (tid >> g_shift)]);
       }
-      const int group = last ? 0 : fwd::TileCoord(item.x, params.num_blocks_max_div, params.num_heads_kv_div).group;
+      const fwd::TileCoord tc(last ? 0 : item.x, params.num_blocks_max_div, params.num_heads_kv_div);
+      const int group = tc.group;
       const int64_t my_row = token >= 0 ? int64_t{token} * params.num_heads + group * G + (tid & (G - 1)) : -1;
-      if (tid == 0) smem.tile[stage] = item;
+      int last_key = -1;
+      if (token >= 0) {
+        const common::SeqInfo seq(tc.batch_idx, params.cu_seqlens_q, params.cu_seqlens_k, params.seqlen_q,
+                                  params.seqlen_k);
+        last_key = seq.query_position(static_cast<int>(token - seq.q_token_start)) - tc.block * kBlockN;
+      }
+      if (tid == 0) smem.tile[stage] = make_int4(item.x, item.y, item.z, scheduler.run_start() ? 1 : 0);
       smem.row_token[stage][tid] = token;
+      smem.row_last_key[stage][tid] = last_key;
       smem.row_lse[stage][tid] = my_row >= 0 ? params.lse_log2[my_row] : 0.f;
       smem.row_delta[stage][tid] = my_row >= 0 ? params.delta[my_row] : 0.f;
       cutlass::arch::NamedBarrier::sync(kThreadsPerWG, static_cast<int>(BwdBarrier::ProducerRows));
@@ -192,7 +201,6 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       // block's stage only once they see this tile, so acquiring it first would deadlock.
       if (!last && item.x != loaded_list) {
         if (tid == 0) {
-          const fwd::TileCoord tc(item.x, params.num_blocks_max_div, params.num_heads_kv_div);
           const common::SeqInfo seq(tc.batch_idx, params.cu_seqlens_q, params.cu_seqlens_k, params.seqlen_q,
                                     params.seqlen_k);
           kv_pipeline.producer_acquire(kv_state);
@@ -212,164 +220,180 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
 
   // ---------------- consumers ----------------
   cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
+  constexpr int kSteps = Traits::kStepsPerTile;
+  constexpr uint32_t kHalfBytes = 128 * 128;  // one 64-row half of the staging tile (fwd::stage_rows_stmatrix)
   const int mma_thread = threadIdx.x - kThreadsPerWG;
+  const int mma_wg = mma_thread / kThreadsPerWG;
+  const int wg_thread = mma_thread % kThreadsPerWG;
+  // The 64-key half of the block this warpgroup owns (block 128), or the whole 64-key block.
+  const int key_half = kSteps == 2 ? mma_wg : 0;
   Tensor sQt = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQt{});
   Tensor sdOt = make_tensor(make_smem_ptr(smem.dout.data()), typename Traits::SmemLayoutQt{});
   Tensor sKt = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutVt{});
-  Tensor sPt = make_tensor(make_smem_ptr(smem.pt.data()), typename Traits::SmemLayoutPt{});
+  Tensor sdS = make_tensor(make_smem_ptr(smem.ds.data()), typename Traits::SmemLayoutdS{});
 
-  typename Traits::TiledMmaQK tiled_mma_sdp;   // S = Q K^T and dP = dO V^T
-  typename Traits::TiledMmaPV tiled_mma_dq;    // dQ = dS K (dS from registers)
-  typename Traits::TiledMmaDKV tiled_mma_dkv;  // dV = P^T dO, dK = dS^T Q
-  auto thr_sdp = tiled_mma_sdp.get_thread_slice(mma_thread);
-  auto thr_dq = tiled_mma_dq.get_thread_slice(mma_thread);
-  auto thr_dkv = tiled_mma_dkv.get_thread_slice(mma_thread);
-  Tensor tSrQ = thr_sdp.partition_fragment_A(sQ);
-  Tensor tSrdO = thr_sdp.partition_fragment_A(sdO);
-  Tensor tSrK = thr_sdp.partition_fragment_B(sK);
-  Tensor tSrV = thr_sdp.partition_fragment_B(sV);
-  Tensor tDQrK = thr_dq.partition_fragment_B(sKt);
-  Tensor tDKVrPt = thr_dkv.partition_fragment_A(sPt);
-  Tensor tDKVrdO = thr_dkv.partition_fragment_B(sdOt);
-  Tensor tDKVrQ = thr_dkv.partition_fragment_B(sQt);
-  Tensor tSrS = partition_fragment_C(tiled_mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
-  Tensor tSrdP = partition_fragment_C(tiled_mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
-  Tensor tDQrDQ = partition_fragment_C(tiled_mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
-  Tensor tDKVrAcc = partition_fragment_C(tiled_mma_dkv, Shape<Int<kBlockN>, Int<kHeadDim>>{});
-  // dS as the A operand of dQ = dS K: the S accumulator's register order is the A fragment's
-  // (as P for O = P V in the forward).
-  Tensor tDQrdS = make_tensor<Element>(
-      Layout<Shape<Shape<_2, _2, _2>, _1, Int<kBlockN / 16>>, Stride<Stride<_1, _2, _4>, _0, _8>>{});
-  static_assert(decltype(size(tSrS))::value == decltype(size(tDQrdS))::value);
-  // Accumulator layout (m64nN per warpgroup): this thread holds rows row_base + 8 i of its
-  // warpgroup's 64, columns 8 j + 2 quad + c, as value 4 j + 2 i + c. All per-element addresses
-  // below are a per-row base plus a constant, so nothing per element stays live across the loop.
+  typename Traits::TiledMmaSdPt tiled_mma_sdp;  // S^T = K Q^T and dP^T = V dO^T
+  typename Traits::TiledMmaDKV tiled_mma_dkv;   // dV += P^T dO, dK += dS^T Q (P^T, dS^T from registers)
+  typename Traits::TiledMmaDQ tiled_mma_dq;     // dQ = dS K
+  auto thr_sdp = tiled_mma_sdp.get_thread_slice(wg_thread);
+  auto thr_dkv = tiled_mma_dkv.get_thread_slice(wg_thread);
+  auto thr_dq = tiled_mma_dq.get_thread_slice(wg_thread);
+  using KeyTile = Shape<_64, Int<kHeadDim>>;
+  Tensor tSrK = thr_sdp.partition_fragment_A(local_tile(sK(_, _, 0), KeyTile{}, make_coord(key_half, _0{})));
+  Tensor tSrV = thr_sdp.partition_fragment_A(local_tile(sV(_, _, 0), KeyTile{}, make_coord(key_half, _0{})));
+  Tensor tDQrdS =
+      thr_dq.partition_fragment_A(local_tile(sdS, Shape<_64, Int<kBlockN>>{}, make_coord(mma_wg, _0{})));
+  Tensor tDQrK = thr_dq.partition_fragment_B(sKt(_, _, 0));
+  Tensor tSrS = partition_fragment_C(tiled_mma_sdp, Shape<_64, _64>{});
+  Tensor tSrdP = partition_fragment_C(tiled_mma_sdp, Shape<_64, _64>{});
+  Tensor tdVrdV = partition_fragment_C(tiled_mma_dkv, Shape<_64, Int<kHeadDim>>{});
+  Tensor tdKrdK = partition_fragment_C(tiled_mma_dkv, Shape<_64, Int<kHeadDim>>{});
+  Tensor tdQrdQ = partition_fragment_C(tiled_mma_dq, Shape<_64, Int<kHeadDim>>{});
+  // P^T and dS^T as the A operands of the dK/dV GEMMs: the S^T accumulator's register order is the
+  // A fragment's (as P for O = P V in the forward).
+  using FragmentA = Layout<Shape<Shape<_2, _2, _2>, _1, _4>, Stride<Stride<_1, _2, _4>, _0, _8>>;
+  Tensor tDKVrPt = make_tensor<Element>(FragmentA{});
+  Tensor tDKVrdSt = make_tensor<Element>(FragmentA{});
+  static_assert(decltype(size(tSrS))::value == decltype(size(tDKVrPt))::value);
+  // Accumulator layout (m64nN): this thread holds rows row_base + 8 i of the 64, columns
+  // 8 j + 2 quad + c, as value 4 j + 2 i + c. In S^T, dP^T, dK and dV the rows are the keys
+  // key_row + 8 i of the block; in S^T and dP^T the columns are the tile rows of the step.
   const int lane = threadIdx.x % 32;
   const int quad = lane % 4;
-  const int mma_wg = mma_thread / kThreadsPerWG;
-  const int warp_in_wg = (mma_thread % kThreadsPerWG) / 32;
+  const int warp_in_wg = wg_thread / 32;
   const int row_base = warp_in_wg * 16 + lane / 4;
-  const uint32_t staging_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem.pt.data()));
-  // dK/dV tile rows (keys) and column offset of this thread: the warpgroups split the keys of a
-  // 128-key block, the columns of a 64-key block.
-  const int dkv_key_base = (Traits::kSplitKeys ? mma_wg * 64 : 0) + row_base;
-  const int dkv_col_base = (Traits::kSplitKeys ? 0 : mma_wg * (kHeadDim / 2)) + 2 * quad;
-  constexpr int kDKVCols = Traits::kSplitKeys ? kHeadDim : kHeadDim / 2;
-  static_assert(decltype(size(tDKVrAcc))::value == kDKVCols / 2);
+  const int key_row = key_half * 64 + row_base;
+  const uint32_t staging_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem.ds.data()));
 
-  QState q_state;
-  KVState kv_state;
-  int current_list = -1;
+  // dK and dV of a finished run to the fp32 (or fixed-point) accumulators.
+  auto flush_key_grads = [&](int list) {
+    const fwd::TileCoord tc(list, params.num_blocks_max_div, params.num_heads_kv_div);
+    const common::SeqInfo seq(tc.batch_idx, params.cu_seqlens_q, params.cu_seqlens_k, params.seqlen_q,
+                              params.seqlen_k);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int key = tc.block * kBlockN + key_row + 8 * i;
+      if (key < seq.seqlen_k) {
+        const int64_t dst = ((seq.k_token_start + key) * params.num_heads_kv + tc.group) * kHeadDim + 2 * quad;
+#pragma unroll
+        for (int j = 0; j < kHeadDim / 8; ++j) {
+          params.dv.template add_pair<kFixedPoint>(dst + 8 * j, tdVrdV(4 * j + 2 * i), tdVrdV(4 * j + 2 * i + 1));
+          params.dk.template add_pair<kFixedPoint>(dst + 8 * j, tdKrdK(4 * j + 2 * i) * params.scale,
+                                                   tdKrdK(4 * j + 2 * i + 1) * params.scale);
+        }
+      }
+    }
+  };
   auto barrier_all_consumers = [&](BwdBarrier id) {
     cutlass::arch::NamedBarrier::sync(kMmaThreads, static_cast<int>(id));
   };
 
+  QState q_state;
+  KVState kv_state;
+  int current_list = -1;
   for (;;) {
     q_pipeline.consumer_wait(q_state);
-    const int stage = q_state.index();
+    // (A compile-time stage with one stage keeps the GEMM descriptors constant.)
+    const int stage = Traits::kQStages == 1 ? 0 : q_state.index();
     cutlass::arch::fence_view_async_shared();  // cp.async (generic proxy) writes -> WGMMA reads
     const int4 item = smem.tile[stage];
-    if (item.x < 0) break;
-    const fwd::TileCoord tc(item.x, params.num_blocks_max_div, params.num_heads_kv_div);
-    const common::SeqInfo seq(tc.batch_idx, params.cu_seqlens_q, params.cu_seqlens_k, params.seqlen_q,
-                              params.seqlen_k);
-    if (item.x != current_list) {
+    const bool end = item.x < 0;
+    // A new run (the scheduler's runs are fixed, so deterministic mode sums the same tiles in
+    // registers every time) or a new block: the previous run's dK, dV leave.
+    if (end || item.x != current_list || item.w != 0) {
       if (current_list >= 0) {
-        kv_pipeline.consumer_release(kv_state);
-        ++kv_state;
+        if (item.x != current_list) {
+          kv_pipeline.consumer_release(kv_state);  // the producer may load the next block meanwhile
+          ++kv_state;
+        }
+        flush_key_grads(current_list);
       }
-      kv_pipeline.consumer_wait(kv_state);
-      current_list = item.x;
+      if (end) break;
+      if (item.x != current_list) {
+        kv_pipeline.consumer_wait(kv_state);
+        current_list = item.x;
+      }
+      clear(tdVrdV);
+      clear(tdKrdK);
     }
-    const int kv_stage = kv_state.index();
+    const int group = fwd::TileCoord(item.x, params.num_blocks_max_div, params.num_heads_kv_div).group;
+    // Tokens of this warpgroup's dQ rows (its 64-row half), read before the stage is released.
+    int dq_token[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) dq_token[i] = smem.row_token[stage][mma_wg * 64 + row_base + 8 * i];
 
-    // S = Q K^T and dP = dO V^T.
-    common::warpgroup_gemm</*kZeroInit=*/true, /*kWait=*/false>(tiled_mma_sdp, tSrQ(_, _, _, stage),
-                                                                 tSrK(_, _, _, kv_stage), tSrS);
-    common::warpgroup_gemm</*kZeroInit=*/true, /*kWait=*/false>(tiled_mma_sdp, tSrdO(_, _, _, stage),
-                                                                 tSrV(_, _, _, kv_stage), tSrdP);
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(tSrS);
-    warpgroup_fence_operand(tSrdP);
-
-    // This thread's two rows: token (-1: padding row), lse, delta, last visible key of the block.
-    const int block_start = tc.block * kBlockN;
-    int row_token[2], last_key[2];
-    float row_lse[2], row_delta[2];
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int row = mma_wg * 64 + row_base + 8 * i;
-      row_token[i] = smem.row_token[stage][row];
-      row_lse[i] = smem.row_lse[stage][row];
-      row_delta[i] = smem.row_delta[stage][row];
-      last_key[i] = row_token[i] >= 0
-                        ? seq.query_position(static_cast<int>(row_token[i] - seq.q_token_start)) - block_start
-                        : -1;
-    }
-    // P = exp(s S - lse) in place of S, dS = P (dP - delta) in place of dP; masked keys give 0.
+    for (int step = 0; step < kSteps; ++step) {
+      const int half = kSteps == 2 ? step : mma_wg;  // the tile's 64-row half this step walks
+      using RowTile = Shape<_64, Int<kHeadDim>>;
+      using RowTileT = Shape<Int<kHeadDim>, _64>;
+      Tensor tSrQ = thr_sdp.partition_fragment_B(local_tile(sQ(_, _, stage), RowTile{}, make_coord(half, _0{})));
+      Tensor tSrdO = thr_sdp.partition_fragment_B(local_tile(sdO(_, _, stage), RowTile{}, make_coord(half, _0{})));
+      Tensor tDKVrQ =
+          thr_dkv.partition_fragment_B(local_tile(sQt(_, _, stage), RowTileT{}, make_coord(_0{}, half)));
+      Tensor tDKVrdO =
+          thr_dkv.partition_fragment_B(local_tile(sdOt(_, _, stage), RowTileT{}, make_coord(_0{}, half)));
+      common::warpgroup_gemm</*kZeroInit=*/true, /*kWait=*/false>(tiled_mma_sdp, tSrK, tSrQ, tSrS);
+      common::warpgroup_gemm</*kZeroInit=*/true, /*kWait=*/false>(tiled_mma_sdp, tSrV, tSrdO, tSrdP);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tSrS);
+      warpgroup_fence_operand(tSrdP);
+      // P^T = exp(s S^T - lse) and dS^T = P^T (dP^T - delta), 0 where the row may not see the key;
+      // branch-free (exp2(-inf) = 0). Columns are tile rows half * 64 + 8 j + 2 quad + c.
+      const int row0 = half * 64 + 2 * quad;
 #pragma unroll
-    for (int v = 0; v < size(tSrS); ++v) {
-      const int i = (v / 2) % 2;
-      const int key = 8 * (v / 4) + 2 * quad + (v % 2);
-      const bool visible = key <= last_key[i];
-      const float p = visible ? exp2f(tSrS(v) * params.scale_log2 - row_lse[i]) : 0.f;
-      tSrS(v) = p;
-      tDQrdS(v) = static_cast<Element>(visible ? p * (tSrdP(v) - row_delta[i]) : 0.f);
-    }
-    // P to the staging tile; dV_tile = P^T dO.
-    fwd::stage_rows_stmatrix<kBlockN>(
-        [&](int v) { return fwd::pack_pair<Element>(tSrS(v), tSrS(v + 1)); }, staging_base, mma_wg, warp_in_wg,
-        lane);
-    cutlass::arch::fence_view_async_shared();  // generic-proxy writes -> WGMMA reads
-    barrier_all_consumers(BwdBarrier::StagingWritten);
-    common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_dkv, tDKVrPt, tDKVrdO(_, _, _, stage), tDKVrAcc);
-    auto add_key_tile = [&](GradAccum const& accum, float scale) {
+      for (int j = 0; j < 8; ++j) {
+        const float2 lse = *reinterpret_cast<const float2*>(&smem.row_lse[stage][row0 + 8 * j]);
+        const float2 delta = *reinterpret_cast<const float2*>(&smem.row_delta[stage][row0 + 8 * j]);
+        const int2 last_key = *reinterpret_cast<const int2*>(&smem.row_last_key[stage][row0 + 8 * j]);
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int key = dkv_key_base + 8 * i;
-        if (block_start + key < seq.seqlen_k) {
-          const int64_t dst =
-              ((seq.k_token_start + block_start + key) * params.num_heads_kv + tc.group) * kHeadDim + dkv_col_base;
+        for (int i = 0; i < 2; ++i) {
 #pragma unroll
-          for (int j = 0; j < kDKVCols / 8; ++j) {
-            accum.template add_pair<kFixedPoint>(dst + 8 * j, tDKVrAcc(4 * j + 2 * i) * scale, tDKVrAcc(4 * j + 2 * i + 1) * scale);
+          for (int c = 0; c < 2; ++c) {
+            const int v = 4 * j + 2 * i + c;
+            const bool visible = key_row + 8 * i <= (c ? last_key.y : last_key.x);
+            const float p =
+                exp2f(visible ? tSrS(v) * params.scale_log2 - (c ? lse.y : lse.x) : -CUDART_INF_F);
+            tDKVrPt(v) = static_cast<Element>(p);
+            tDKVrdSt(v) = static_cast<Element>(p * (tSrdP(v) - (c ? delta.y : delta.x)));
           }
         }
       }
-    };
-    barrier_all_consumers(BwdBarrier::StagingRead);  // both warpgroups' dV GEMMs have read P
-    add_key_tile(params.dv, 1.f);
-
-    // dK_tile = scale dS^T Q through the staging tile; dQ_rows = scale dS K from registers.
-    fwd::stage_fragment_rows<kBlockN>(tDQrdS, staging_base, mma_wg, warp_in_wg, lane);
-    cutlass::arch::fence_view_async_shared();
-    barrier_all_consumers(BwdBarrier::StagingWritten);
-    // One accumulator at a time (dK, then dQ) keeps the consumer within its registers.
-    common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_dkv, tDKVrPt, tDKVrQ(_, _, _, stage), tDKVrAcc);
-    // Both warpgroups' dK GEMMs are done: the staging tile is free for the next tile, and nothing
-    // reads this stage (Q, dO, row data) any more, so the producer may refill it during the dK
-    // atomics and the dQ GEMM (which reads K and registers only).
-    barrier_all_consumers(BwdBarrier::StagingRead);
+      warpgroup_fence_operand(tDKVrPt);
+      warpgroup_fence_operand(tDKVrdSt);
+      common::warpgroup_gemm</*kZeroInit=*/false, /*kWait=*/false>(tiled_mma_dkv, tDKVrPt, tDKVrdO, tdVrdV);
+      common::warpgroup_gemm</*kZeroInit=*/false, /*kWait=*/false>(tiled_mma_dkv, tDKVrdSt, tDKVrQ, tdKrdK);
+      // dS^T to the staging tile while the GEMMs run (they only read these registers).
+      fwd::stage_fragment_rows<64>(tDKVrdSt, staging_base + half * kHalfBytes, key_half, warp_in_wg, lane);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tdVrdV);
+      warpgroup_fence_operand(tdKrdK);
+      warpgroup_fence_operand(tDKVrPt);
+      warpgroup_fence_operand(tDKVrdSt);
+    }
+    // Nothing reads this stage (Q, dO, row data) any more: the producer may refill it during dQ.
     q_pipeline.consumer_release(q_state);
     ++q_state;
-    add_key_tile(params.dk, params.scale);
-    warpgroup_fence_operand(tDQrdS);
-    common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_dq, tDQrdS, tDQrK(_, _, _, kv_stage), tDQrDQ);
+
+    // dQ_rows = scale dS K over the whole block, once both warpgroups' dS^T is staged.
+    cutlass::arch::fence_view_async_shared();  // stmatrix (generic proxy) -> WGMMA reads
+    barrier_all_consumers(BwdBarrier::StagingWritten);
+    common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_dq, tDQrdS, tDQrK, tdQrdQ);
+    barrier_all_consumers(BwdBarrier::StagingRead);  // the staging tile is free for the next tile
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      if (row_token[i] >= 0) {
+      if (dq_token[i] >= 0) {
         const int row = mma_wg * 64 + row_base + 8 * i;
         const int64_t dst =
-            (int64_t{row_token[i]} * params.num_heads + tc.group * G + (row & (G - 1))) * kHeadDim + 2 * quad;
+            (int64_t{dq_token[i]} * params.num_heads + group * G + (row & (G - 1))) * kHeadDim + 2 * quad;
 #pragma unroll
         for (int j = 0; j < kHeadDim / 8; ++j) {
-          params.dq.template add_pair<kFixedPoint>(dst + 8 * j, tDQrDQ(4 * j + 2 * i) * params.scale,
-                             tDQrDQ(4 * j + 2 * i + 1) * params.scale);
+          params.dq.template add_pair<kFixedPoint>(dst + 8 * j, tdQrdQ(4 * j + 2 * i) * params.scale,
+                                                   tdQrdQ(4 * j + 2 * i + 1) * params.scale);
         }
       }
     }
   }
-  if (current_list >= 0) kv_pipeline.consumer_release(kv_state);
 #endif
 }
 

@@ -15,17 +15,22 @@ using namespace cute;
 // Named barriers of the backward (cutlass::arch::NamedBarrier adds CUTLASS's reserved count).
 enum class BwdBarrier : int {
   ProducerRows = 0,    // the producer warpgroup has written the tile's row tokens
-  StagingWritten = 1,  // both consumer warpgroups have written P (or dS) to the staging tile
-  StagingRead = 2,     // both consumer warpgroups' GEMMs reading the staging tile are done
+  StagingWritten = 1,  // both consumer warpgroups have written the tile's dS^T to the staging tile
+  StagingRead = 2,     // both consumer warpgroups' dQ GEMMs have read the staging tile
   ProducerGrab = 3,    // the producer warpgroup has published the scheduler's next run
 };
 
 // A work tile is the forward's: one selected key block and up to 128/G tokens that chose it
-// (128 rows: tokens x the G heads of the group; consumer warpgroup w owns rows [64w, 64w + 64)).
-// Per tile: S = Q K^T and dP = dO V^T (rows x keys), P and dS in registers, then
-// dV_tile = P^T dO and dK_tile = scale dS^T Q (keys x D, through a shared-memory staging tile of
-// P^T / dS^T; the warpgroups split the keys, or D when the block has 64 keys) and
-// dQ_rows = scale dS K (rows x D); all three are added to fp32 accumulators with atomics.
+// (128 rows: tokens x the G heads of the group). The consumers use the keys-as-M layout
+// (FlashAttention-3's backward): a consumer warpgroup owns 64 keys of the block and walks 64-row
+// halves of the tile:
+//   S^T = K Q^T and dP^T = V dO^T (64 keys x 64 rows, both operands K-major in shared memory),
+//   P^T and dS^T in registers, dV += P^T dO and dK += dS^T Q (A from registers, B MN-major),
+// so dK and dV stay in registers across a run of tiles of the same block and are flushed with
+// atomics once per run instead of once per tile. dS^T is staged in shared memory for
+// dQ = dS K (64 rows x D per warpgroup, A read MN-major from the staging tile).
+// Block 128: warpgroup w owns keys [64w, 64w + 64) and walks both row halves; block 64: both own
+// the block's 64 keys and warpgroup w walks row half w (each flushes its own dK/dV partial).
 template <class Element_, int kHeadDim_, int kBlockN_>
 struct BwdTraits : fwd::AttnTileTypes<Element_, kHeadDim_, kBlockN_, (kHeadDim_ == 128 && kBlockN_ == 128) ? 1 : 2,
                                       /*kKVStages=*/1> {
@@ -37,30 +42,41 @@ struct BwdTraits : fwd::AttnTileTypes<Element_, kHeadDim_, kBlockN_, (kHeadDim_ 
   using Base::kHeadDim;
   using Base::kKVStages;
   using Base::kQStages;
+  using typename Base::SmemLayoutAtom;
   using typename Base::SmemLayoutKV;
   using typename Base::SmemLayoutQ;
 
-  // (d, row, stage) views of the Q and dO tiles: the B operands of dK = dS^T Q and dV = P^T dO.
+  static constexpr int kKeysPerWarpGroup = 64;
+  static constexpr int kRowsPerStep = 64;
+  static constexpr int kStepsPerTile = kBlockN / kKeysPerWarpGroup;  // row halves one warpgroup walks per tile
+  // The consumers hold dK and dV (2 x 64 keys x D / 128 threads) next to S^T, dP^T or dQ.
+  static constexpr int kProducerRegs = 40;
+  static constexpr int kConsumerRegs = 232;
+  static_assert(kProducerRegs + 2 * kConsumerRegs <= 3 * 168, "register split exceeds the launch allocation");
+
+  using TiledMmaSdPt = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, _64, Int<kHeadDim>>>(), Layout<Shape<_1, _1, _1>>{}));
+  using TiledMmaDKV = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<kHeadDim>, _64>, GMMA::Major::K,
+                           GMMA::Major::MN>(),
+      Layout<Shape<_1, _1, _1>>{}));
+  using TiledMmaDQ = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kHeadDim>, Int<kBlockN>>, GMMA::Major::MN,
+                           GMMA::Major::MN>(),
+      Layout<Shape<_1, _1, _1>>{}));
+
+  // (d, row, stage) views of the Q and dO tiles: the B operands of dK += dS^T Q and dV += P^T dO.
   using SmemLayoutQt = decltype(composition(
       SmemLayoutQ{}, make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockM>, Int<kQStages>>{}, Step<_2, _1, _3>{})));
-  // P / dS staging: (row, key) in the query tile's SW128 K-major layout, written by stmatrix from
-  // the S accumulators (fwd::stage_rows_stmatrix); its (key, row) view is an MN-major SW128 tile,
-  // the A operand P^T / dS^T of the dK/dV GEMMs.
-  using SmemLayoutP =
-      decltype(tile_to_shape(typename Base::SmemLayoutAtom{}, Shape<Int<kBlockM>, Int<kBlockN>>{}));
-  static_assert(get_nonswizzle_portion(SmemLayoutP{})(8, 0) == 8 * 64 &&
-                    (kBlockN == 64 || get_nonswizzle_portion(SmemLayoutP{})(0, 64) == kBlockM * 64),
+  // dS^T staging: (key, row), 128 x 128 in the query tile's SW128 layout (rows contiguous), written
+  // by stmatrix from the S^T accumulators (fwd::stage_fragment_rows: keys are its rows, tile rows
+  // its columns); its (row, key) view is the MN-major A operand of dQ = dS K.
+  using SmemLayoutdSt = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<_128, Int<kBlockM>>{}));
+  static_assert(get_nonswizzle_portion(SmemLayoutdSt{})(8, 0) == 8 * 64 &&
+                    get_nonswizzle_portion(SmemLayoutdSt{})(0, 64) == 128 * 64,
                 "unexpected staging tile layout");
-  using SmemLayoutPt = decltype(composition(SmemLayoutP{}, make_ordered_layout(Shape<Int<kBlockN>, Int<kBlockM>>{},
-                                                                                 Step<_2, _1>{})));
-  // dK / dV tile (keys x D): a 128-key block is split by keys between the two warpgroups, a
-  // 64-key block by D.
-  static constexpr bool kSplitKeys = kBlockN == 128;
-  using TiledMmaDKV = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float,
-                           Shape<_64, Int<kSplitKeys ? kHeadDim : kHeadDim / 2>, Int<kBlockM>>, GMMA::Major::MN,
-                           GMMA::Major::MN>(),
-      Layout<Shape<Int<kSplitKeys ? 2 : 1>, Int<kSplitKeys ? 1 : 2>, _1>>{}));
+  using SmemLayoutdS =
+      decltype(composition(SmemLayoutdSt{}, make_ordered_layout(Shape<Int<kBlockM>, _128>{}, Step<_2, _1>{})));
 
   using QPipeline = cutlass::PipelineAsync<kQStages>;
   using KVPipeline = cutlass::PipelineTmaAsync<kKVStages>;
@@ -70,9 +86,10 @@ struct BwdTraits : fwd::AttnTileTypes<Element_, kHeadDim_, kBlockN_, (kHeadDim_ 
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> dout;
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutKV>, 1024> k;
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutKV>, 1024> v;
-    cute::array_aligned<Element, cute::cosize_v<SmemLayoutP>, 1024> pt;
-    int4 tile[kQStages];                 // (list, first entry, entries, 0) of each stage's tile
+    cute::array_aligned<Element, cute::cosize_v<SmemLayoutdSt>, 1024> ds;
+    int4 tile[kQStages];                   // (list, first entry, entries, first tile of a run) of each stage's tile
     int32_t row_token[kQStages][kBlockM];  // flat query token of each row, -1 = padding row
+    int32_t row_last_key[kQStages][kBlockM];  // last key of the block the row sees (-1: none, padding)
     float row_lse[kQStages][kBlockM];      // lse (log2 units) of each row
     float row_delta[kQStages][kBlockM];    // rowsum(dO * O) - grad_lse of each row
     int grab_slot;                         // DynamicTileScheduler's hand-over

@@ -43,13 +43,18 @@ class DynamicTileScheduler {
     return next_ + 1 < next_ + grab_ ? next_ + 1 : -1;
   }
   __device__ bool done() const { return tile_ >= num_work_; }
+  // Whether the current tile is the first of a grabbed run. Runs are fixed ranges of the work list
+  // (multiples of the grab size), whichever CTA takes them.
+  __device__ bool run_start() const { return run_start_; }
 
   // Every producer thread calls this once per tile.
   __device__ void advance() {
     if (tile_ + 1 < end_) {
       ++tile_;
+      run_start_ = false;
       return;
     }
+    run_start_ = true;
     const bool leader = threadIdx.x == 0;
     const int after_next = publish(leader);
     tile_ = next_;
@@ -78,6 +83,7 @@ class DynamicTileScheduler {
   int grab_ = 1;
   int tile_ = 0, end_ = 0, next_ = 0;
   int pending_ = 0;
+  bool run_start_ = true;
 };
 
 }  // namespace msa::fwd
