@@ -153,10 +153,9 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     for (;;) {
       const int4 item = params.work[scheduler.tile()];  // the plan's sentinel (list -1) at the end
       const bool last = scheduler.done();
-      q_pipeline.producer_acquire(q_state);
-      const int stage = q_state.index();
-      auto* full_barrier = q_pipeline.producer_get_barrier(q_state);
-      // Row tid: its token, lse and delta.
+      // Row tid: its token, lse, delta and last visible key, and its Q and dO rows prefetched into
+      // L2, all before waiting for a free stage: with one stage (D 128, block 128) this chain of
+      // dependent loads would otherwise stall the consumers on every tile.
       int token = -1;
       if (!last && (tid >> g_shift) < item.z) {
         token = fwd::entry_token(params.entries[item.y + (tid >> g_shift)]);
@@ -165,16 +164,27 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       const int group = tc.group;
       const int64_t my_row = token >= 0 ? int64_t{token} * params.num_heads + group * G + (tid & (G - 1)) : -1;
       int last_key = -1;
+      float lse = 0.f, delta = 0.f;
       if (token >= 0) {
         const common::SeqInfo seq(tc.batch_idx, params.cu_seqlens_q, params.cu_seqlens_k, params.seqlen_q,
                                   params.seqlen_k);
         last_key = seq.query_position(static_cast<int>(token - seq.q_token_start)) - tc.block * kBlockN;
+        lse = params.lse_log2[my_row];
+        delta = params.delta[my_row];
+#pragma unroll
+        for (int line = 0; line < kHeadDim * static_cast<int>(sizeof(Element)) / 128; ++line) {
+          asm volatile("prefetch.global.L2 [%0];\n" ::"l"(params.q + my_row * kHeadDim + line * 64));
+          asm volatile("prefetch.global.L2 [%0];\n" ::"l"(params.dout + my_row * kHeadDim + line * 64));
+        }
       }
+      q_pipeline.producer_acquire(q_state);
+      const int stage = q_state.index();
+      auto* full_barrier = q_pipeline.producer_get_barrier(q_state);
       if (tid == 0) smem.tile[stage] = make_int4(item.x, item.y, item.z, scheduler.run_start() ? 1 : 0);
       smem.row_token[stage][tid] = token;
       smem.row_last_key[stage][tid] = last_key;
-      smem.row_lse[stage][tid] = my_row >= 0 ? params.lse_log2[my_row] : 0.f;
-      smem.row_delta[stage][tid] = my_row >= 0 ? params.delta[my_row] : 0.f;
+      smem.row_lse[stage][tid] = lse;
+      smem.row_delta[stage][tid] = delta;
       cutlass::arch::NamedBarrier::sync(kThreadsPerWG, static_cast<int>(BwdBarrier::ProducerRows));
       // Q and dO rows: thread tid copies chunk tid % C of rows tid / C + k * kRowStep.
 #pragma unroll
@@ -322,7 +332,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
 #pragma unroll
     for (int i = 0; i < 2; ++i) dq_token[i] = smem.row_token[stage][mma_wg * 64 + row_base + 8 * i];
 
-#pragma unroll
+#pragma unroll 1
     for (int step = 0; step < kSteps; ++step) {
       const int half = kSteps == 2 ? step : mma_wg;  // the tile's 64-row half this step walks
       using RowTile = Shape<_64, Int<kHeadDim>>;

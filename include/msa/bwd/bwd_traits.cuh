@@ -49,9 +49,10 @@ struct BwdTraits : fwd::AttnTileTypes<Element_, kHeadDim_, kBlockN_, (kHeadDim_ 
   static constexpr int kKeysPerWarpGroup = 64;
   static constexpr int kRowsPerStep = 64;
   static constexpr int kStepsPerTile = kBlockN / kKeysPerWarpGroup;  // row halves one warpgroup walks per tile
-  // The consumers hold dK and dV (2 x 64 keys x D / 128 threads) next to S^T, dP^T or dQ.
-  static constexpr int kProducerRegs = 40;
-  static constexpr int kConsumerRegs = 232;
+  // The consumers hold dK and dV (2 x 64 keys x D / 128 threads) next to S^T, dP^T or dQ; with
+  // two row steps per tile (block 128) they need 8 more registers (fewest spills per ptxas).
+  static constexpr int kProducerRegs = 56;
+  static constexpr int kConsumerRegs = 224;
   static_assert(kProducerRegs + 2 * kConsumerRegs <= 3 * 168, "register split exceeds the launch allocation");
 
   using TiledMmaSdPt = decltype(make_tiled_mma(
