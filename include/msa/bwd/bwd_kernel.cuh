@@ -12,7 +12,8 @@
 // each row's lse, delta and last visible key); warpgroups 1-2 = consumers, keys as M (BwdTraits):
 //   per 64-row step: S^T = K Q^T, dP^T = V dO^T (SS) -> P^T, dS^T in registers ->
 //   dV += P^T dO, dK += dS^T Q (RS) and dS^T to the staging tile;
-//   per tile: dQ_rows = dS K (SS, from the staging tile) -> atomics;
+//   per 64-row half, once both warpgroups staged it: dQ_rows = dS K (SS, from the staging tile)
+//   -> atomics, by the warpgroup that owns those rows (the two drift apart: see StagedHalf0);
 //   per run of same-block tiles: dK, dV -> atomics.
 #pragma once
 
@@ -240,7 +241,6 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   Tensor sQt = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQt{});
   Tensor sdOt = make_tensor(make_smem_ptr(smem.dout.data()), typename Traits::SmemLayoutQt{});
   Tensor sKt = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutVt{});
-  Tensor sdS = make_tensor(make_smem_ptr(smem.ds.data()), typename Traits::SmemLayoutdS{});
 
   typename Traits::TiledMmaSdPt tiled_mma_sdp;  // S^T = K Q^T and dP^T = V dO^T
   typename Traits::TiledMmaDKV tiled_mma_dkv;   // dV += P^T dO, dK += dS^T Q (P^T, dS^T from registers)
@@ -251,8 +251,12 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   using KeyTile = Shape<_64, Int<kHeadDim>>;
   Tensor tSrK = thr_sdp.partition_fragment_A(local_tile(sK(_, _, 0), KeyTile{}, make_coord(key_half, _0{})));
   Tensor tSrV = thr_sdp.partition_fragment_A(local_tile(sV(_, _, 0), KeyTile{}, make_coord(key_half, _0{})));
-  Tensor tDQrdS =
-      thr_dq.partition_fragment_A(local_tile(sdS, Shape<_64, Int<kBlockN>>{}, make_coord(mma_wg, _0{})));
+  // dS as the A operand of dQ = dS K, this warpgroup's 64 rows, per staging buffer.
+  auto dq_operand_ds = [&](int buffer) {
+    Tensor sdS = make_tensor(make_smem_ptr(smem.ds.data() + buffer * Traits::kStagingBufferElems),
+                             typename Traits::SmemLayoutdS{});
+    return thr_dq.partition_fragment_A(local_tile(sdS, Shape<_64, Int<kBlockN>>{}, make_coord(mma_wg, _0{})));
+  };
   Tensor tDQrK = thr_dq.partition_fragment_B(sKt(_, _, 0));
   Tensor tSrS = partition_fragment_C(tiled_mma_sdp, Shape<_64, _64>{});
   Tensor tSrdP = partition_fragment_C(tiled_mma_sdp, Shape<_64, _64>{});
@@ -294,13 +298,28 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       }
     }
   };
-  auto barrier_all_consumers = [&](BwdBarrier id) {
-    cutlass::arch::NamedBarrier::sync(kMmaThreads, static_cast<int>(id));
+  // dQ rows = scale dS K over the whole block for this warpgroup's 64 rows, straight to atomics.
+  auto dq_rows = [&](int buffer, int group, const int (&dq_token)[2]) {
+    common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_dq, dq_operand_ds(buffer), tDQrK, tdQrdQ);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      if (dq_token[i] >= 0) {
+        const int row = mma_wg * 64 + row_base + 8 * i;
+        const int64_t dst =
+            (int64_t{dq_token[i]} * params.num_heads + group * G + (row & (G - 1))) * kHeadDim + 2 * quad;
+#pragma unroll
+        for (int j = 0; j < kHeadDim / 8; ++j) {
+          params.dq.template add_pair<kFixedPoint>(dst + 8 * j, tdQrdQ(4 * j + 2 * i) * params.scale,
+                                                   tdQrdQ(4 * j + 2 * i + 1) * params.scale);
+        }
+      }
+    }
   };
 
   QState q_state;
   KVState kv_state;
   int current_list = -1;
+  int buffer = 0;  // staging buffer of this tile
   for (;;) {
     q_pipeline.consumer_wait(q_state);
     // (A compile-time stage with one stage keeps the GEMM descriptors constant.)
@@ -374,35 +393,35 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       common::warpgroup_gemm</*kZeroInit=*/false, /*kWait=*/false>(tiled_mma_dkv, tDKVrPt, tDKVrdO, tdVrdV);
       common::warpgroup_gemm</*kZeroInit=*/false, /*kWait=*/false>(tiled_mma_dkv, tDKVrdSt, tDKVrQ, tdKrdK);
       // dS^T to the staging tile while the GEMMs run (they only read these registers).
-      fwd::stage_fragment_rows<64>(tDKVrdSt, staging_base + half * kHalfBytes, key_half, warp_in_wg, lane);
+      fwd::stage_fragment_rows<64>(
+          tDKVrdSt, staging_base + (buffer * Traits::kStagingBufferElems) * sizeof(Element) + half * kHalfBytes,
+          key_half, warp_in_wg, lane);
+      cutlass::arch::fence_view_async_shared();  // stmatrix (generic proxy) -> WGMMA reads
       warpgroup_wait<0>();
       warpgroup_fence_operand(tdVrdV);
       warpgroup_fence_operand(tdKrdK);
       warpgroup_fence_operand(tDKVrPt);
       warpgroup_fence_operand(tDKVrdSt);
-    }
-    // Nothing reads this stage (Q, dO, row data) any more: the producer may refill it during dQ.
-    q_pipeline.consumer_release(q_state);
-    ++q_state;
-
-    // dQ_rows = scale dS K over the whole block, once both warpgroups' dS^T is staged.
-    cutlass::arch::fence_view_async_shared();  // stmatrix (generic proxy) -> WGMMA reads
-    barrier_all_consumers(BwdBarrier::StagingWritten);
-    common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_dq, tDQrdS, tDQrK, tdQrdQ);
-    barrier_all_consumers(BwdBarrier::StagingRead);  // the staging tile is free for the next tile
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      if (dq_token[i] >= 0) {
-        const int row = mma_wg * 64 + row_base + 8 * i;
-        const int64_t dst =
-            (int64_t{dq_token[i]} * params.num_heads + group * G + (row & (G - 1))) * kHeadDim + 2 * quad;
-#pragma unroll
-        for (int j = 0; j < kHeadDim / 8; ++j) {
-          params.dq.template add_pair<kFixedPoint>(dst + 8 * j, tdQrdQ(4 * j + 2 * i) * params.scale,
-                                                   tdQrdQ(4 * j + 2 * i + 1) * params.scale);
-        }
+      // After the last step nothing reads this stage (Q, dO, row data): the producer may refill it
+      // during dQ.
+      if (step == kSteps - 1) q_pipeline.consumer_release(q_state);
+      // Row half `half` is staged once both warpgroups (block 64: this one) are here. The warpgroup
+      // whose dQ rows these are waits and computes them now; the other only arrives, so the two
+      // drift apart and one's softmax overlaps the other's GEMMs. With two buffers, the next
+      // write to this one comes a tile later, after the barriers of the tile in between.
+      const int barrier_id = static_cast<int>(half == 0 ? BwdBarrier::StagedHalf0 : BwdBarrier::StagedHalf1);
+      if (kSteps == 1) {
+        cutlass::arch::NamedBarrier::sync(kThreadsPerWG, barrier_id);
+        dq_rows(buffer, group, dq_token);
+      } else if (half == mma_wg) {
+        cutlass::arch::NamedBarrier::sync(kMmaThreads, barrier_id);
+        dq_rows(buffer, group, dq_token);
+      } else {
+        cutlass::arch::NamedBarrier::arrive(kMmaThreads, barrier_id);
       }
     }
+    ++q_state;
+    buffer ^= 1;
   }
 #endif
 }

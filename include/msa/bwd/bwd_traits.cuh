@@ -15,8 +15,10 @@ using namespace cute;
 // Named barriers of the backward (cutlass::arch::NamedBarrier adds CUTLASS's reserved count).
 enum class BwdBarrier : int {
   ProducerRows = 0,    // the producer warpgroup has written the tile's row tokens
-  StagingWritten = 1,  // both consumer warpgroups have written the tile's dS^T to the staging tile
-  StagingRead = 2,     // both consumer warpgroups' dQ GEMMs have read the staging tile
+  // dS^T of the tile's row half h is staged (block 128: by both consumer warpgroups, the one that
+  // computes dQ of half h waits, the other only arrives; block 64: warpgroup h alone, 128 threads).
+  StagedHalf0 = 1,
+  StagedHalf1 = 2,
   ProducerGrab = 3,    // the producer warpgroup has published the scheduler's next run
 };
 
@@ -78,6 +80,11 @@ struct BwdTraits : fwd::AttnTileTypes<Element_, kHeadDim_, kBlockN_, (kHeadDim_ 
                 "unexpected staging tile layout");
   using SmemLayoutdS =
       decltype(composition(SmemLayoutdSt{}, make_ordered_layout(Shape<Int<kBlockM>, _128>{}, Step<_2, _1>{})));
+  // Two staging buffers, alternating by tile, so a warpgroup may stage the next tile's dS^T while
+  // the other still reads this one's. A 64-key block uses key rows [0, 64) of the tile only, so
+  // its second buffer is the unused key rows [64, 128) of the first.
+  static constexpr int kStagingBufferElems = kBlockN == 128 ? cosize_v<SmemLayoutdSt> : 64 * 64;
+  static constexpr int kStagingElems = cosize_v<SmemLayoutdSt> * (kBlockN == 128 ? 2 : 1);
 
   using QPipeline = cutlass::PipelineAsync<kQStages>;
   using KVPipeline = cutlass::PipelineTmaAsync<kKVStages>;
@@ -87,7 +94,7 @@ struct BwdTraits : fwd::AttnTileTypes<Element_, kHeadDim_, kBlockN_, (kHeadDim_ 
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> dout;
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutKV>, 1024> k;
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutKV>, 1024> v;
-    cute::array_aligned<Element, cute::cosize_v<SmemLayoutdSt>, 1024> ds;
+    cute::array_aligned<Element, kStagingElems, 1024> ds;
     int4 tile[kQStages];                   // (list, first entry, entries, first tile of a run) of each stage's tile
     int32_t row_token[kQStages][kBlockM];  // flat query token of each row, -1 = padding row
     int32_t row_last_key[kQStages][kBlockM];  // last key of the block the row sees (-1: none, padding)
