@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Where the backward's time goes: ncu on one bwd_kernel launch at 32K (stall reasons, memory
+# throughput, per-SASS-line stall samples as CSV), then a rebuild with -DMSA_BWD_PROFILE_NO_ATOMICS
+# (wrong gradients, timing only) benched beside dense in the same run.
+#   usage: scripts/bwd_profile.sh OUT_DIR [steps: build,ncu,noatomics]
+set -uo pipefail
+OUT=${1:?usage}; STEPS=${2:-build,ncu,noatomics}
+source "$(dirname "$0")/cycle_common.sh"
+if has build; then build_step; fi
+if has ncu; then
+  timeout 240 ncu --kernel-name regex:bwd_kernel --launch-skip 1 --launch-count 1 --section SpeedOfLight \
+    --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis --section SourceCounters \
+    -o /tmp/bwd_prof python3 bench/bwd_once.py 32768 2 > "$OUT/ncu_run.log" 2>&1
+  echo "ncu rc=$?"; tail -3 "$OUT/ncu_run.log"
+  ncu --import /tmp/bwd_prof.ncu-rep --page details > "$OUT/ncu_details.txt" 2>&1
+  ncu --import /tmp/bwd_prof.ncu-rep --page source --csv --print-source sass > "$OUT/ncu_source.csv" 2>&1
+  grep -E "Duration|Throughput|Stall|Warp Cycles|Issued|Eligible|Active Warps|L2 Hit|Mem Busy" "$OUT/ncu_details.txt" | head -40
+  ls -la "$OUT"
+fi
+if has noatomics; then
+  timeout 200 python3 bench/bench_ops.py --ops bwd --seqlens 32768 --out "$OUT/with" 2>&1 | grep -E "^ +32768" 
+  sed -i 's/^-DNDEBUG/-DNDEBUG\n-DMSA_BWD_PROFILE_NO_ATOMICS/' cmake/nvcc_flags.txt; grep -c NO_ATOMICS cmake/nvcc_flags.txt
+  build_step
+  timeout 200 python3 bench/bench_ops.py --ops bwd --seqlens 32768 --out "$OUT/without" 2>&1 | grep -E "^ +32768"
+fi
