@@ -106,7 +106,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   constexpr int kHeadDim = Traits::kHeadDim;
   constexpr int kThreadsPerWG = common::kThreadsPerWarpGroup;
   constexpr int kMmaThreads = Traits::kNumMmaThreads;
-  constexpr uint32_t kQStageBytes = Traits::kQStageBytes;
+  constexpr uint32_t kQStageBytes = Traits::kQHalfStageBytes;
 
   extern __shared__ char smem_buf[];
   auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_buf);
@@ -114,10 +114,11 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   const int G = params.group_size;
   const int g_shift = params.group_shift;
 
-  // Query/dO ring: each producer thread arrives twice per stage (cp.async completion, noinc, and a
-  // release arrival after its shared-memory writes); every consumer thread releases it per tile.
+  // Query/dO ring of half tiles: each producer thread arrives twice per stage (cp.async
+  // completion, noinc, and a release arrival after its shared-memory writes); every consumer
+  // thread that walks the half releases it.
   QPipeline q_pipeline =
-      fwd::make_query_ring<QPipeline>(smem.q_pipeline, warp_group, 2 * kThreadsPerWG, kMmaThreads);
+      fwd::make_query_ring<QPipeline>(smem.q_pipeline, warp_group, 2 * kThreadsPerWG, Traits::kQConsumers);
   KVPipeline kv_pipeline = fwd::make_kv_ring<KVPipeline>(smem.kv_pipeline, warp_group, Traits::kTmaBytesKV, kMmaThreads);
   if (threadIdx.x == 0) {
     cute::prefetch_tma_descriptor(params.tma_k.get_tma_descriptor());
@@ -126,8 +127,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   __syncthreads();
 
   const int num_work = *params.num_work;
-  Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});
-  Tensor sdO = make_tensor(make_smem_ptr(smem.dout.data()), typename Traits::SmemLayoutQ{});
+  Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQHalf{});
+  Tensor sdO = make_tensor(make_smem_ptr(smem.dout.data()), typename Traits::SmemLayoutQHalf{});
   Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutKV{});
   Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), typename Traits::SmemLayoutKV{});
 
@@ -140,6 +141,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     constexpr int kChunksPerRow = kHeadDim / 8;
     constexpr int kRowStep = kThreadsPerWG / kChunksPerRow;
     static_assert(kRowStep % 8 == 0 && kBlockM / kRowStep == kChunksPerRow);
+    constexpr int kPassesPerHalf = 64 / kRowStep;
     const int chunk_col = (tid % kChunksPerRow) * 8;
     const uint32_t q_smem_thread =
         static_cast<uint32_t>(__cvta_generic_to_shared(&sQ(tid / kChunksPerRow, chunk_col, 0)));
@@ -178,36 +180,45 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
           asm volatile("prefetch.global.L2 [%0];\n" ::"l"(params.dout + my_row * kHeadDim + line * 64));
         }
       }
-      q_pipeline.producer_acquire(q_state);
-      const int stage = q_state.index();
-      auto* full_barrier = q_pipeline.producer_get_barrier(q_state);
-      if (tid == 0) smem.tile[stage] = make_int4(item.x, item.y, item.z, scheduler.run_start() ? 1 : 0);
-      smem.row_token[stage][tid] = token;
-      smem.row_last_key[stage][tid] = last_key;
-      smem.row_lse[stage][tid] = lse;
-      smem.row_delta[stage][tid] = delta;
-      cutlass::arch::NamedBarrier::sync(kThreadsPerWG, static_cast<int>(BwdBarrier::ProducerRows));
-      // Q and dO rows: thread tid copies chunk tid % C of rows tid / C + k * kRowStep.
-#pragma unroll
-      for (int k = 0; k < kChunksPerRow; ++k) {
-        const int row = tid / kChunksPerRow + k * kRowStep;
-        const int row_tok = smem.row_token[stage][row];
-        const uint32_t q_dst = q_smem_thread + stage * kQStageBytes + k * kRowStep * 128;
-        const uint32_t do_dst = do_smem_thread + stage * kQStageBytes + k * kRowStep * 128;
-        if (row_tok >= 0) {
-          const int64_t src = (int64_t{row_tok} * params.num_heads + group * G + (row & (G - 1))) * kHeadDim + chunk_col;
-          fwd::cp_async_16(q_dst, params.q + src);
-          fwd::cp_async_16(do_dst, params.dout + src);
-        } else {
-          // Padding rows must be finite: they meet dS = 0 and P = 0 in dK = dS^T Q and dV = P^T dO,
-          // and 0 x NaN (stale bits) would poison whole key rows.
-          asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(q_dst), "r"(0));
-          asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(do_dst), "r"(0));
+      // The tile's two half stages; row tid's data goes into half tid / 64.
+      const int4 tile = make_int4(item.x, item.y, item.z, scheduler.run_start() ? 1 : 0);
+#pragma unroll 1
+      for (int half = 0; half < 2; ++half) {
+        q_pipeline.producer_acquire(q_state);
+        const int stage = q_state.index();
+        auto* full_barrier = q_pipeline.producer_get_barrier(q_state);
+        if (tid == 0) smem.tile[stage] = tile;
+        if ((tid >> 6) == half) {
+          smem.row_token[stage][tid & 63] = token;
+          smem.row_last_key[stage][tid & 63] = last_key;
+          smem.row_lse[stage][tid & 63] = lse;
+          smem.row_delta[stage][tid & 63] = delta;
         }
+        cutlass::arch::NamedBarrier::sync(kThreadsPerWG, static_cast<int>(BwdBarrier::ProducerRows));
+        // Q and dO rows: thread tid copies chunk tid % C of rows tid / C + k * kRowStep. A row's head
+        // is (64 half + row) mod G = row mod G (G divides 64).
+#pragma unroll
+        for (int k = 0; k < kPassesPerHalf; ++k) {
+          const int row = tid / kChunksPerRow + k * kRowStep;
+          const int row_tok = smem.row_token[stage][row];
+          const uint32_t q_dst = q_smem_thread + stage * kQStageBytes + k * kRowStep * 128;
+          const uint32_t do_dst = do_smem_thread + stage * kQStageBytes + k * kRowStep * 128;
+          if (row_tok >= 0) {
+            const int64_t src =
+                (int64_t{row_tok} * params.num_heads + group * G + (row & (G - 1))) * kHeadDim + chunk_col;
+            fwd::cp_async_16(q_dst, params.q + src);
+            fwd::cp_async_16(do_dst, params.dout + src);
+          } else {
+            // Padding rows must be finite: they meet dS = 0 and P = 0 in dK = dS^T Q and
+            // dV = P^T dO, and 0 x NaN (stale bits) would poison whole key rows.
+            asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(q_dst), "r"(0));
+            asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(do_dst), "r"(0));
+          }
+        }
+        cutlass::arch::cpasync_barrier_arrive_noinc(full_barrier);
+        q_pipeline.producer_commit(q_state);  // releases this thread's shared-memory writes
+        ++q_state;
       }
-      cutlass::arch::cpasync_barrier_arrive_noinc(full_barrier);
-      q_pipeline.producer_commit(q_state);  // releases this thread's shared-memory writes
-      ++q_state;
       // K/V of a new block after the tile's queries: with one K/V stage the consumers free the old
       // block's stage only once they see this tile, so acquiring it first would deadlock.
       if (!last && item.x != loaded_list) {
@@ -238,8 +249,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   const int wg_thread = mma_thread % kThreadsPerWG;
   // The 64-key half of the block this warpgroup owns (block 128), or the whole 64-key block.
   const int key_half = kSteps == 2 ? mma_wg : 0;
-  Tensor sQt = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQt{});
-  Tensor sdOt = make_tensor(make_smem_ptr(smem.dout.data()), typename Traits::SmemLayoutQt{});
+  Tensor sQt = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQHalfT{});
+  Tensor sdOt = make_tensor(make_smem_ptr(smem.dout.data()), typename Traits::SmemLayoutQHalfT{});
   Tensor sKt = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutVt{});
 
   typename Traits::TiledMmaSdPt tiled_mma_sdp;  // S^T = K Q^T and dP^T = V dO^T
@@ -321,9 +332,10 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   int current_list = -1;
   int buffer = 0;  // staging buffer of this tile
   for (;;) {
+    // Block 64: warpgroup w walks only half stage w of each tile.
+    if (kSteps == 1 && mma_wg == 1) ++q_state;
     q_pipeline.consumer_wait(q_state);
-    // (A compile-time stage with one stage keeps the GEMM descriptors constant.)
-    const int stage = Traits::kQStages == 1 ? 0 : q_state.index();
+    int stage = q_state.index();
     cutlass::arch::fence_view_async_shared();  // cp.async (generic proxy) writes -> WGMMA reads
     const int4 item = smem.tile[stage];
     const bool end = item.x < 0;
@@ -346,30 +358,33 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       clear(tdKrdK);
     }
     const int group = fwd::TileCoord(item.x, params.num_blocks_max_div, params.num_heads_kv_div).group;
-    // Tokens of this warpgroup's dQ rows (its 64-row half), read before the stage is released.
+    // Tokens of this warpgroup's dQ rows (its 64-row half), read while their half stage is held.
     int dq_token[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) dq_token[i] = smem.row_token[stage][mma_wg * 64 + row_base + 8 * i];
 
 #pragma unroll 1
     for (int step = 0; step < kSteps; ++step) {
       const int half = kSteps == 2 ? step : mma_wg;  // the tile's 64-row half this step walks
-      using RowTile = Shape<_64, Int<kHeadDim>>;
-      using RowTileT = Shape<Int<kHeadDim>, _64>;
-      Tensor tSrQ = thr_sdp.partition_fragment_B(local_tile(sQ(_, _, stage), RowTile{}, make_coord(half, _0{})));
-      Tensor tSrdO = thr_sdp.partition_fragment_B(local_tile(sdO(_, _, stage), RowTile{}, make_coord(half, _0{})));
-      Tensor tDKVrQ =
-          thr_dkv.partition_fragment_B(local_tile(sQt(_, _, stage), RowTileT{}, make_coord(_0{}, half)));
-      Tensor tDKVrdO =
-          thr_dkv.partition_fragment_B(local_tile(sdOt(_, _, stage), RowTileT{}, make_coord(_0{}, half)));
+      if (step > 0) {
+        q_pipeline.consumer_wait(q_state);
+        stage = q_state.index();
+        cutlass::arch::fence_view_async_shared();
+      }
+      if (half == mma_wg) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) dq_token[i] = smem.row_token[stage][row_base + 8 * i];
+      }
+      Tensor tSrQ = thr_sdp.partition_fragment_B(sQ(_, _, stage));
+      Tensor tSrdO = thr_sdp.partition_fragment_B(sdO(_, _, stage));
+      Tensor tDKVrQ = thr_dkv.partition_fragment_B(sQt(_, _, stage));
+      Tensor tDKVrdO = thr_dkv.partition_fragment_B(sdOt(_, _, stage));
       common::warpgroup_gemm</*kZeroInit=*/true, /*kWait=*/false>(tiled_mma_sdp, tSrK, tSrQ, tSrS);
       common::warpgroup_gemm</*kZeroInit=*/true, /*kWait=*/false>(tiled_mma_sdp, tSrV, tSrdO, tSrdP);
       warpgroup_wait<0>();
       warpgroup_fence_operand(tSrS);
       warpgroup_fence_operand(tSrdP);
       // P^T = exp(s S^T - lse) and dS^T = P^T (dP^T - delta), 0 where the row may not see the key;
-      // branch-free (exp2(-inf) = 0). Columns are tile rows half * 64 + 8 j + 2 quad + c.
-      const int row0 = half * 64 + 2 * quad;
+      // branch-free (exp2(-inf) = 0). Columns are rows 8 j + 2 quad + c of the half tile.
+      const int row0 = 2 * quad;
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         const float2 lse = *reinterpret_cast<const float2*>(&smem.row_lse[stage][row0 + 8 * j]);
@@ -402,9 +417,9 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       warpgroup_fence_operand(tdKrdK);
       warpgroup_fence_operand(tDKVrPt);
       warpgroup_fence_operand(tDKVrdSt);
-      // After the last step nothing reads this stage (Q, dO, row data): the producer may refill it
-      // during dQ.
-      if (step == kSteps - 1) q_pipeline.consumer_release(q_state);
+      // Nothing reads this half stage (Q, dO, row data) any more: the producer may refill it.
+      q_pipeline.consumer_release(q_state);
+      ++q_state;
       // Row half `half` is staged once both warpgroups (block 64: this one) are here. The warpgroup
       // whose dQ rows these are waits and computes them now; the other only arrives, so the two
       // drift apart and one's softmax overlaps the other's GEMMs. With two buffers, the next
@@ -420,7 +435,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         cutlass::arch::NamedBarrier::arrive(kMmaThreads, barrier_id);
       }
     }
-    ++q_state;
+    if (kSteps == 1 && mma_wg == 0) ++q_state;
     buffer ^= 1;
   }
 #endif

@@ -68,9 +68,24 @@ struct BwdTraits : fwd::AttnTileTypes<Element_, kHeadDim_, kBlockN_, (kHeadDim_ 
                            GMMA::Major::MN>(),
       Layout<Shape<_1, _1, _1>>{}));
 
-  // (d, row, stage) views of the Q and dO tiles: the B operands of dK += dS^T Q and dV += P^T dO.
-  using SmemLayoutQt = decltype(composition(
-      SmemLayoutQ{}, make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockM>, Int<kQStages>>{}, Step<_2, _1, _3>{})));
+  // The Q/dO ring holds 64-row half tiles: a tile is two consecutive half stages, so the next
+  // tile's first half loads while the consumers work on this tile's second (with one stage of
+  // whole tiles the gather's latency stood between every two tiles: ncu, D 128 / block 128).
+  // Block 128: both consumer warpgroups walk both halves; block 64: warpgroup w only half w.
+  static constexpr int kQHalfStages = 2 * kQStages;
+  static constexpr int kQConsumers = kStepsPerTile == 2 ? 2 * common::kThreadsPerWarpGroup : common::kThreadsPerWarpGroup;
+  using SmemLayoutQHalf =
+      decltype(tile_to_shape(SmemLayoutAtom{}, Shape<_64, Int<kHeadDim>, Int<kQHalfStages>>{}));
+  // The producer's gather addresses the half tile directly: a row is 128 bytes inside its
+  // 64-column half, column halves are 64 rows apart, stages follow each other.
+  static_assert(get_nonswizzle_portion(SmemLayoutQHalf{})(8, 0, 0) == 8 * 64 &&
+                    get_nonswizzle_portion(SmemLayoutQHalf{})(0, 0, 1) == 64 * kHeadDim &&
+                    (kHeadDim == 64 || get_nonswizzle_portion(SmemLayoutQHalf{})(0, 64, 0) == 64 * 64),
+                "unexpected half-tile layout");
+  static constexpr uint32_t kQHalfStageBytes = 64 * kHeadDim * sizeof(Element);
+  // (d, row, stage) view: the B operands of dK += dS^T Q and dV += P^T dO.
+  using SmemLayoutQHalfT = decltype(composition(
+      SmemLayoutQHalf{}, make_ordered_layout(Shape<Int<kHeadDim>, _64, Int<kQHalfStages>>{}, Step<_2, _1, _3>{})));
   // dS^T staging: (key, row), 128 x 128 in the query tile's SW128 layout (rows contiguous), written
   // by stmatrix from the S^T accumulators (fwd::stage_fragment_rows: keys are its rows, tile rows
   // its columns); its (row, key) view is the MN-major A operand of dQ = dS K.
@@ -86,20 +101,20 @@ struct BwdTraits : fwd::AttnTileTypes<Element_, kHeadDim_, kBlockN_, (kHeadDim_ 
   static constexpr int kStagingBufferElems = kBlockN == 128 ? cosize_v<SmemLayoutdSt> : 64 * 64;
   static constexpr int kStagingElems = cosize_v<SmemLayoutdSt> * (kBlockN == 128 ? 2 : 1);
 
-  using QPipeline = cutlass::PipelineAsync<kQStages>;
+  using QPipeline = cutlass::PipelineAsync<kQHalfStages>;
   using KVPipeline = cutlass::PipelineTmaAsync<kKVStages>;
 
   struct SharedStorage {
-    cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> q;
-    cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> dout;
+    cute::array_aligned<Element, cute::cosize_v<SmemLayoutQHalf>, 1024> q;
+    cute::array_aligned<Element, cute::cosize_v<SmemLayoutQHalf>, 1024> dout;
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutKV>, 1024> k;
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutKV>, 1024> v;
     cute::array_aligned<Element, kStagingElems, 1024> ds;
-    int4 tile[kQStages];                   // (list, first entry, entries, first tile of a run) of each stage's tile
-    int32_t row_token[kQStages][kBlockM];  // flat query token of each row, -1 = padding row
-    int32_t row_last_key[kQStages][kBlockM];  // last key of the block the row sees (-1: none, padding)
-    float row_lse[kQStages][kBlockM];      // lse (log2 units) of each row
-    float row_delta[kQStages][kBlockM];    // rowsum(dO * O) - grad_lse of each row
+    int4 tile[kQHalfStages];  // (list, first entry, entries, first tile of a run) of each stage's tile
+    int32_t row_token[kQHalfStages][64];     // flat query token of each row, -1 = padding row
+    int32_t row_last_key[kQHalfStages][64];  // last key of the block the row sees (-1: none, padding)
+    float row_lse[kQHalfStages][64];         // lse (log2 units) of each row
+    float row_delta[kQHalfStages][64];       // rowsum(dO * O) - grad_lse of each row
     int grab_slot;                         // DynamicTileScheduler's hand-over
     typename QPipeline::SharedStorage q_pipeline;
     typename KVPipeline::SharedStorage kv_pipeline;
