@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Where the backward's time goes: ncu on one bwd_kernel launch at 32K (stall reasons, memory
 # throughput, per-SASS-line stall samples as CSV), then a rebuild with -DMSA_BWD_PROFILE_NO_ATOMICS
-# (wrong gradients, timing only) benched beside dense in the same run.
+# (wrong gradients, timing only) benched beside dense in the same run (bench_ops times the backward
+# only together with the forward: --ops attn,bwd).
 #   usage: scripts/bwd_profile.sh OUT_DIR [steps: build,ncu,noatomics]
 set -uo pipefail
 OUT=${1:?usage}; STEPS=${2:-build,ncu,noatomics}
@@ -18,8 +19,8 @@ if has ncu; then
   ls -la "$OUT"
 fi
 if has noatomics; then
-  timeout 200 python3 bench/bench_ops.py --ops bwd --seqlens 32768 --out "$OUT/with" 2>&1 | grep -E "^ +32768" 
+  timeout 200 python3 bench/bench_ops.py --ops attn,bwd --seqlens 32768 --out "$OUT/with" 2>&1 | grep -E "^ +32768"
   sed -i 's/^-DNDEBUG/-DNDEBUG\n-DMSA_BWD_PROFILE_NO_ATOMICS/' cmake/nvcc_flags.txt; grep -c NO_ATOMICS cmake/nvcc_flags.txt
   build_step
-  timeout 200 python3 bench/bench_ops.py --ops bwd --seqlens 32768 --out "$OUT/without" 2>&1 | grep -E "^ +32768"
+  timeout 200 python3 bench/bench_ops.py --ops attn,bwd --seqlens 32768 --out "$OUT/without" 2>&1 | grep -E "^ +32768"
 fi

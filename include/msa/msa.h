@@ -25,8 +25,8 @@ size_t fwd_workspace_bytes(const FwdParams& params);
 cudaError_t run_fwd(const FwdParams& params, void* workspace, cudaStream_t stream);
 
 // Block-sparse attention backward (KV-outer: plan (sorted when deterministic) -> one kernel
-// accumulating dq, dk, dv in fp32 or, deterministic, in 64-bit fixed point
-// with atomics). `workspace` must hold bwd_workspace_bytes(params) bytes.
+// accumulating dq per tile and dk, dv per run of same-block tiles with atomics, in fp32 or,
+// deterministic, in 64-bit fixed point). `workspace` must hold bwd_workspace_bytes(params) bytes.
 size_t bwd_workspace_bytes(const BwdParams& params);
 cudaError_t run_bwd(const BwdParams& params, void* workspace, cudaStream_t stream);
 

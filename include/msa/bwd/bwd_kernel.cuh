@@ -8,9 +8,10 @@
 //   dq_i += s sum_j dS_ij k_j, dk_j += s sum_i dS_ij q_i, dv_j += sum_i P_ij dO_i.
 // The work list is the forward plan's (tiles of 128/G tokens that chose one key block), walked by
 // the forward's dynamic scheduler. Warp roles: warpgroup 0 = producer (thread 0 TMA-loads K and V
-// when the block changes; all 128 threads gather the tile's Q and dO rows by cp.async and copy
-// each row's lse, delta and last visible key); warpgroups 1-2 = consumers, keys as M (BwdTraits):
-//   per 64-row step: S^T = K Q^T, dP^T = V dO^T (SS) -> P^T, dS^T in registers ->
+// when the block changes; all 128 threads gather the tile's Q and dO rows by cp.async into two
+// 64-row half stages and copy each row's lse, delta and last visible key); warpgroups 1-2 =
+// consumers, keys as M (BwdTraits):
+//   per 64-row half (step): S^T = K Q^T, dP^T = V dO^T (SS) -> P^T, dS^T in registers ->
 //   dV += P^T dO, dK += dS^T Q (RS) and dS^T to the staging tile;
 //   per 64-row half, once both warpgroups staged it: dQ_rows = dS K (SS, from the staging tile)
 //   -> atomics, by the warpgroup that owns those rows (the two drift apart: see StagedHalf0);
@@ -106,7 +107,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   constexpr int kHeadDim = Traits::kHeadDim;
   constexpr int kThreadsPerWG = common::kThreadsPerWarpGroup;
   constexpr int kMmaThreads = Traits::kNumMmaThreads;
-  constexpr uint32_t kQStageBytes = Traits::kQHalfStageBytes;
+  constexpr uint32_t kQHalfStageBytes = Traits::kQHalfStageBytes;
 
   extern __shared__ char smem_buf[];
   auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_buf);
@@ -201,8 +202,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         for (int k = 0; k < kPassesPerHalf; ++k) {
           const int row = tid / kChunksPerRow + k * kRowStep;
           const int row_tok = smem.row_token[stage][row];
-          const uint32_t q_dst = q_smem_thread + stage * kQStageBytes + k * kRowStep * 128;
-          const uint32_t do_dst = do_smem_thread + stage * kQStageBytes + k * kRowStep * 128;
+          const uint32_t q_dst = q_smem_thread + stage * kQHalfStageBytes + k * kRowStep * 128;
+          const uint32_t do_dst = do_smem_thread + stage * kQHalfStageBytes + k * kRowStep * 128;
           if (row_tok >= 0) {
             const int64_t src =
                 (int64_t{row_tok} * params.num_heads + group * G + (row & (G - 1))) * kHeadDim + chunk_col;

@@ -30,7 +30,8 @@ enum class BwdBarrier : int {
 //   P^T and dS^T in registers, dV += P^T dO and dK += dS^T Q (A from registers, B MN-major),
 // so dK and dV stay in registers across a run of tiles of the same block and are flushed with
 // atomics once per run instead of once per tile. dS^T is staged in shared memory for
-// dQ = dS K (64 rows x D per warpgroup, A read MN-major from the staging tile).
+// dQ = dS K (64 rows x D per warpgroup, A read MN-major from the staging tile). Q and dO arrive
+// in 64-row half tiles (see kQHalfStages).
 // Block 128: warpgroup w owns keys [64w, 64w + 64) and walks both row halves; block 64: both own
 // the block's 64 keys and warpgroup w walks row half w (each flushes its own dK/dV partial).
 template <class Element_, int kHeadDim_, int kBlockN_>
@@ -46,13 +47,11 @@ struct BwdTraits : fwd::AttnTileTypes<Element_, kHeadDim_, kBlockN_, (kHeadDim_ 
   using Base::kQStages;
   using typename Base::SmemLayoutAtom;
   using typename Base::SmemLayoutKV;
-  using typename Base::SmemLayoutQ;
 
   static constexpr int kKeysPerWarpGroup = 64;
-  static constexpr int kRowsPerStep = 64;
   static constexpr int kStepsPerTile = kBlockN / kKeysPerWarpGroup;  // row halves one warpgroup walks per tile
-  // The consumers hold dK and dV (2 x 64 keys x D / 128 threads) next to S^T, dP^T or dQ; with
-  // two row steps per tile (block 128) they need 8 more registers (fewest spills per ptxas).
+  // The consumers hold dK and dV (2 x 64 keys x D / 128 threads) next to S^T, dP^T or dQ. (64 / 216
+  // spilled 1 KB in the consumers; 40 / 232 more in the producer than 56 / 224.)
   static constexpr int kProducerRegs = 56;
   static constexpr int kConsumerRegs = 224;
   static_assert(kProducerRegs + 2 * kConsumerRegs <= 3 * 168, "register split exceeds the launch allocation");
