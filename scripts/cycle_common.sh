@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Shared start of the focused GPU cycles (decode_cycle.sh, kl_cycle.sh): sourced with the cycle's
-# OUT and STEPS set. Installs the carried CUTLASS wheel, names the card, and defines `has STEP`
-# and `build_step [PATTERN]` (pip install of the working tree, its log kept in OUT; prints the
-# errors and the log lines matching PATTERN).
+# Shared start of the focused GPU cycles (decode_cycle.sh, kl_cycle.sh, bwd_cycle.sh,
+# bwd_profile.sh): sourced with the cycle's OUT and STEPS set. Installs the carried CUTLASS wheel,
+# names the card, and defines `has STEP`, `build_step [PATTERN]` (pip install of the working tree,
+# its log kept in OUT; prints the errors and the log lines matching PATTERN), `pytest_step` and
+# `sanitize_step` (below).
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
 mkdir -p "$OUT"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
@@ -15,4 +16,19 @@ build_step() {
   echo "build rc=$? $(( $(date +%s) - s ))s"; cp /tmp/build.log "$OUT/build.log"
   grep -E "error" /tmp/build.log | head -20
   if [[ -n "${1:-}" ]]; then grep -E "$1" /tmp/build.log | head -30; fi
+}
+# pytest_step NAME LOG TIMEOUT ARGS...: a pytest run with its log in OUT, rc and tail printed.
+pytest_step() {
+  local name=$1 log=$2 limit=$3; shift 3
+  timeout "$limit" python3 -m pytest "$@" -q -x -rs > "$OUT/$log" 2>&1
+  echo "$name rc=$?"; tail -30 "$OUT/$log" | grep -v -i warn
+}
+# sanitize_step FILTER FILES...: compute-sanitizer memcheck and racecheck on the selected tests.
+sanitize_step() {
+  local filter=$1 tool; shift
+  for tool in memcheck racecheck; do
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 200 compute-sanitizer --tool $tool --print-limit 10 python3 -m pytest \
+      "$@" -q -x -k "$filter" > "$OUT/san_$tool.log" 2>&1
+    echo "$tool rc=$? $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/san_$tool.log" | tr '\n' ' ')"
+  done
 }

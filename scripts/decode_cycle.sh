@@ -5,13 +5,8 @@ set -uo pipefail
 OUT=${1:?usage}; STEPS=${2:-build,dtest,bench}
 source "$(dirname "$0")/cycle_common.sh"
 if has build; then build_step "decode.*(registers|stack)"; fi
-if has dtest; then
-  timeout 240 python3 -m pytest tests/test_decode_gpu.py tests/test_kvcache.py -q -x -rs > "$OUT/dtests.log" 2>&1
-  echo "decode tests rc=$?"; tail -30 "$OUT/dtests.log"
-fi
-if has test; then
-  timeout 200 python3 -m pytest tests -q -x > "$OUT/tests.log" 2>&1; echo "tests rc=$?"; tail -3 "$OUT/tests.log"
-fi
+if has dtest; then pytest_step "decode tests" dtests.log 240 tests/test_decode_gpu.py tests/test_kvcache.py; fi
+if has test; then pytest_step tests tests.log 200 tests; fi
 if has bench; then
   timeout 240 python3 bench/bench_decode.py --profile --fp8 --append --timeline --layers 4 --out "$OUT" 2>&1 | grep -v -i warn | tail -100
 fi
@@ -24,10 +19,6 @@ if has ncu; then
   done
 fi
 if has sanitize; then
-  for tool in memcheck racecheck; do
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 200 compute-sanitizer --tool $tool --print-limit 10 python3 -m pytest \
-      tests/test_decode_gpu.py -q -x -k "bad_lengths or (configs and bfloat16-d64-di64-bs64) or (configs and float16-d128-di128-bs128) or (topk_and_forced and 7-1-2) or (fp8_index_cache and bf16 and paged)" \
-      > "$OUT/san_$tool.log" 2>&1
-    echo "$tool rc=$? $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/san_$tool.log" | tr '\n' ' ')"
-  done
+  sanitize_step "bad_lengths or (configs and bfloat16-d64-di64-bs64) or (configs and float16-d128-di128-bs128) or (topk_and_forced and 7-1-2) or (fp8_index_cache and bf16 and paged)" \
+    tests/test_decode_gpu.py
 fi
