@@ -277,9 +277,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   Tensor tdQrdQ = partition_fragment_C(tiled_mma_dq, Shape<_64, Int<kHeadDim>>{});
   // P^T and dS^T as the A operands of the dK/dV GEMMs: the S^T accumulator's register order is the
   // A fragment's (as P for O = P V in the forward).
-  using FragmentA = Layout<Shape<Shape<_2, _2, _2>, _1, _4>, Stride<Stride<_1, _2, _4>, _0, _8>>;
-  Tensor tDKVrPt = make_tensor<Element>(FragmentA{});
-  Tensor tDKVrdSt = make_tensor<Element>(FragmentA{});
+  Tensor tDKVrPt = make_tensor<Element>(common::AccumulatorAsOperandA<64>{});
+  Tensor tDKVrdSt = make_tensor<Element>(common::AccumulatorAsOperandA<64>{});
   static_assert(decltype(size(tSrS))::value == decltype(size(tDKVrPt))::value);
   // Accumulator layout (m64nN): this thread holds rows row_base + 8 i of the 64, columns
   // 8 j + 2 quad + c, as value 4 j + 2 i + c. In S^T, dP^T, dK and dV the rows are the keys

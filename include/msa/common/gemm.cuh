@@ -6,6 +6,14 @@
 
 namespace msa::common {
 
+// Register layout of the A operand of a register-sourced WGMMA with K = kCols that reuses the
+// register order of an m64 x kCols fp32 accumulator: value 8 s + v of the accumulator is value v
+// of k-slice s, so P or dS becomes the next GEMM's A operand by a type conversion alone.
+template <int kCols>
+using AccumulatorAsOperandA =
+    cute::Layout<cute::Shape<cute::Shape<cute::_2, cute::_2, cute::_2>, cute::_1, cute::Int<kCols / 16>>,
+                 cute::Stride<cute::Stride<cute::_1, cute::_2, cute::_4>, cute::_0, cute::_8>>;
+
 // acc = A * B^T (kZeroInit) or acc += A * B^T. Issues every k-slice back to back and commits one
 // batch. kWait: also wait for it, so the accumulator is ready when this returns; without it the
 // caller waits (warpgroup_wait<N>) and fences the accumulator itself, to overlap other work.

@@ -255,8 +255,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   // P as the A operand of O = P V: the fp32 accumulator of S, in its own register order, is the
   // A fragment of the k-slices (value 8s + v of S is value v of k-slice s), so only the type
   // changes.
-  Tensor tOrP = make_tensor<Element>(
-      Layout<Shape<Shape<_2, _2, _2>, _1, Int<kBlockN / 16>>, Stride<Stride<_1, _2, _4>, _0, _8>>{});
+  Tensor tOrP = make_tensor<Element>(common::AccumulatorAsOperandA<kBlockN>{});
   static_assert(decltype(size(tSrS))::value == kBlockN / 2 && decltype(size(tOrP))::value == kBlockN / 2);
   static_assert(decltype(size(tOrO))::value == kHeadDim / 2);
 

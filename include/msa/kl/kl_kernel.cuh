@@ -370,8 +370,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     Tensor tDKrQi = thr_dk.partition_fragment_B(sQit);
     Tensor tDKrDK = partition_fragment_C(tiled_mma_dk, Shape<Int<kBlockN>, Int<kIdxDim>>{});
     // dS as the A operand of dQ_idx = dS k_idx (the accumulator's register order, as P in O = P V).
-    Tensor tDQrdS = make_tensor<Element>(
-        Layout<Shape<Shape<_2, _2, _2>, _1, Int<kBlockN / 16>>, Stride<Stride<_1, _2, _4>, _0, _8>>{});
+    Tensor tDQrdS = make_tensor<Element>(common::AccumulatorAsOperandA<kBlockN>{});
     static_assert(decltype(size(tIrS))::value == decltype(size(tDQrdS))::value &&
                   decltype(size(tSrS))::value == decltype(size(tIrS))::value);
     const uint32_t q_smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem.q.data()));
