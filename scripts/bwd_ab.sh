@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# A/B of a backward change in one GPU run, so both sides share the card and the dense baseline's
+# conditions: build the working tree (A), bench it, apply PATCH (B), rebuild (incremental),
+# run the backward tests on B, bench B.
+#   usage: scripts/bwd_ab.sh OUT_DIR PATCH [BWD_SEQLENS="32768 131072"]
+set -uo pipefail
+OUT=${1:?usage}; PATCH=${2:?usage}; STEPS=build
+source "$(dirname "$0")/cycle_common.sh"
+bench() {  # bench NAME: attn forward + backward beside dense, JSON under OUT/NAME
+  timeout 240 python3 bench/bench_ops.py --ops attn,bwd --seqlens ${BWD_SEQLENS:-32768 131072} --out "$OUT/$1" 2>&1 \
+    | grep -v -i warn | grep -E "^ +[0-9]+ +(dense|block)" | head -12
+}
+build_step; bench A
+if command -v git > /dev/null && git apply "$PATCH" 2> /dev/null || patch -p1 < "$PATCH"; then echo "applied $PATCH"; else exit 1; fi
+build_step
+grep -A3 "Compiling entry function '_ZN3msa3bwd10bwd_kernel" /tmp/build.log | grep -E "Used|spill" | sort | uniq -c | head -12
+pytest_step "bwd tests (B)" bwdtests_B.log 300 tests/test_bwd_gpu.py
+bench B
