@@ -2,7 +2,8 @@
 # A/B of a backward change in one GPU run, so both sides share the card and the dense baseline's
 # conditions: build the working tree (A), bench it, apply PATCH (B), rebuild (incremental),
 # run the backward tests on B, bench B.
-#   usage: scripts/bwd_ab.sh OUT_DIR PATCH [BWD_SEQLENS="32768 131072"]
+#   usage: [BWD_SEQLENS="32768 131072"] [AB_SANITIZE=1] scripts/bwd_ab.sh OUT_DIR PATCH
+# (AB_SANITIZE: compute-sanitizer memcheck and racecheck on B, SAN_FILTER as in bwd_cycle.sh)
 set -uo pipefail
 OUT=${1:?usage}; PATCH=${2:?usage}; STEPS=build
 source "$(dirname "$0")/cycle_common.sh"
@@ -16,3 +17,4 @@ build_step
 grep -A3 "Compiling entry function '_ZN3msa3bwd10bwd_kernel" /tmp/build.log | grep -E "Used|spill" | sort | uniq -c | head -12
 pytest_step "bwd tests (B)" bwdtests_B.log 300 tests/test_bwd_gpu.py
 bench B
+if [[ -n "${AB_SANITIZE:-}" ]]; then sanitize_step "${SAN_FILTER:-varlen and not deterministic}" tests/test_bwd_gpu.py; fi
