@@ -3,7 +3,7 @@
 # bwd_profile.sh): sourced with the cycle's OUT and STEPS set. Installs the carried CUTLASS wheel,
 # names the card, and defines `has STEP`, `build_step [PATTERN]` (pip install of the working tree,
 # its log kept in OUT; prints the errors and the log lines matching PATTERN), `pytest_step` and
-# `sanitize_step` (below).
+# `sanitize_step` (below; SAN_TOOLS picks the tools, default "memcheck racecheck").
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
 mkdir -p "$OUT"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
@@ -26,7 +26,7 @@ pytest_step() {
 # sanitize_step FILTER FILES...: compute-sanitizer memcheck and racecheck on the selected tests.
 sanitize_step() {
   local filter=$1 tool; shift
-  for tool in memcheck racecheck; do
+  for tool in ${SAN_TOOLS:-memcheck racecheck}; do
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 200 compute-sanitizer --tool $tool --print-limit 10 python3 -m pytest \
       "$@" -q -x -k "$filter" > "$OUT/san_$tool.log" 2>&1
     echo "$tool rc=$? $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/san_$tool.log" | tr '\n' ' ')"
