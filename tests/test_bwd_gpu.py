@@ -115,6 +115,29 @@ def test_bwd_m3_shape_many_tiles():
     _check(q, k, v, sel, 128, torch.bfloat16, seed=5)
 
 
+@pytest.mark.parametrize("chunk", [97, 1000])
+@pytest.mark.parametrize("d,block_size", [(64, 64), (128, 128)])
+def test_bwd_query_chunks(monkeypatch, chunk, d, block_size):
+    # The backward runs one plan + launch per query chunk (bwd_chunk_tokens); odd chunk sizes
+    # split sequences and batch entries mid-way. Batched, varlen and deterministic.
+    monkeypatch.setenv("MSA_BWD_CHUNK_TOKENS", str(chunk))
+    dtype = torch.bfloat16
+    q, k, v = _inputs(2, 333, 777, 16, 2, d, dtype, seed=chunk + d)
+    q_idx = torch.randn(2, 333, 2, 64, device="cuda", dtype=dtype)
+    k_idx = torch.randn(2, 777, 64, device="cuda", dtype=dtype)
+    sel = msa_cuda.select_blocks(q_idx, k_idx, block_size=block_size, topk=5, init_blocks=1)
+    _check(q, k, v, sel, block_size, dtype, seed=chunk)
+    _check_bitwise(q, k, v, sel, block_size, dtype, seed=chunk + 1)
+    lens = [5, 300, 1200]
+    cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device="cuda")
+    q, k, v = (t.reshape(-1, *t.shape[2:]) for t in _inputs(1, sum(lens), sum(lens), 16, 2, d, dtype, seed=chunk))
+    q_idx = torch.randn(sum(lens), 2, 64, device="cuda", dtype=dtype)
+    k_idx = torch.randn(sum(lens), 64, device="cuda", dtype=dtype)
+    sel = msa_cuda.select_blocks(q_idx, k_idx, block_size=block_size, topk=4, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    _check(q, k, v, sel, block_size, dtype, seed=chunk + 2, cu_seqlens_q=cu, cu_seqlens_k=cu,
+           max_seqlen_q=max(lens), max_seqlen_k=max(lens))
+
+
 # --------------------------------------------------------------------------------------------
 # deterministic=True: bitwise identical gradients run to run
 # --------------------------------------------------------------------------------------------

@@ -31,11 +31,11 @@ cudaError_t run_bwd(const BwdParams& p, void* workspace, cudaStream_t stream) {
   for (const void* ptr : {p.q, p.k, p.v, p.dout}) {
     if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return cudaErrorMisalignedAddress;
   }
-  // The plan packs query tokens in 26 bits (one chunk holds every token here).
-  if (p.total_q >= fwd::kMaxChunkTokens) return cudaErrorInvalidValue;
+  // Query tokens are int32 in the kernel; the plan packs them in 26 bits per chunk (bwd_chunk_tokens).
+  if (p.total_q >= (int64_t{1} << 31)) return cudaErrorInvalidValue;
   const int64_t num_blocks_max = (int64_t{p.max_seqlen_k} + p.block_size - 1) / p.block_size;
   if (int64_t{p.batch} * p.num_heads_kv * num_blocks_max >= (int64_t{1} << 31)) return cudaErrorInvalidValue;
-  if (p.total_q * p.num_heads_kv * p.topk >= (int64_t{1} << 31)) return cudaErrorInvalidValue;
+  if (bwd::bwd_chunk_tokens(p) * p.num_heads_kv * p.topk >= (int64_t{1} << 31)) return cudaErrorInvalidValue;
   const bool bf16 = p.dtype == DType::kBF16;
   if (p.head_dim == 128) {
     return bf16 ? bwd::run_bwd_for<cutlass::bfloat16_t, 128>(p, workspace, stream)

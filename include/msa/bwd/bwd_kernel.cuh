@@ -80,10 +80,11 @@ struct BwdKernelParams {
   GradAccum dq;             // [total_q, Hq, D]
   GradAccum dk;             // [total_k, Hkv, D]
   GradAccum dv;             // [total_k, Hkv, D]
-  const int32_t* entries;   // pack_entry(token, slot) per list entry (one chunk: all tokens)
+  const int32_t* entries;   // pack_entry(token - token_begin, slot) per list entry
   const int4* work;         // (list, first entry, entries, 0) per tile, then the sentinel
   const int32_t* num_work;  // [1]
   int32_t* work_counter;    // [1], zeroed by the plan
+  int32_t token_begin;      // first flat query token of the chunk (entries are relative to it)
   const int32_t* cu_seqlens_q;
   const int32_t* cu_seqlens_k;
   int seqlen_q, seqlen_k;
@@ -162,7 +163,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       // dependent loads would otherwise stall the consumers on every tile.
       int token = -1;
       if (!last && (tid >> g_shift) < item.z) {
-        token = fwd::entry_token(params.entries[item.y + (tid >> g_shift)]);
+        token = params.token_begin + fwd::entry_token(params.entries[item.y + (tid >> g_shift)]);
       }
       const fwd::TileCoord tc(last ? 0 : item.x, params.num_blocks_max_div, params.num_heads_kv_div);
       const int group = tc.group;

@@ -1,10 +1,11 @@
-// Host side of the backward: workspace (the forward plan's lists for all query tokens at once),
-// plan -> bwd_kernel.
+// Host side of the backward: per query chunk, plan (the forward's lists for the chunk's tokens)
+// -> bwd_kernel.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cute/tensor.hpp>
 #include <cutlass/fast_math.h>
 
@@ -17,12 +18,30 @@
 
 namespace msa::bwd {
 
-// The plan's pieces for all query tokens at once (the backward has no partials to bound).
-// Deterministic mode adds the sorted copy of the entries and the sort's scratch.
+// Query tokens per backward launch. The dQ reductions of a chunk land in a region of
+// chunk x Hq x D x 4 bytes (group by group: the lists are group-major), which stays in L2 when the
+// chunk is small; with all tokens at once every token's dQ row was reduced into DRAM-resident
+// memory (1 GB at 32K, M3 shape). Smaller chunks cost more K/V loads and dK/dV flushes (once per
+// key block and chunk). MSA_BWD_CHUNK_TOKENS overrides the default (0: one chunk), for measuring.
+constexpr int64_t kBwdChunkTokens = 4096;
+inline int64_t bwd_chunk_tokens(const BwdParams& p) {
+  int64_t chunk = kBwdChunkTokens;
+  if (const char* env = std::getenv("MSA_BWD_CHUNK_TOKENS")) {
+    const long long value = std::atoll(env);
+    chunk = value > 0 ? value : p.total_q;
+  }
+  return std::max<int64_t>(1, std::min({p.total_q, chunk, fwd::kMaxChunkTokens - 1}));
+}
+
+// The plan's pieces for one query chunk. Deterministic mode adds the sorted copy of the entries
+// and the sort's scratch.
 struct BwdWorkspaceLayout : fwd::PlanWorkspace {
+  int64_t chunk_tokens = 0;
   size_t sorted_entries = 0, sort_temp = 0, sort_temp_bytes = 0;
   explicit BwdWorkspaceLayout(const BwdParams& p)
-      : PlanWorkspace(p.total_q, p.batch, p.num_heads, p.num_heads_kv, p.topk, p.max_seqlen_k, p.block_size) {
+      : PlanWorkspace(bwd_chunk_tokens(p), p.batch, p.num_heads, p.num_heads_kv, p.topk, p.max_seqlen_k,
+                      p.block_size),
+        chunk_tokens(bwd_chunk_tokens(p)) {
     if (p.deterministic) {
       sorted_entries = take(sizeof(int32_t) * max_entries);
       sort_temp_bytes = fwd::plan_sort_temp_bytes(max_entries, num_lists);
@@ -33,7 +52,8 @@ struct BwdWorkspaceLayout : fwd::PlanWorkspace {
 };
 
 template <class Element, int kHeadDim, int kBlockN>
-cudaError_t launch_bwd_main(const BwdParams& p, const BwdWorkspaceLayout& ws, char* workspace, cudaStream_t stream) {
+cudaError_t launch_bwd_main(const BwdParams& p, const BwdWorkspaceLayout& ws, char* workspace, int64_t token_begin,
+                            cudaStream_t stream) {
   using Traits = BwdTraits<Element, kHeadDim, kBlockN>;
   const auto [tma_k, tma_v] = fwd::make_kv_tmas<Traits>(p);
   const int group_size = p.num_heads / p.num_heads_kv;
@@ -52,6 +72,7 @@ cudaError_t launch_bwd_main(const BwdParams& p, const BwdWorkspaceLayout& ws, ch
       reinterpret_cast<const int4*>(workspace + ws.work),
       reinterpret_cast<const int32_t*>(workspace + ws.num_work),
       reinterpret_cast<int32_t*>(workspace + ws.work_counter),
+      static_cast<int32_t>(token_begin),
       p.cu_seqlens_q,
       p.cu_seqlens_k,
       p.seqlen_q,
@@ -76,15 +97,20 @@ template <class Element, int kHeadDim>
 cudaError_t run_bwd_for(const BwdParams& p, void* workspace_ptr, cudaStream_t stream) {
   const BwdWorkspaceLayout ws(p);
   char* workspace = static_cast<char*>(workspace_ptr);
-  const fwd::PlanParams plan = ws.plan_params(p, workspace, 0, p.total_q);
-  cudaError_t err = fwd::launch_fwd_plan(plan, stream);
-  if (err == cudaSuccess && p.deterministic) {
-    err = fwd::sort_plan_entries(plan, reinterpret_cast<int32_t*>(workspace + ws.sorted_entries), ws.max_entries,
-                                 workspace + ws.sort_temp, ws.sort_temp_bytes, stream);
+  cudaError_t err = cudaSuccess;
+  for (int64_t token_begin = 0; token_begin < p.total_q && err == cudaSuccess; token_begin += ws.chunk_tokens) {
+    const int64_t token_end = std::min(p.total_q, token_begin + ws.chunk_tokens);
+    const fwd::PlanParams plan = ws.plan_params(p, workspace, token_begin, token_end);
+    err = fwd::launch_fwd_plan(plan, stream);
+    if (err == cudaSuccess && p.deterministic) {
+      err = fwd::sort_plan_entries(plan, reinterpret_cast<int32_t*>(workspace + ws.sorted_entries), ws.max_entries,
+                                   workspace + ws.sort_temp, ws.sort_temp_bytes, stream);
+    }
+    if (err != cudaSuccess) break;
+    err = p.block_size == 128 ? launch_bwd_main<Element, kHeadDim, 128>(p, ws, workspace, token_begin, stream)
+                              : launch_bwd_main<Element, kHeadDim, 64>(p, ws, workspace, token_begin, stream);
   }
-  if (err != cudaSuccess) return err;
-  return p.block_size == 128 ? launch_bwd_main<Element, kHeadDim, 128>(p, ws, workspace, stream)
-                             : launch_bwd_main<Element, kHeadDim, 64>(p, ws, workspace, stream);
+  return err;
 }
 
 }  // namespace msa::bwd
