@@ -45,6 +45,14 @@ constexpr bool kProfileNoAtomics = true;
 #else
 constexpr bool kProfileNoAtomics = false;
 #endif
+// -DMSA_BWD_PROFILE_DQ=1 skips only the dQ atomics, =2 the whole dQ (GEMM and atomics). (Where
+// the atomics simply vanish, as with MSA_BWD_PROFILE_NO_ATOMICS, ptxas also drops most of the dQ
+// GEMM: its results are dead.)
+#ifdef MSA_BWD_PROFILE_DQ
+constexpr int kProfileDq = MSA_BWD_PROFILE_DQ;
+#else
+constexpr int kProfileDq = 0;
+#endif
 
 // Where a gradient accumulates: fp32 atomics, or (deterministic mode, kFixedPoint) 64-bit fixed
 // point, value x fixed_scale rounded to an integer: integer adds give the same bits in any order.
@@ -312,10 +320,12 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   };
   // dQ rows = scale dS K over the whole block for this warpgroup's 64 rows, straight to atomics.
   auto dq_rows = [&](int buffer, int group, const int (&dq_token)[2]) {
+    if constexpr (kProfileDq == 2) return;
     common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_dq, dq_operand_ds(buffer), tDQrK, tdQrdQ);
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      if (dq_token[i] >= 0) {
+      // (Profiling, kProfileDq 1: a token that never occurs, so the GEMM's result stays live.)
+      if (dq_token[i] >= 0 && (kProfileDq != 1 || dq_token[i] == 0x7fffffff)) {
         const int row = mma_wg * 64 + row_base + 8 * i;
         const int64_t dst =
             (int64_t{dq_token[i]} * params.num_heads + group * G + (row & (G - 1))) * kHeadDim + 2 * quad;
