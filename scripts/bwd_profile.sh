@@ -3,7 +3,9 @@
 # throughput, per-SASS-line stall samples as CSV), then a rebuild with -DMSA_BWD_PROFILE_NO_ATOMICS
 # (wrong gradients, timing only) benched beside dense in the same run (bench_ops times the backward
 # only together with the forward: --ops attn,bwd).
-#   usage: scripts/bwd_profile.sh OUT_DIR [steps: build,ncu,noatomics]
+# Step l2red: L2 reduction / traffic counters of our backward and of the dense cuDNN backward at
+# the same shape (8K, where cuDNN's launches are short), to compare the cost per reduced byte.
+#   usage: scripts/bwd_profile.sh OUT_DIR [steps: build,ncu,noatomics,l2red]
 set -uo pipefail
 OUT=${1:?usage}; STEPS=${2:-build,ncu,noatomics}
 source "$(dirname "$0")/cycle_common.sh"
@@ -23,4 +25,12 @@ if has noatomics; then
   sed -i 's/^-DNDEBUG/-DNDEBUG\n-DMSA_BWD_PROFILE_NO_ATOMICS/' cmake/nvcc_flags.txt; grep -c NO_ATOMICS cmake/nvcc_flags.txt
   build_step
   timeout 200 python3 bench/bench_ops.py --ops attn,bwd --seqlens 32768 --out "$OUT/without" 2>&1 | grep -E "^ +32768"
+fi
+if has l2red; then  # (sections, not raw metric names: one unknown name fails the whole run)
+  for which in msa dense; do
+    timeout 200 ncu --section SpeedOfLight --section MemoryWorkloadAnalysis_Tables --print-details all \
+      --launch-skip 0 --launch-count 40 python3 bench/bwd_once.py 8192 1 $which > "$OUT/l2red_$which.txt" 2>&1
+    echo "l2red $which rc=$?"
+    grep -E "^  [a-zA-Z_].*\(|Duration|Reduction|Red|Atom|L2 Cache Throughput|DRAM Throughput" "$OUT/l2red_$which.txt" | head -60
+  done
 fi
