@@ -11,7 +11,7 @@ import statistics
 
 import torch
 
-import msa_cuda
+from bwd_once import msa_backward_problem
 from common import BWD_FACTOR, Shape, count_triples, sparse_fwd_flops
 
 
@@ -23,13 +23,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--deterministic", action="store_true")
     args = ap.parse_args()
-    hq, hkv, d = 64, 4, 128
     for s in args.seqlens:
-        mk = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16)  # noqa: E731
-        q, k, v = (mk(1, s, h, d).requires_grad_(True) for h in (hq, hkv, hkv))
-        sel = msa_cuda.select_blocks(mk(1, s, hkv, 128), mk(1, s, 128))
-        out = msa_cuda.block_sparse_attn(q, k, v, sel, validate=False, deterministic=args.deterministic)
-        dout = torch.randn_like(out)
+        q, k, v, sel, out, dout = msa_backward_problem(s, args.deterministic)
         flops = BWD_FACTOR * sparse_fwd_flops(Shape(seqlen=s), count_triples(sel, s, 128))
         for value in args.values:
             os.environ[args.var] = value

@@ -7,7 +7,7 @@ set -uo pipefail
 OUT=${1:?usage}; CHUNKS=${2:-4096 0}; STEPS=build
 source "$(dirname "$0")/cycle_common.sh"
 for dq in 1 2; do
-  sed -i "/MSA_BWD_PROFILE_DQ/d; s/^-DNDEBUG/-DNDEBUG\n-DMSA_BWD_PROFILE_DQ=$dq/" cmake/nvcc_flags.txt
+  set_profile_define MSA_BWD_PROFILE_DQ=$dq || exit 1
   echo "MSA_BWD_PROFILE_DQ=$dq"; build_step
   timeout 150 python3 bench/bwd_sweep.py --var MSA_BWD_CHUNK_TOKENS --values $CHUNKS 2>&1 | grep -v -i warn | tail -4
 done

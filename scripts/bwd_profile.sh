@@ -2,7 +2,8 @@
 # Where the backward's time goes: ncu on one bwd_kernel launch at 32K (stall reasons, memory
 # throughput, per-SASS-line stall samples as CSV), then a rebuild with -DMSA_BWD_PROFILE_NO_ATOMICS
 # (wrong gradients, timing only) benched beside dense in the same run (bench_ops times the backward
-# only together with the forward: --ops attn,bwd).
+# only together with the forward: --ops attn,bwd). That rebuild overstates what the atomics cost:
+# with them gone ptxas also drops most of the dQ GEMM; scripts/bwd_dq_cost.sh separates the two.
 # Step l2red: L2 reduction / traffic counters of our backward and of the dense cuDNN backward at
 # the same shape (8K, where cuDNN's launches are short), to compare the cost per reduced byte.
 #   usage: scripts/bwd_profile.sh OUT_DIR [steps: build,ncu,noatomics,l2red]
@@ -22,7 +23,7 @@ if has ncu; then
 fi
 if has noatomics; then
   timeout 200 python3 bench/bench_ops.py --ops attn,bwd --seqlens 32768 --out "$OUT/with" 2>&1 | grep -E "^ +32768"
-  sed -i 's/^-DNDEBUG/-DNDEBUG\n-DMSA_BWD_PROFILE_NO_ATOMICS/' cmake/nvcc_flags.txt; grep -c NO_ATOMICS cmake/nvcc_flags.txt
+  set_profile_define MSA_BWD_PROFILE_NO_ATOMICS || exit 1
   build_step
   timeout 200 python3 bench/bench_ops.py --ops attn,bwd --seqlens 32768 --out "$OUT/without" 2>&1 | grep -E "^ +32768"
 fi

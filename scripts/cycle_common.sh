@@ -3,7 +3,8 @@
 # bwd_profile.sh): sourced with the cycle's OUT and STEPS set. Installs the carried CUTLASS wheel,
 # names the card, and defines `has STEP`, `build_step [PATTERN]` (pip install of the working tree,
 # its log kept in OUT; prints the errors and the log lines matching PATTERN), `pytest_step` and
-# `sanitize_step` (below; SAN_TOOLS picks the tools, default "memcheck racecheck").
+# `sanitize_step` (below; SAN_TOOLS picks the tools, default "memcheck racecheck") and
+# `set_profile_define NAME[=VALUE]` (below).
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
 mkdir -p "$OUT"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
@@ -31,4 +32,10 @@ sanitize_step() {
       "$@" -q -x -k "$filter" > "$OUT/san_$tool.log" 2>&1
     echo "$tool rc=$? $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/san_$tool.log" | tr '\n' ' ')"
   done
+}
+# set_profile_define NAME[=VALUE]: builds from now on get -DNAME[=VALUE] (a measurement switch of
+# the kernels; any earlier value of NAME is replaced). Edits the device copy's cmake/nvcc_flags.txt.
+set_profile_define() {
+  sed -i "/^-D${1%%=*}\b/d; s/^-DNDEBUG\$/-DNDEBUG\n-D$1/" cmake/nvcc_flags.txt
+  grep -q "^-D$1\$" cmake/nvcc_flags.txt || { echo "set_profile_define $1 failed"; return 1; }
 }
