@@ -12,10 +12,16 @@ if has bench; then
 fi
 if has ncu; then
   for flag in "" --fp8; do
-    timeout 200 ncu --kernel-name regex:decode_select_split --launch-skip 2 --launch-count 1 \
-      --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis \
-      python3 bench/decode_step_once.py 1048576 2 $flag > "$OUT/ncu_select${flag}.txt" 2>&1
-    echo "ncu $flag rc=$?"; grep -E "Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)|Stall|Warp Cycles Per Issued" "$OUT/ncu_select${flag}.txt" | head -14
+    # Unlocked clocks (ncu's default base clock changes the SM : DRAM ratio of a streaming kernel).
+    timeout 200 ncu --clock-control none --kernel-name regex:decode_select_split --launch-skip 2 --launch-count 1 \
+      --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
+      --section LaunchStats --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
+      --section SourceCounters -o "/tmp/select${flag}" python3 bench/decode_step_once.py 1048576 2 $flag \
+      > "$OUT/ncu_select_run${flag}.log" 2>&1
+    echo "ncu $flag rc=$?"; tail -2 "$OUT/ncu_select_run${flag}.log"
+    ncu --import "/tmp/select${flag}.ncu-rep" --page details --print-details all > "$OUT/ncu_select${flag}.txt" 2>&1
+    ncu --import "/tmp/select${flag}.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu_select_source${flag}.csv" 2>&1
+    grep -E "Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)|Stall|Warp Cycles Per Issued|Issued Warp|Eligible|L2 Hit|Achieved Occupancy|Registers Per|Block Limit" "$OUT/ncu_select${flag}.txt" | head -24
   done
 fi
 if has sanitize; then

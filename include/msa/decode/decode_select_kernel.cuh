@@ -206,7 +206,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
                                         group_modes<0, 2>(gK));
       pipeline_k.producer_acquire(write_state);
       copy(params.tma_k.with(*pipeline_k.producer_get_barrier(write_state), 0), tKgK, tKsK(_, write_state.index()));
-      if constexpr (Traits::kFp8Keys) {
+      if constexpr (Traits::kFp8Keys && !Traits::kProfileNoScales) {
         Tensor mS = params.tma_scale.get_tma_tensor(make_shape(params.cache_rows));
         Tensor sS = make_tensor(make_smem_ptr(smem.fp8.scale.data()), typename Traits::SmemLayoutScale{});
         Tensor gS = local_tile(domain_offset(make_coord(key_row), mS), Shape<Int<kBlockKV>>{}, make_coord(_0{}));
@@ -300,8 +300,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
                          : "memory");
           }
         }
-        const float scale0 = smem.fp8.scale[stage * kBlockKV + key_row];
-        const float scale1 = smem.fp8.scale[stage * kBlockKV + key_row + 8];
+        const float scale0 = Traits::kProfileNoScales ? 1.f : smem.fp8.scale[stage * kBlockKV + key_row];
+        const float scale1 = Traits::kProfileNoScales ? 1.f : smem.fp8.scale[stage * kBlockKV + key_row + 8];
         pipeline_k.consumer_release(read_state);
         ++read_state;
         // Bytes 4 s .. 4 s + 3 of a row are k-slice s's columns 2q, 2q+1 (low half) and 2q+8,

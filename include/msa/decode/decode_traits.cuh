@@ -50,7 +50,16 @@ struct DecodeSelectTraits {
   static constexpr int kNumThreads = 2 * common::kThreadsPerWarpGroup;  // producer + consumer warpgroups
   static constexpr int kCtasPerSm = 2;
   // Stages: 80 KB of keys in flight per CTA.
-  static constexpr int kStages = 80 * 1024 / (kBlockKV * kHeadDimIdx * static_cast<int>(sizeof(KeyElement)));
+#ifdef MSA_DECODE_PROFILE_NO_SCALES  // measurement only: fp8 scales not loaded (wrong scores)
+  static constexpr bool kProfileNoScales = true;
+#else
+  static constexpr bool kProfileNoScales = false;
+#endif
+#ifndef MSA_DECODE_RING_KB
+#define MSA_DECODE_RING_KB 80
+#endif
+  static constexpr int kStages =
+      MSA_DECODE_RING_KB * 1024 / (kBlockKV * kHeadDimIdx * static_cast<int>(sizeof(KeyElement)));
   // The producer warpgroup gives registers to the consumer (fp8: the widened keys live in
   // registers); 40 + 216 = 2 x the 128 per thread of a 2-CTA launch.
   static constexpr int kProducerRegs = 40;
@@ -80,7 +89,7 @@ struct DecodeSelectTraits {
   using MainloopPipeline = cutlass::PipelineTmaAsync<kStages>;
   using PipelineState = typename MainloopPipeline::PipelineState;
   static constexpr uint32_t kTmaBytesK =
-      kBlockKV * kHeadDimIdx * sizeof(KeyElement) + (kFp8Keys ? kBlockKV * sizeof(float) : 0);
+      kBlockKV * kHeadDimIdx * sizeof(KeyElement) + (kFp8Keys && !kProfileNoScales ? kBlockKV * sizeof(float) : 0);
 
   // Gmem views of the index-key cache [cache rows, Di] and (fp8) its scales [cache rows].
   using GmemShape = Shape<int32_t, Int<kHeadDimIdx>>;
