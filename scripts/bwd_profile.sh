@@ -1,14 +1,11 @@
 #!/usr/bin/env bash
 # Where the backward's time goes: ncu on one bwd_kernel launch at 32K (stall reasons, memory
-# throughput, per-SASS-line stall samples as CSV), then a rebuild with -DMSA_BWD_PROFILE_NO_ATOMICS
-# (wrong gradients, timing only) benched beside dense in the same run (bench_ops times the backward
-# only together with the forward: --ops attn,bwd). That rebuild overstates what the atomics cost:
-# with them gone ptxas also drops most of the dQ GEMM; scripts/bwd_dq_cost.sh separates the two.
+# throughput, per-SASS-line stall samples as CSV). What the dQ costs: scripts/bwd_dq_cost.sh.
 # Step l2red: L2 reduction / traffic counters of our backward and of the dense cuDNN backward at
 # the same shape (8K, where cuDNN's launches are short), to compare the cost per reduced byte.
-#   usage: scripts/bwd_profile.sh OUT_DIR [steps: build,ncu,noatomics,l2red]
+#   usage: scripts/bwd_profile.sh OUT_DIR [steps: build,ncu,l2red]
 set -uo pipefail
-OUT=${1:?usage}; STEPS=${2:-build,ncu,noatomics}
+OUT=${1:?usage}; STEPS=${2:-build,ncu}
 source "$(dirname "$0")/cycle_common.sh"
 if has build; then build_step; fi
 if has ncu; then
@@ -20,12 +17,6 @@ if has ncu; then
   ncu --import /tmp/bwd_prof.ncu-rep --page source --csv --print-source sass > "$OUT/ncu_source.csv" 2>&1
   grep -E "Duration|Throughput|Stall|Warp Cycles|Issued|Eligible|Active Warps|L2 Hit|Mem Busy" "$OUT/ncu_details.txt" | head -40
   ls -la "$OUT"
-fi
-if has noatomics; then
-  timeout 200 python3 bench/bench_ops.py --ops attn,bwd --seqlens 32768 --out "$OUT/with" 2>&1 | grep -E "^ +32768"
-  set_profile_define MSA_BWD_PROFILE_NO_ATOMICS || exit 1
-  build_step
-  timeout 200 python3 bench/bench_ops.py --ops attn,bwd --seqlens 32768 --out "$OUT/without" 2>&1 | grep -E "^ +32768"
 fi
 if has l2red; then  # (sections, not raw metric names: one unknown name fails the whole run)
   for which in msa dense; do

@@ -38,17 +38,11 @@ namespace msa::bwd {
 
 using namespace cute;
 
-// Measurement switch (bench/RESULTS.md, "where the time goes"): built with
-// -DMSA_BWD_PROFILE_NO_ATOMICS the kernel skips its gradient atomics (wrong results).
-#ifdef MSA_BWD_PROFILE_NO_ATOMICS
-constexpr bool kProfileNoAtomics = true;
-#else
-constexpr bool kProfileNoAtomics = false;
-#endif
-// -DMSA_BWD_PROFILE_DQ=1 skips only the dQ atomics, =2 the whole dQ (GEMM and atomics), =3 stores
-// the dQ rows as bf16 instead of reducing them (the cost of per-slot partials). (Where
-// the atomics simply vanish, as with MSA_BWD_PROFILE_NO_ATOMICS, ptxas also drops most of the dQ
-// GEMM: its results are dead.)
+// Measurement switch (bench/RESULTS.md; wrong gradients, timing only; scripts/bwd_dq_cost.sh):
+// -DMSA_BWD_PROFILE_DQ=1 skips the dQ atomics but keeps the GEMM live (its atomics sit behind a
+// token that never occurs: where atomics simply vanish, ptxas also drops most of the dQ GEMM,
+// whose results are dead), =2 drops the whole dQ (GEMM and atomics), =3 stores the dQ rows as
+// bf16 instead of reducing them (what per-slot dQ partials would cost).
 #ifdef MSA_BWD_PROFILE_DQ
 constexpr int kProfileDq = MSA_BWD_PROFILE_DQ;
 #else
@@ -66,7 +60,6 @@ struct GradAccum {
   // Adds (a, b) at elements offset, offset + 1.
   template <bool kFixedPoint>
   __device__ __forceinline__ void add_pair(int64_t offset, float a, float b) const {
-    if constexpr (kProfileNoAtomics) return;
     if constexpr (kFixedPoint) {
       atomicAdd(fixed + offset, static_cast<unsigned long long>(__float2ll_rn(a * fixed_scale)));
       atomicAdd(fixed + offset + 1, static_cast<unsigned long long>(__float2ll_rn(b * fixed_scale)));

@@ -97,20 +97,17 @@ template <class Element, int kHeadDim>
 cudaError_t run_bwd_for(const BwdParams& p, void* workspace_ptr, cudaStream_t stream) {
   const BwdWorkspaceLayout ws(p);
   char* workspace = static_cast<char*>(workspace_ptr);
-  cudaError_t err = cudaSuccess;
-  for (int64_t token_begin = 0; token_begin < p.total_q && err == cudaSuccess; token_begin += ws.chunk_tokens) {
-    const int64_t token_end = std::min(p.total_q, token_begin + ws.chunk_tokens);
-    const fwd::PlanParams plan = ws.plan_params(p, workspace, token_begin, token_end);
-    err = fwd::launch_fwd_plan(plan, stream);
-    if (err == cudaSuccess && p.deterministic) {
-      err = fwd::sort_plan_entries(plan, reinterpret_cast<int32_t*>(workspace + ws.sorted_entries), ws.max_entries,
-                                   workspace + ws.sort_temp, ws.sort_temp_bytes, stream);
-    }
-    if (err != cudaSuccess) break;
-    err = p.block_size == 128 ? launch_bwd_main<Element, kHeadDim, 128>(p, ws, workspace, token_begin, stream)
-                              : launch_bwd_main<Element, kHeadDim, 64>(p, ws, workspace, token_begin, stream);
-  }
-  return err;
+  return fwd::for_each_planned_chunk(
+      p, ws, ws.chunk_tokens, workspace, stream, [&](const fwd::PlanParams& plan, int64_t token_begin, int64_t) {
+        if (p.deterministic) {
+          const cudaError_t err =
+              fwd::sort_plan_entries(plan, reinterpret_cast<int32_t*>(workspace + ws.sorted_entries), ws.max_entries,
+                                     workspace + ws.sort_temp, ws.sort_temp_bytes, stream);
+          if (err != cudaSuccess) return err;
+        }
+        return p.block_size == 128 ? launch_bwd_main<Element, kHeadDim, 128>(p, ws, workspace, token_begin, stream)
+                                   : launch_bwd_main<Element, kHeadDim, 64>(p, ws, workspace, token_begin, stream);
+      });
 }
 
 }  // namespace msa::bwd

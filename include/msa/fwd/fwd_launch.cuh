@@ -161,6 +161,35 @@ cudaError_t launch_fwd_query_tile(const FwdParams& p, cudaStream_t stream) {
   return common::launch_with_smem(fwd_query_tile_kernel<Traits>, grid, Traits::kNumThreads, Traits::kSmemBytes, stream, kp);
 }
 
+// The combine of one query chunk: merges each (token, head)'s slot partials by their stats.
+template <class Element, int kHeadDim>
+cudaError_t launch_combine(const FwdParams& p, const WorkspaceLayout& ws, char* workspace, int64_t token_begin,
+                           int64_t token_end, cudaStream_t stream) {
+  CombineParams<Element> cp{
+      reinterpret_cast<const Element*>(workspace + ws.part_o),
+      reinterpret_cast<const float2*>(workspace + ws.part_stats),
+      p.block_indices,
+      static_cast<Element*>(p.out),
+      p.lse,
+      p.cu_seqlens_q,
+      p.cu_seqlens_k,
+      p.batch,
+      p.seqlen_q,
+      p.seqlen_k,
+      p.total_q,
+      token_begin,
+      token_end,
+      p.num_heads,
+      p.num_heads_kv,
+      p.topk,
+      p.block_size,
+      ws.num_blocks_max,
+  };
+  const int64_t pairs = (token_end - token_begin) * p.num_heads;
+  combine_kernel<Element, kHeadDim><<<static_cast<unsigned>((pairs + 3) / 4), 128, 0, stream>>>(cp);
+  return cudaGetLastError();
+}
+
 template <class Element, int kHeadDim>
 cudaError_t run_fwd_for(const FwdParams& p, void* workspace_ptr, cudaStream_t stream) {
   if (use_query_outer(p)) {
@@ -169,40 +198,16 @@ cudaError_t run_fwd_for(const FwdParams& p, void* workspace_ptr, cudaStream_t st
   }
   const WorkspaceLayout ws(p);
   char* workspace = static_cast<char*>(workspace_ptr);
-  for (int64_t token_begin = 0; token_begin < p.total_q; token_begin += ws.chunk_tokens) {
-    const int64_t token_end = std::min(p.total_q, token_begin + ws.chunk_tokens);
-    const PlanParams plan = ws.plan_params(p, workspace, token_begin, token_end);
-    cudaError_t err = launch_fwd_plan(plan, stream);
-    if (err != cudaSuccess) return err;
-    err = p.block_size == 128 ? launch_fwd_main<Element, kHeadDim, 128>(p, ws, workspace, token_begin, stream)
-                              : launch_fwd_main<Element, kHeadDim, 64>(p, ws, workspace, token_begin, stream);
-    if (err != cudaSuccess) return err;
-    CombineParams<Element> cp{
-        reinterpret_cast<const Element*>(workspace + ws.part_o),
-        reinterpret_cast<const float2*>(workspace + ws.part_stats),
-        p.block_indices,
-        static_cast<Element*>(p.out),
-        p.lse,
-        p.cu_seqlens_q,
-        p.cu_seqlens_k,
-        p.batch,
-        p.seqlen_q,
-        p.seqlen_k,
-        p.total_q,
-        token_begin,
-        token_end,
-        p.num_heads,
-        p.num_heads_kv,
-        p.topk,
-        p.block_size,
-        ws.num_blocks_max,
-    };
-    const int64_t pairs = (token_end - token_begin) * p.num_heads;
-    combine_kernel<Element, kHeadDim><<<static_cast<unsigned>((pairs + 3) / 4), 128, 0, stream>>>(cp);
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-  }
-  return cudaSuccess;
+  return for_each_planned_chunk(p, ws, ws.chunk_tokens, workspace, stream,
+                                [&](const PlanParams&, int64_t token_begin, int64_t token_end) {
+                                  cudaError_t err =
+                                      p.block_size == 128
+                                          ? launch_fwd_main<Element, kHeadDim, 128>(p, ws, workspace, token_begin, stream)
+                                          : launch_fwd_main<Element, kHeadDim, 64>(p, ws, workspace, token_begin, stream);
+                                  if (err != cudaSuccess) return err;
+                                  return launch_combine<Element, kHeadDim>(p, ws, workspace, token_begin, token_end,
+                                                                           stream);
+                                });
 }
 
 }  // namespace msa::fwd
