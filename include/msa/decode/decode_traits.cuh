@@ -12,9 +12,22 @@
 #include "msa/common/arch.cuh"
 #include "msa/decode/decode_merge.cuh"
 
+// Measurement switches (bench/RESULTS.md, scripts/decode_fp8_diag.sh): -DMSA_DECODE_PROFILE_NO_SCALES
+// skips the fp8 scale loads (wrong scores, timing only); -DMSA_DECODE_RING_KB=N sizes the indexer's
+// key ring (default 80 KB per CTA).
+#ifndef MSA_DECODE_RING_KB
+#define MSA_DECODE_RING_KB 80
+#endif
+
 namespace msa::decode {
 
 using namespace cute;
+
+#ifdef MSA_DECODE_PROFILE_NO_SCALES
+constexpr bool kDecodeProfileNoScales = true;
+#else
+constexpr bool kDecodeProfileNoScales = false;
+#endif
 
 // Decode indexer. A CTA owns up to kBlockQ packed (new token, index head) rows of one request
 // (M3: 1 to 16 tokens x 4 heads) and a contiguous slice of the request's candidate blocks. It
@@ -49,15 +62,8 @@ struct DecodeSelectTraits {
   static constexpr int kBlockKV = 64;       // keys per stage: the WGMMA's M
   static constexpr int kNumThreads = 2 * common::kThreadsPerWarpGroup;  // producer + consumer warpgroups
   static constexpr int kCtasPerSm = 2;
-  // Stages: 80 KB of keys in flight per CTA.
-#ifdef MSA_DECODE_PROFILE_NO_SCALES  // measurement only: fp8 scales not loaded (wrong scores)
-  static constexpr bool kProfileNoScales = true;
-#else
-  static constexpr bool kProfileNoScales = false;
-#endif
-#ifndef MSA_DECODE_RING_KB
-#define MSA_DECODE_RING_KB 80
-#endif
+  static constexpr bool kProfileNoScales = kDecodeProfileNoScales;
+  // Stages: 80 KB of keys in flight per CTA (MSA_DECODE_RING_KB).
   static constexpr int kStages =
       MSA_DECODE_RING_KB * 1024 / (kBlockKV * kHeadDimIdx * static_cast<int>(sizeof(KeyElement)));
   // The producer warpgroup gives registers to the consumer (fp8: the widened keys live in
