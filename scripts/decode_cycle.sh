@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Decode-focused GPU cycle: build, decode tests, the whole suite, decode bench (+ per-kernel profile).
-#   usage: scripts/decode_cycle.sh OUT_DIR [steps: build,dtest,test,bench,sanitize]
+#   usage: scripts/decode_cycle.sh OUT_DIR [steps: build,dtest,test,bench,ncu,pmsample,sanitize]
+# pmsample: ncu's PM sampling of one indexer launch (throughput over time inside the kernel: the
+# ramp, the streaming and the tail of the ~9 us fixed cost in bench/RESULTS.md), bf16 and fp8.
 set -uo pipefail
 OUT=${1:?usage}; STEPS=${2:-build,dtest,bench}
 source "$(dirname "$0")/cycle_common.sh"
@@ -22,6 +24,14 @@ if has ncu; then
     ncu --import "/tmp/select${flag}.ncu-rep" --page details --print-details all > "$OUT/ncu_select${flag}.txt" 2>&1
     ncu --import "/tmp/select${flag}.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu_select_source${flag}.csv" 2>&1
     grep -E "Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)|Stall|Warp Cycles Per Issued|Issued Warp|Eligible|L2 Hit|Achieved Occupancy|Registers Per|Block Limit" "$OUT/ncu_select${flag}.txt" | head -24
+  done
+fi
+if has pmsample; then  # (its own step: an ncu without the PmSampling sections fails the whole run)
+  for flag in "" --fp8; do
+    timeout 200 ncu --clock-control none --kernel-name regex:decode_select_split --launch-skip 2 --launch-count 1 \
+      --section PmSampling --section SpeedOfLight --print-details all \
+      python3 bench/decode_step_once.py 1048576 2 $flag > "$OUT/pmsample_select${flag}.txt" 2>&1
+    echo "pmsample $flag rc=$?"; grep -iE "duration|dram|error" "$OUT/pmsample_select${flag}.txt" | head -8
   done
 fi
 if has sanitize; then
