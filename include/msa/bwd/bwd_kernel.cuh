@@ -316,24 +316,6 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   auto dq_rows = [&](int buffer, int group, const int (&dq_token)[2]) {
     if constexpr (kProfileDq == 2) return;
     common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_dq, dq_operand_ds(buffer), tDQrK, tdQrdQ);
-    if constexpr (kProfileDq == 3) {
-      // (Profiling: bf16 stores of the rows instead of fp32 reductions, into dq_accum's memory.)
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        if (dq_token[i] >= 0) {
-          const int row = mma_wg * 64 + row_base + 8 * i;
-          const int64_t dst =
-              (int64_t{dq_token[i]} * params.num_heads + group * G + (row & (G - 1))) * kHeadDim + 2 * quad;
-          auto* out = reinterpret_cast<__nv_bfloat162*>(params.dq.f32);
-#pragma unroll
-          for (int j = 0; j < kHeadDim / 8; ++j) {
-            out[(dst + 8 * j) / 2] = __floats2bfloat162_rn(tdQrdQ(4 * j + 2 * i) * params.scale,
-                                                           tdQrdQ(4 * j + 2 * i + 1) * params.scale);
-          }
-        }
-      }
-      return;
-    }
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       // (Profiling, kProfileDq 1: a token that never occurs, so the GEMM's result stays live.)
@@ -343,8 +325,13 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
             (int64_t{dq_token[i]} * params.num_heads + group * G + (row & (G - 1))) * kHeadDim + 2 * quad;
 #pragma unroll
         for (int j = 0; j < kHeadDim / 8; ++j) {
-          params.dq.template add_pair<kFixedPoint>(dst + 8 * j, tdQrdQ(4 * j + 2 * i) * params.scale,
-                                                   tdQrdQ(4 * j + 2 * i + 1) * params.scale);
+          const float a = tdQrdQ(4 * j + 2 * i) * params.scale, b = tdQrdQ(4 * j + 2 * i + 1) * params.scale;
+          if constexpr (kProfileDq == 3) {
+            // (Profiling: a bf16 store instead of the fp32 reduction, into dq_accum's memory.)
+            reinterpret_cast<__nv_bfloat162*>(params.dq.f32)[(dst + 8 * j) / 2] = __floats2bfloat162_rn(a, b);
+          } else {
+            params.dq.template add_pair<kFixedPoint>(dst + 8 * j, a, b);
+          }
         }
       }
     }
