@@ -12,7 +12,7 @@ bench() {  # bench NAME: attn forward + backward beside dense, JSON under OUT/NA
     | grep -v -i warn | grep -E "^ +[0-9]+ +(dense|block)" | head -12
 }
 build_step; bench A
-if command -v git > /dev/null && git apply "$PATCH" 2> /dev/null || patch -p1 < "$PATCH"; then echo "applied $PATCH"; else exit 1; fi
+apply_patch "$PATCH" || exit 1
 build_step
 grep -A3 "Compiling entry function '_ZN3msa3bwd10bwd_kernel" /tmp/build.log | grep -E "Used|spill" | sort | uniq -c | head -12
 pytest_step "bwd tests (B)" bwdtests_B.log 300 tests/test_bwd_gpu.py

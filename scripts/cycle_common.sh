@@ -3,8 +3,8 @@
 # bwd_profile.sh): sourced with the cycle's OUT and STEPS set. Installs the carried CUTLASS wheel,
 # names the card, and defines `has STEP`, `build_step [PATTERN]` (pip install of the working tree,
 # its log kept in OUT; prints the errors and the log lines matching PATTERN), `pytest_step` and
-# `sanitize_step` (below; SAN_TOOLS picks the tools, default "memcheck racecheck") and
-# `set_profile_define NAME[=VALUE]` (below).
+# `sanitize_step` (below; SAN_TOOLS picks the tools, default "memcheck racecheck"),
+# `set_profile_define NAME[=VALUE]` and `apply_patch PATCH` (below).
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
 mkdir -p "$OUT"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
@@ -38,4 +38,9 @@ sanitize_step() {
 set_profile_define() {
   sed -i "/^-D${1%%=*}\b/d; s/^-DNDEBUG\$/-DNDEBUG\n-D$1/" cmake/nvcc_flags.txt
   grep -q "^-D$1\$" cmake/nvcc_flags.txt || { echo "set_profile_define $1 failed"; return 1; }
+}
+# apply_patch PATCH: the B side of an A/B run (bwd_ab.sh, decode_ab.sh) onto the device's copy of
+# the tree, by git or, where its copy has no git, by patch.
+apply_patch() {
+  if command -v git > /dev/null && git apply "$1" 2> /dev/null || patch -p1 < "$1"; then echo "applied $1"; else return 1; fi
 }

@@ -12,7 +12,7 @@ bench() {  # bench NAME: bench_decode beside dense decoding, JSON under OUT/NAME
     | grep -v -i warn | tail -40
 }
 build_step; bench A
-if command -v git > /dev/null && git apply "$PATCH" 2> /dev/null || patch -p1 < "$PATCH"; then echo "applied $PATCH"; else exit 1; fi
+apply_patch "$PATCH" || exit 1
 build_step "decode_select.*(registers|stack)|C7514"
 pytest_step "decode tests (B)" dtests_B.log 240 tests/test_decode_gpu.py tests/test_kvcache.py
 bench B

@@ -38,10 +38,10 @@ inline int64_t bwd_chunk_tokens(const BwdParams& p) {
 struct BwdWorkspaceLayout : fwd::PlanWorkspace {
   int64_t chunk_tokens = 0;
   size_t sorted_entries = 0, sort_temp = 0, sort_temp_bytes = 0;
-  explicit BwdWorkspaceLayout(const BwdParams& p)
-      : PlanWorkspace(bwd_chunk_tokens(p), p.batch, p.num_heads, p.num_heads_kv, p.topk, p.max_seqlen_k,
-                      p.block_size),
-        chunk_tokens(bwd_chunk_tokens(p)) {
+  explicit BwdWorkspaceLayout(const BwdParams& p) : BwdWorkspaceLayout(p, bwd_chunk_tokens(p)) {}
+  BwdWorkspaceLayout(const BwdParams& p, int64_t chunk)
+      : PlanWorkspace(chunk, p.batch, p.num_heads, p.num_heads_kv, p.topk, p.max_seqlen_k, p.block_size),
+        chunk_tokens(chunk) {
     if (p.deterministic) {
       sorted_entries = take(sizeof(int32_t) * max_entries);
       sort_temp_bytes = fwd::plan_sort_temp_bytes(max_entries, num_lists);
