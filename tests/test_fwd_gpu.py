@@ -21,10 +21,20 @@ pytestmark = [pytest.mark.gpu, requires_sm90]
 TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
-@pytest.fixture(params=["kv_outer", "query_outer"])
+# A partial budget of 256 KiB splits these tests' queries into many chunks, so the KV-outer path
+# merges each chunk inside the next chunk's main kernel (streamed_combine) and the last on its own.
+CHUNKED = {"MSA_CUDA_FWD_PATH": "kv_outer", "MSA_FWD_PARTIAL_KIB": "256"}
+
+
+@pytest.fixture(params=["kv_outer", "query_outer", "kv_outer_chunked"])
 def fwd_path(request, monkeypatch):
-    """Runs a test on both forward kernels (query-outer needs <= 32 key blocks per sequence)."""
-    monkeypatch.setenv("MSA_CUDA_FWD_PATH", request.param)
+    """Runs a test on both forward kernels (query-outer needs <= 32 key blocks per sequence), and
+    on the KV-outer one with many query chunks."""
+    if request.param == "kv_outer_chunked":
+        for name, value in CHUNKED.items():
+            monkeypatch.setenv(name, value)
+    else:
+        monkeypatch.setenv("MSA_CUDA_FWD_PATH", request.param)
     return request.param
 
 
@@ -120,7 +130,7 @@ def test_fwd_varlen_matches_padded(fwd_path):
 
 
 def test_fwd_m3_shape_several_query_chunks_and_public_api():
-    # 20K queries at M3 shape need 3 query chunks of partial outputs (2 GiB each).
+    # 20K queries at M3 shape need 6 query chunks of partial outputs (two buffers of 1 GiB).
     s, hq, hkv, d = 20000, 64, 4, 128
     q, k, v = _inputs(1, s, s, hq, hkv, d, torch.bfloat16, seed=11)
     q_idx = torch.randn(1, s, hkv, 128, device="cuda", dtype=torch.bfloat16)
@@ -130,6 +140,25 @@ def test_fwd_m3_shape_several_query_chunks_and_public_api():
     _assert_close(out, aux.lse, ref_out, ref_lse, torch.bfloat16)
     again, lse_again = _kernel_fwd(q, k, v, aux.block_indices, 128)
     assert torch.equal(again, out) and torch.equal(lse_again, aux.lse), "forward is not deterministic"
+
+
+@pytest.mark.parametrize("combine_ctas", ["0", "1", "16"])
+@pytest.mark.parametrize("topk", [3, 16])
+def test_fwd_many_chunks_one_head(combine_ctas, topk, monkeypatch):
+    # Hq = 1 and 251-token chunks: odd row counts, so a streamed batch ends with one row whose
+    # stats are copied rounded up to 16 bytes; -1 padded slots are marked invalid by the plan.
+    for name, value in CHUNKED.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MSA_FWD_COMBINE_CTAS", combine_ctas)
+    sq = sk = 1001
+    q, k, v = _inputs(1, sq, sk, 1, 1, 64, torch.bfloat16, seed=topk)
+    sel = random_selection(1, sq, sk, 1, topk, 64, seed=topk + 1)
+    out, lse = _kernel_fwd(q, k, v, sel, 64)
+    ref_out, ref_lse = ref.block_sparse_attn(q, k, v, sel, block_size=64, return_lse=True)
+    _assert_close(out, lse, ref_out, ref_lse, torch.bfloat16)
+    monkeypatch.delenv("MSA_FWD_PARTIAL_KIB")
+    whole, whole_lse = _kernel_fwd(q, k, v, sel, 64)
+    assert torch.equal(whole, out) and torch.equal(whole_lse, lse), "chunked and one-chunk results differ"
 
 
 def _dense_causal(q, k, v):

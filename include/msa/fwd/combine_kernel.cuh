@@ -14,6 +14,8 @@
 
 #include <cstdint>
 
+#include <cute/arch/copy_sm90_tma.hpp>
+#include <cutlass/arch/barrier.h>
 #include <cutlass/array.h>
 
 #include "msa/common/seqlen.cuh"
@@ -48,44 +50,26 @@ __device__ __forceinline__ uint4 load_streaming_16(const void* ptr, bool pred) {
   return r;
 }
 
-// 16-byte load of data written earlier in the same kernel by other CTAs (after their
-// __threadfence): cached in L2 only (ld.cg), never the read-only (.nc) path.
-__device__ __forceinline__ uint4 load_coherent_16(const uint4* ptr, bool pred) {
-  return pred ? __ldcg(ptr) : make_uint4(0, 0, 0, 0);
-}
-
-// One (query, head) row, by one warp: lane s (< topk) says whether slot s is `valid`; `part`
-// points at the row's topk partial rows ([topk, D]), `stats` at its topk (max, lse) pairs (log2
-// units). Writes the merged row to `out` (D elements) and returns the natural-log lse (-inf
-// when no slot saw a key; out is then 0). kCoherent: the partials were written by other CTAs of
-// the running kernel (plain loads instead of read-only streaming ones).
-template <class Element, int kHeadDim, bool kCoherent = false>
-__device__ __forceinline__ float combine_slots(bool valid, const Element* part, const float2* stats, Element* out,
-                                               int lane) {
+// One (query, head) row, by one warp: lane s (< topk) holds slot s's (max, lse) in `slot_stats`
+// (log2 units) and whether it takes part (`valid`); load_chunk(s, c, pred) returns 16-byte chunk c
+// of slot s's partial row when pred (zeros otherwise). Writes the merged row to `out` (D
+// elements) and returns the natural-log lse (-inf when no slot saw a key; out is then 0).
+template <class Element, int kHeadDim, class LoadChunk>
+__device__ __forceinline__ float merge_slots(bool valid, float2 slot_stats, LoadChunk&& load_chunk, Element* out,
+                                             int lane) {
   constexpr int kLanesPerRow = kHeadDim / 8;            // 16-byte chunks of a partial row
   constexpr int kRowsPerLoad = 32 / kLanesPerRow;       // slots one warp-wide load covers
   constexpr int kMaxLoads = 32 / kRowsPerLoad;          // topk <= 32
   const unsigned valid_mask = __ballot_sync(0xffffffff, valid);
-  float2 slot_stats = make_float2(0.f, -CUDART_INF_F);
-  if (valid) {
-    if constexpr (kCoherent) {
-      slot_stats = __ldcg(stats + lane);
-    } else {
-      slot_stats = stats[lane];
-    }
-  }
-  const float slot_lse = slot_stats.y;
+  const float slot_lse = valid ? slot_stats.y : -CUDART_INF_F;
   // Lane l reads chunk l % kLanesPerRow of slots l / kLanesPerRow + kRowsPerLoad * k.
   const int chunk = lane % kLanesPerRow;
   const int slot_in_load = lane / kLanesPerRow;
-  const uint4* rows_base = reinterpret_cast<const uint4*>(part) + chunk;
   uint4 rows[kMaxLoads];
 #pragma unroll
   for (int k = 0; k < kMaxLoads; ++k) {
     const int s = slot_in_load + kRowsPerLoad * k;
-    const bool pred = (valid_mask >> s) & 1u;
-    rows[k] = kCoherent ? load_coherent_16(rows_base + s * kLanesPerRow, pred)
-                        : load_streaming_16(rows_base + s * kLanesPerRow, pred);
+    rows[k] = load_chunk(s, chunk, ((valid_mask >> s) & 1u) != 0);
   }
 
   float m = slot_lse;
@@ -122,6 +106,14 @@ __device__ __forceinline__ float combine_slots(bool valid, const Element* part, 
   return total > 0.f ? (m + __log2f(total)) * 0.69314718055994531f : -CUDART_INF_F;
 }
 
+// Index of (token, head) in the lse output: padded [B, Hq, Sq] or varlen [Hq, total_q].
+template <class Element>
+__device__ __forceinline__ int64_t lse_index(const CombineParams<Element>& p, int64_t token, int head) {
+  if (p.cu_seqlens_q != nullptr) return head * p.total_q + token;
+  const int64_t b = token / p.seqlen_q;
+  return (b * p.num_heads + head) * p.seqlen_q + (token - b * p.seqlen_q);
+}
+
 template <class Element, int kHeadDim>
 __global__ void __launch_bounds__(128) combine_kernel(const CombineParams<Element> p) {
   const int64_t pair = blockIdx.x * 4LL + threadIdx.x / 32;  // (chunk token, head)
@@ -137,14 +129,95 @@ __global__ void __launch_bounds__(128) combine_kernel(const CombineParams<Elemen
 
   const bool valid =
       lane < p.topk && slot_is_valid(p.block_indices[(token * p.num_heads_kv + group) * p.topk + lane], num_blocks);
-  const float lse = combine_slots<Element, kHeadDim>(valid, p.part_o + pair * p.topk * kHeadDim,
-                                                     p.part_stats + pair * p.topk,
-                                                     p.out + (token * p.num_heads + head) * kHeadDim, lane);
+  const float2 slot_stats = valid ? p.part_stats[pair * p.topk + lane] : make_float2(0.f, -CUDART_INF_F);
+  const uint4* rows = reinterpret_cast<const uint4*>(p.part_o + pair * p.topk * kHeadDim);
+  const float lse = merge_slots<Element, kHeadDim>(
+      valid, slot_stats,
+      [&](int s, int chunk, bool pred) { return load_streaming_16(rows + s * (kHeadDim / 8) + chunk, pred); },
+      p.out + (token * p.num_heads + head) * kHeadDim, lane);
+  if (lane == 0) p.lse[lse_index(p, token, head)] = lse;
+}
+
+// The combine of a finished query chunk, run by the last CTAs of the next chunk's main kernel
+// (fwd_kernel, blockIdx.x >= num_main_ctas) so that its partial reads overlap that kernel's
+// compute instead of following it. Each warp merges batches of two (query, head) rows: one bulk
+// copy (cp.async.bulk) brings a batch's partial rows and one its stats into the warp's slot of a
+// two-slot ring in shared memory, so a few warps keep many bytes in flight. Validity comes from
+// the stats alone: the plan marks every invalid slot's lse -inf (plan_count_kernel), so
+// block_indices is not read and the never-written partials of those slots are never loaded.
+constexpr int kStreamRowsPerBatch = 2;  // two rows of stats are 2 x topk x 8 bytes: a multiple of 16
+constexpr int kStreamRingSlots = 2;
+constexpr int kStreamBarrierBytes = 1024;  // mbarriers at the start of shared memory (32 warps x 2 x 8)
+
+// Ring slot bytes of one warp: a batch's partial rows, then its stats, 128-byte aligned.
+template <int kHeadDim, class Element>
+__host__ __device__ constexpr int stream_slot_bytes(int topk) {
+  return (kStreamRowsPerBatch * topk * (kHeadDim * static_cast<int>(sizeof(Element)) + 8) + 127) / 128 * 128;
+}
+
+template <class Element, int kHeadDim>
+__device__ __forceinline__ void streamed_combine(const CombineParams<Element>& p, char* smem, int smem_bytes, int cta,
+                                                 int num_ctas) {
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  const int row_part_bytes = p.topk * kHeadDim * static_cast<int>(sizeof(Element));
+  const int slot_bytes = stream_slot_bytes<kHeadDim, Element>(p.topk);
+  const int warps =
+      min(static_cast<int>(blockDim.x) / 32, (smem_bytes - kStreamBarrierBytes) / (kStreamRingSlots * slot_bytes));
+  if (warp >= warps) return;
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem) + warp * kStreamRingSlots;
+  char* ring = smem + kStreamBarrierBytes + warp * kStreamRingSlots * slot_bytes;
+  const int64_t rows = (p.token_end - p.token_begin) * p.num_heads;
+  const int64_t batches = (rows + kStreamRowsPerBatch - 1) / kStreamRowsPerBatch;
+  const int64_t stride = int64_t{num_ctas} * warps;
   if (lane == 0) {
-    const int64_t idx = p.cu_seqlens_q != nullptr
-                            ? head * p.total_q + token
-                            : (static_cast<int64_t>(b) * p.num_heads + head) * p.seqlen_q + (token - seq.q_token_start);
-    p.lse[idx] = lse;
+#pragma unroll
+    for (int s = 0; s < kStreamRingSlots; ++s) cutlass::arch::ClusterTransactionBarrier::init(bars + s, 1);
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncwarp();
+  // Batch b into ring slot s (lane 0). A last odd row copies its stats rounded up to 16 bytes: the
+  // workspace pads each piece to 256 bytes, so the 8 extra bytes stay inside it and are unused.
+  auto issue = [&](int s, int64_t b) {
+    if (lane != 0 || b >= batches) return;
+    const int64_t first_row = b * kStreamRowsPerBatch;
+    const int n = rows - first_row < kStreamRowsPerBatch ? static_cast<int>(rows - first_row) : kStreamRowsPerBatch;
+    const int part_bytes = n * row_part_bytes;
+    const int stats_bytes = (n * p.topk * 8 + 15) / 16 * 16;
+    cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(bars + s, part_bytes + stats_bytes);
+    char* slot = ring + s * slot_bytes;
+    cute::SM90_BULK_COPY_G2S::copy(p.part_o + first_row * p.topk * kHeadDim, bars + s, slot, part_bytes);
+    cute::SM90_BULK_COPY_G2S::copy(p.part_stats + first_row * p.topk, bars + s,
+                                   slot + kStreamRowsPerBatch * row_part_bytes, stats_bytes);
+  };
+  int64_t batch = int64_t{cta} * warps + warp;
+#pragma unroll
+  for (int s = 0; s < kStreamRingSlots; ++s) issue(s, batch + s * stride);
+  for (int64_t i = 0; batch < batches; ++i, batch += stride) {
+    const int s = static_cast<int>(i % kStreamRingSlots);
+    cutlass::arch::ClusterTransactionBarrier::wait(bars + s, static_cast<uint32_t>((i / kStreamRingSlots) & 1));
+    const char* slot = ring + s * slot_bytes;
+#pragma unroll 1
+    for (int r = 0; r < kStreamRowsPerBatch; ++r) {
+      const int64_t row = batch * kStreamRowsPerBatch + r;
+      if (row >= rows) break;
+      const float2 slot_stats =
+          lane < p.topk ? reinterpret_cast<const float2*>(slot + kStreamRowsPerBatch * row_part_bytes)[r * p.topk + lane]
+                        : make_float2(0.f, -CUDART_INF_F);
+      const uint4* part = reinterpret_cast<const uint4*>(slot + r * row_part_bytes);
+      const float lse = merge_slots<Element, kHeadDim>(
+          slot_stats.y != -CUDART_INF_F, slot_stats,
+          [&](int sl, int chunk, bool pred) { return pred ? part[sl * (kHeadDim / 8) + chunk] : make_uint4(0, 0, 0, 0); },
+          p.out + (p.token_begin * p.num_heads + row) * kHeadDim, lane);
+      if (lane == 0) {
+        const int64_t token = p.token_begin + row / p.num_heads;
+        p.lse[lse_index(p, token, static_cast<int>(row % p.num_heads))] = lse;
+      }
+    }
+    // Every lane's reads of the slot come before the bulk copy (async proxy) that refills it.
+    __syncwarp();
+    cutlass::arch::fence_view_async_shared();
+    issue(s, batch + kStreamRingSlots * stride);
   }
 }
 

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <utility>
 #include <cute/tensor.hpp>
 #include <cutlass/cuda_host_adapter.hpp>
@@ -24,24 +25,56 @@ namespace msa::fwd {
 
 // Partial outputs take Hq x topk x (D x 2 + 8) bytes per query; queries are processed in chunks
 // so that they never exceed this budget (a 1M-token M3 prefill would otherwise need 256 GiB).
+// MSA_FWD_PARTIAL_KIB overrides it (for measuring, and for tests that need many chunks).
 constexpr int64_t kPartialBudgetBytes = int64_t{2} << 30;
+inline int64_t partial_budget_bytes() {
+  if (const char* env = std::getenv("MSA_FWD_PARTIAL_KIB")) {
+    const long long kib = std::atoll(env);
+    if (kib > 0) return int64_t{kib} << 10;
+  }
+  return kPartialBudgetBytes;
+}
 
-// The plan's pieces for one query chunk, then the chunk's partial outputs and their stats.
+// CTAs of each main kernel (after the first chunk's) that merge the previous chunk's partials
+// while the others compute (streamed_combine); 0 runs the combine as its own kernel after each
+// main kernel. MSA_FWD_COMBINE_CTAS overrides the default (for measuring).
+constexpr int kCombineCtas = 16;
+inline int combine_ctas(const FwdParams& p) {
+  int ctas = kCombineCtas;
+  if (const char* env = std::getenv("MSA_FWD_COMBINE_CTAS")) ctas = std::atoi(env);
+  return std::max(0, std::min(ctas, p.num_sms / 2));
+}
+
+// The plan's pieces for one query chunk, then the chunk's partial outputs and their stats: one
+// buffer, or two when the combine of a chunk overlaps the next chunk's main kernel.
 struct WorkspaceLayout : PlanWorkspace {
   int64_t chunk_tokens = 0;
-  size_t part_o = 0, part_stats = 0;
+  int num_buffers = 1;
+  size_t part_o[2] = {0, 0}, part_stats[2] = {0, 0};
   size_t total = 0;
 
-  static int64_t chunk_tokens_of(const FwdParams& p) {
+  // Equal chunks that fit the budget (a small last chunk would leave its combine without work
+  // to hide behind).
+  static int64_t chunk_tokens_of(const FwdParams& p, int buffers) {
     const int64_t per_token = static_cast<int64_t>(p.num_heads) * p.topk * (p.head_dim * 2 + 8);
-    return std::max<int64_t>(1, std::min({p.total_q, kPartialBudgetBytes / per_token, kMaxChunkTokens}));
+    const int64_t cap =
+        std::max<int64_t>(1, std::min(partial_budget_bytes() / buffers / per_token, kMaxChunkTokens));
+    const int64_t chunks = std::max<int64_t>(1, (p.total_q + cap - 1) / cap);
+    return std::max<int64_t>(1, (p.total_q + chunks - 1) / chunks);
   }
-  explicit WorkspaceLayout(const FwdParams& p)
-      : PlanWorkspace(chunk_tokens_of(p), p.batch, p.num_heads, p.num_heads_kv, p.topk, p.max_seqlen_k,
+  static int buffers_of(const FwdParams& p) {
+    return combine_ctas(p) > 0 && chunk_tokens_of(p, 2) < p.total_q ? 2 : 1;
+  }
+  explicit WorkspaceLayout(const FwdParams& p) : WorkspaceLayout(p, buffers_of(p)) {}
+  WorkspaceLayout(const FwdParams& p, int buffers)
+      : PlanWorkspace(chunk_tokens_of(p, buffers), p.batch, p.num_heads, p.num_heads_kv, p.topk, p.max_seqlen_k,
                       p.block_size),
-        chunk_tokens(chunk_tokens_of(p)) {
-    part_o = take(static_cast<size_t>(chunk_tokens) * p.num_heads * p.topk * p.head_dim * 2);
-    part_stats = take(sizeof(float2) * chunk_tokens * p.num_heads * p.topk);
+        chunk_tokens(chunk_tokens_of(p, buffers)),
+        num_buffers(buffers) {
+    for (int b = 0; b < num_buffers; ++b) {
+      part_o[b] = take(static_cast<size_t>(chunk_tokens) * p.num_heads * p.topk * p.head_dim * 2);
+      part_stats[b] = take(sizeof(float2) * chunk_tokens * p.num_heads * p.topk);
+    }
     total = end;
   }
 };
@@ -62,8 +95,37 @@ cudaError_t make_query_box_descriptor(const FwdParams& p, cute::TmaDescriptor* d
   return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
+// Merge parameters of the chunk [token_begin, token_end) whose partials are in buffer `buffer`.
+template <class Element>
+CombineParams<Element> combine_params(const FwdParams& p, const WorkspaceLayout& ws, char* workspace, int buffer,
+                                      int64_t token_begin, int64_t token_end) {
+  return CombineParams<Element>{
+      reinterpret_cast<const Element*>(workspace + ws.part_o[buffer]),
+      reinterpret_cast<const float2*>(workspace + ws.part_stats[buffer]),
+      p.block_indices,
+      static_cast<Element*>(p.out),
+      p.lse,
+      p.cu_seqlens_q,
+      p.cu_seqlens_k,
+      p.batch,
+      p.seqlen_q,
+      p.seqlen_k,
+      p.total_q,
+      token_begin,
+      token_end,
+      p.num_heads,
+      p.num_heads_kv,
+      p.topk,
+      p.block_size,
+      ws.num_blocks_max,
+  };
+}
+
+// The main kernel of the chunk starting at token_begin, partials into buffer `buffer`; with
+// `previous` (and combine_ctas > 0), its last combine_ctas CTAs merge that chunk meanwhile.
 template <class Element, int kHeadDim, int kBlockN>
-cudaError_t launch_fwd_main(const FwdParams& p, const WorkspaceLayout& ws, char* workspace, int64_t token_begin,
+cudaError_t launch_fwd_main(const FwdParams& p, const WorkspaceLayout& ws, char* workspace, int buffer,
+                            int64_t token_begin, const CombineParams<Element>* previous, int combine_ctas,
                             cudaStream_t stream) {
   using Traits = FwdTraits<Element, kHeadDim, kBlockN>;
   const auto [tma_k, tma_v] = make_kv_tmas<Traits>(p);
@@ -82,8 +144,8 @@ cudaError_t launch_fwd_main(const FwdParams& p, const WorkspaceLayout& ws, char*
       reinterpret_cast<const int4*>(workspace + ws.work),
       reinterpret_cast<const int32_t*>(workspace + ws.num_work),
       reinterpret_cast<int32_t*>(workspace + ws.work_counter),
-      reinterpret_cast<Element*>(workspace + ws.part_o),
-      reinterpret_cast<float2*>(workspace + ws.part_stats),
+      reinterpret_cast<Element*>(workspace + ws.part_o[buffer]),
+      reinterpret_cast<float2*>(workspace + ws.part_stats[buffer]),
       token_begin,
       p.cu_seqlens_q,
       p.cu_seqlens_k,
@@ -98,7 +160,13 @@ cudaError_t launch_fwd_main(const FwdParams& p, const WorkspaceLayout& ws, char*
       cutlass::FastDivmod(p.num_heads_kv),
       p.softmax_scale * 1.4426950408889634f,
       __builtin_ctz(static_cast<unsigned>(p.num_heads / p.num_heads_kv)),
+      p.num_sms,
+      {},
   };
+  if (previous != nullptr && combine_ctas > 0) {
+    kp.num_main_ctas = p.num_sms - combine_ctas;
+    kp.previous_chunk = *previous;
+  }
   // Persistent: one CTA per SM walks the work list (its length is only known on the device).
   return common::launch_with_smem(fwd_kernel<Traits>, p.num_sms, Traits::kNumThreads, Traits::kSmemBytes, stream, kp);
 }
@@ -161,31 +229,10 @@ cudaError_t launch_fwd_query_tile(const FwdParams& p, cudaStream_t stream) {
   return common::launch_with_smem(fwd_query_tile_kernel<Traits>, grid, Traits::kNumThreads, Traits::kSmemBytes, stream, kp);
 }
 
-// The combine of one query chunk: merges each (token, head)'s slot partials by their stats.
+// The combine of one query chunk as its own kernel: merges each (token, head)'s slot partials.
 template <class Element, int kHeadDim>
-cudaError_t launch_combine(const FwdParams& p, const WorkspaceLayout& ws, char* workspace, int64_t token_begin,
-                           int64_t token_end, cudaStream_t stream) {
-  CombineParams<Element> cp{
-      reinterpret_cast<const Element*>(workspace + ws.part_o),
-      reinterpret_cast<const float2*>(workspace + ws.part_stats),
-      p.block_indices,
-      static_cast<Element*>(p.out),
-      p.lse,
-      p.cu_seqlens_q,
-      p.cu_seqlens_k,
-      p.batch,
-      p.seqlen_q,
-      p.seqlen_k,
-      p.total_q,
-      token_begin,
-      token_end,
-      p.num_heads,
-      p.num_heads_kv,
-      p.topk,
-      p.block_size,
-      ws.num_blocks_max,
-  };
-  const int64_t pairs = (token_end - token_begin) * p.num_heads;
+cudaError_t launch_combine(const CombineParams<Element>& cp, cudaStream_t stream) {
+  const int64_t pairs = (cp.token_end - cp.token_begin) * cp.num_heads;
   combine_kernel<Element, kHeadDim><<<static_cast<unsigned>((pairs + 3) / 4), 128, 0, stream>>>(cp);
   return cudaGetLastError();
 }
@@ -198,16 +245,36 @@ cudaError_t run_fwd_for(const FwdParams& p, void* workspace_ptr, cudaStream_t st
   }
   const WorkspaceLayout ws(p);
   char* workspace = static_cast<char*>(workspace_ptr);
-  return for_each_planned_chunk(p, ws, ws.chunk_tokens, workspace, stream,
-                                [&](const PlanParams&, int64_t token_begin, int64_t token_end) {
-                                  cudaError_t err =
-                                      p.block_size == 128
-                                          ? launch_fwd_main<Element, kHeadDim, 128>(p, ws, workspace, token_begin, stream)
-                                          : launch_fwd_main<Element, kHeadDim, 64>(p, ws, workspace, token_begin, stream);
-                                  if (err != cudaSuccess) return err;
-                                  return launch_combine<Element, kHeadDim>(p, ws, workspace, token_begin, token_end,
-                                                                           stream);
-                                });
+  // With two buffers, chunk c's partials go to buffer c % 2 and its merge runs inside chunk c + 1's
+  // main kernel (the last chunk's on its own); with one, each chunk's merge follows its main kernel.
+  const bool overlap = ws.num_buffers == 2;
+  const int ctas = overlap ? combine_ctas(p) : 0;
+  CombineParams<Element> previous{};
+  bool have_previous = false;
+  int buffer = 0;
+  cudaError_t err = for_each_planned_chunk(
+      p, ws, ws.chunk_tokens, workspace, stream,
+      [&](const PlanParams&, int64_t token_begin, int64_t token_end) {
+        cudaError_t e = p.block_size == 128
+                            ? launch_fwd_main<Element, kHeadDim, 128>(p, ws, workspace, buffer, token_begin,
+                                                                      have_previous ? &previous : nullptr, ctas, stream)
+                            : launch_fwd_main<Element, kHeadDim, 64>(p, ws, workspace, buffer, token_begin,
+                                                                     have_previous ? &previous : nullptr, ctas, stream);
+        if (e != cudaSuccess) return e;
+        previous = combine_params<Element>(p, ws, workspace, buffer, token_begin, token_end);
+        have_previous = overlap;
+        buffer = overlap ? buffer ^ 1 : 0;
+        return overlap ? cudaSuccess : launch_combine<Element, kHeadDim>(previous, stream);
+      },
+      [&](PlanParams& plan, int64_t chunk) {
+        // Invalid slots are marked in the stats only for the streamed merge (it reads no block_indices).
+        if (overlap) {
+          plan.invalid_slot_stats = reinterpret_cast<float2*>(workspace + ws.part_stats[chunk % 2]);
+          plan.group_size = p.num_heads / p.num_heads_kv;
+        }
+      });
+  if (err == cudaSuccess && have_previous) err = launch_combine<Element, kHeadDim>(previous, stream);
+  return err;
 }
 
 }  // namespace msa::fwd
