@@ -145,8 +145,8 @@ def test_fwd_m3_shape_several_query_chunks_and_public_api():
 @pytest.mark.parametrize("combine_ctas", ["0", "1", "16"])
 @pytest.mark.parametrize("topk", [3, 16])
 def test_fwd_many_chunks_one_head(combine_ctas, topk, monkeypatch):
-    # Hq = 1 and 251-token chunks: odd row counts, so a streamed batch ends with one row whose
-    # stats are copied rounded up to 16 bytes; -1 padded slots are marked invalid by the plan.
+    # Hq = 1 and 251-token chunks: the streamed merge's last row group is partly past the chunk's
+    # end; -1 padded slots are marked invalid by the plan (never-written partials, no weight).
     for name, value in CHUNKED.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("MSA_FWD_COMBINE_CTAS", combine_ctas)

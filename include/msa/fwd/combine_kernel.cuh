@@ -14,9 +14,11 @@
 
 #include <cstdint>
 
-#include <cute/arch/copy_sm90_tma.hpp>
-#include <cutlass/arch/barrier.h>
+#include <cuda_fp16.h>
+
+#include <cute/tensor.hpp>
 #include <cutlass/array.h>
+#include <cutlass/numeric_types.h>
 
 #include "msa/common/seqlen.cuh"
 #include "msa/fwd/fwd_common.cuh"
@@ -140,85 +142,102 @@ __global__ void __launch_bounds__(128) combine_kernel(const CombineParams<Elemen
 
 // The combine of a finished query chunk, run by the last CTAs of the next chunk's main kernel
 // (fwd_kernel, blockIdx.x >= num_main_ctas) so that its partial reads overlap that kernel's
-// compute instead of following it. Each warp merges batches of two (query, head) rows: one bulk
-// copy (cp.async.bulk) brings a batch's partial rows and one its stats into the warp's slot of a
-// two-slot ring in shared memory, so a few warps keep many bytes in flight. Validity comes from
-// the stats alone: the plan marks every invalid slot's lse -inf (plan_count_kernel), so
-// block_indices is not read and the never-written partials of those slots are never loaded.
-constexpr int kStreamRowsPerBatch = 2;  // two rows of stats are 2 x topk x 8 bytes: a multiple of 16
-constexpr int kStreamRingSlots = 2;
-constexpr int kStreamBarrierBytes = 1024;  // mbarriers at the start of shared memory (32 warps x 2 x 8)
-
-// Ring slot bytes of one warp: a batch's partial rows, then its stats, 128-byte aligned.
-template <int kHeadDim, class Element>
-__host__ __device__ constexpr int stream_slot_bytes(int topk) {
-  return (kStreamRowsPerBatch * topk * (kHeadDim * static_cast<int>(sizeof(Element)) + 8) + 127) / 128 * 128;
+// compute instead of following it. Few CTAs must stream many bytes each, so the work is laid out
+// for loads in flight rather than for short chains: kHeadDim / 8 threads share a (query, head)
+// row, each owns one 16-byte column chunk of every slot and issues all its loads (stats and up to
+// 16 slots) at once; the row's max and sum are shuffles inside the thread's segment. Validity
+// comes from the stats alone: the plan marks every invalid slot's lse -inf (plan_count_kernel),
+// so block_indices is not read, and an invalid slot's never-written partial is loaded but given
+// no weight (a select, not a product: the bits may be NaN).
+// Eight 16-bit floats (one 16-byte chunk) to fp32: bf16 is the upper half of an fp32, so a shift or
+// a mask per value.
+template <class Element>
+__device__ __forceinline__ void to_float8(const uint4& raw, float (&x)[8]) {
+  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (cute::is_same_v<Element, cutlass::bfloat16_t>) {
+      x[2 * i] = __uint_as_float(words[i] << 16);
+      x[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
+    } else {
+      const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&words[i]));
+      x[2 * i] = f.x;
+      x[2 * i + 1] = f.y;
+    }
+  }
 }
 
 template <class Element, int kHeadDim>
-__device__ __forceinline__ void streamed_combine(const CombineParams<Element>& p, char* smem, int smem_bytes, int cta,
-                                                 int num_ctas) {
-  const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
-  const int row_part_bytes = p.topk * kHeadDim * static_cast<int>(sizeof(Element));
-  const int slot_bytes = stream_slot_bytes<kHeadDim, Element>(p.topk);
-  const int warps =
-      min(static_cast<int>(blockDim.x) / 32, (smem_bytes - kStreamBarrierBytes) / (kStreamRingSlots * slot_bytes));
-  if (warp >= warps) return;
-  uint64_t* bars = reinterpret_cast<uint64_t*>(smem) + warp * kStreamRingSlots;
-  char* ring = smem + kStreamBarrierBytes + warp * kStreamRingSlots * slot_bytes;
+__device__ __forceinline__ void streamed_combine(const CombineParams<Element>& p, int cta, int num_ctas) {
+  constexpr int kThreadsPerRow = kHeadDim / 8;
+  constexpr int kSlotsPerPass = 16;
+  constexpr int kStatsPerThread = 32 / kThreadsPerRow;  // topk <= 32: thread c holds slots c + j kThreadsPerRow
+  const int rows_per_group = static_cast<int>(blockDim.x) / kThreadsPerRow;
+  const int chunk = threadIdx.x % kThreadsPerRow;
   const int64_t rows = (p.token_end - p.token_begin) * p.num_heads;
-  const int64_t batches = (rows + kStreamRowsPerBatch - 1) / kStreamRowsPerBatch;
-  const int64_t stride = int64_t{num_ctas} * warps;
-  if (lane == 0) {
+  for (int64_t first = int64_t{cta} * rows_per_group; first < rows; first += int64_t{num_ctas} * rows_per_group) {
+    const int64_t row = first + threadIdx.x / kThreadsPerRow;
+    const bool live = row < rows;
+    const int64_t src_row = live ? row : rows - 1;  // threads past the end still take part in the shuffles
+    const float2* stats = p.part_stats + src_row * p.topk;
+    const uint4* part = reinterpret_cast<const uint4*>(p.part_o + src_row * p.topk * kHeadDim) + chunk;
+    float2 st[kStatsPerThread];
 #pragma unroll
-    for (int s = 0; s < kStreamRingSlots; ++s) cutlass::arch::ClusterTransactionBarrier::init(bars + s, 1);
-    cutlass::arch::fence_barrier_init();
-  }
-  __syncwarp();
-  // Batch b into ring slot s (lane 0). A last odd row copies its stats rounded up to 16 bytes: the
-  // workspace pads each piece to 256 bytes, so the 8 extra bytes stay inside it and are unused.
-  auto issue = [&](int s, int64_t b) {
-    if (lane != 0 || b >= batches) return;
-    const int64_t first_row = b * kStreamRowsPerBatch;
-    const int n = rows - first_row < kStreamRowsPerBatch ? static_cast<int>(rows - first_row) : kStreamRowsPerBatch;
-    const int part_bytes = n * row_part_bytes;
-    const int stats_bytes = (n * p.topk * 8 + 15) / 16 * 16;
-    cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(bars + s, part_bytes + stats_bytes);
-    char* slot = ring + s * slot_bytes;
-    cute::SM90_BULK_COPY_G2S::copy(p.part_o + first_row * p.topk * kHeadDim, bars + s, slot, part_bytes);
-    cute::SM90_BULK_COPY_G2S::copy(p.part_stats + first_row * p.topk, bars + s,
-                                   slot + kStreamRowsPerBatch * row_part_bytes, stats_bytes);
-  };
-  int64_t batch = int64_t{cta} * warps + warp;
+    for (int j = 0; j < kStatsPerThread; ++j) {
+      const int s = chunk + j * kThreadsPerRow;
+      st[j] = s < p.topk ? __ldg(stats + s) : make_float2(0.f, -CUDART_INF_F);
+    }
+    uint4 v[kSlotsPerPass];
 #pragma unroll
-  for (int s = 0; s < kStreamRingSlots; ++s) issue(s, batch + s * stride);
-  for (int64_t i = 0; batch < batches; ++i, batch += stride) {
-    const int s = static_cast<int>(i % kStreamRingSlots);
-    cutlass::arch::ClusterTransactionBarrier::wait(bars + s, static_cast<uint32_t>((i / kStreamRingSlots) & 1));
-    const char* slot = ring + s * slot_bytes;
-#pragma unroll 1
-    for (int r = 0; r < kStreamRowsPerBatch; ++r) {
-      const int64_t row = batch * kStreamRowsPerBatch + r;
-      if (row >= rows) break;
-      const float2 slot_stats =
-          lane < p.topk ? reinterpret_cast<const float2*>(slot + kStreamRowsPerBatch * row_part_bytes)[r * p.topk + lane]
-                        : make_float2(0.f, -CUDART_INF_F);
-      const uint4* part = reinterpret_cast<const uint4*>(slot + r * row_part_bytes);
-      const float lse = merge_slots<Element, kHeadDim>(
-          slot_stats.y != -CUDART_INF_F, slot_stats,
-          [&](int sl, int chunk, bool pred) { return pred ? part[sl * (kHeadDim / 8) + chunk] : make_uint4(0, 0, 0, 0); },
-          p.out + (p.token_begin * p.num_heads + row) * kHeadDim, lane);
-      if (lane == 0) {
-        const int64_t token = p.token_begin + row / p.num_heads;
-        p.lse[lse_index(p, token, static_cast<int>(row % p.num_heads))] = lse;
+    for (int k = 0; k < kSlotsPerPass; ++k) v[k] = load_streaming_16(part + k * kThreadsPerRow, k < p.topk);
+
+    float m = -CUDART_INF_F;
+#pragma unroll
+    for (int j = 0; j < kStatsPerThread; ++j) m = fmaxf(m, st[j].y);
+#pragma unroll
+    for (int o = kThreadsPerRow / 2; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o, kThreadsPerRow));
+    float total = 0.f, weight[kStatsPerThread];
+#pragma unroll
+    for (int j = 0; j < kStatsPerThread; ++j) {
+      const bool valid = st[j].y != -CUDART_INF_F;
+      total += valid ? exp2f(st[j].y - m) : 0.f;
+      weight[j] = valid ? exp2f(st[j].x - m) : 0.f;
+    }
+#pragma unroll
+    for (int o = kThreadsPerRow / 2; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffff, total, o, kThreadsPerRow);
+
+    float acc[8] = {};
+#pragma unroll
+    for (int pass = 0; pass < 32 / kSlotsPerPass; ++pass) {
+      if (pass > 0) {
+        if (pass * kSlotsPerPass >= p.topk) break;
+#pragma unroll
+        for (int k = 0; k < kSlotsPerPass; ++k) {
+          v[k] = load_streaming_16(part + (pass * kSlotsPerPass + k) * kThreadsPerRow, pass * kSlotsPerPass + k < p.topk);
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < kSlotsPerPass; ++k) {
+        const int s = pass * kSlotsPerPass + k;
+        const float w = __shfl_sync(0xffffffff, weight[s / kThreadsPerRow], s % kThreadsPerRow, kThreadsPerRow);
+        float x[8];
+        to_float8<Element>(w != 0.f ? v[k] : make_uint4(0, 0, 0, 0), x);
+#pragma unroll
+        for (int d = 0; d < 8; ++d) acc[d] += w * x[d];
       }
     }
-    // Every lane's reads of the slot come before the bulk copy (async proxy) that refills it.
-    __syncwarp();
-    cutlass::arch::fence_view_async_shared();
-    issue(s, batch + kStreamRingSlots * stride);
+    if (live) {
+      const float inv_total = total > 0.f ? 1.f / total : 0.f;
+      cutlass::Array<Element, 8> res;
+#pragma unroll
+      for (int d = 0; d < 8; ++d) res[d] = static_cast<Element>(acc[d] * inv_total);
+      *reinterpret_cast<cutlass::Array<Element, 8>*>(p.out + (p.token_begin * p.num_heads + row) * kHeadDim + chunk * 8) =
+          res;
+      if (chunk == 0) {
+        p.lse[lse_index(p, p.token_begin + row / p.num_heads, static_cast<int>(row % p.num_heads))] =
+            total > 0.f ? (m + __log2f(total)) * 0.69314718055994531f : -CUDART_INF_F;
+      }
+    }
   }
 }
-
 }  // namespace msa::fwd

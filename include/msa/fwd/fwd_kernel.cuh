@@ -89,8 +89,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
 
   extern __shared__ char smem_buf[];
   if (static_cast<int>(blockIdx.x) >= params.num_main_ctas) {
-    streamed_combine<Element, kHeadDim>(params.previous_chunk, smem_buf, Traits::kSmemBytes,
-                                        blockIdx.x - params.num_main_ctas, gridDim.x - params.num_main_ctas);
+    streamed_combine<Element, kHeadDim>(params.previous_chunk, blockIdx.x - params.num_main_ctas,
+                                        gridDim.x - params.num_main_ctas);
     return;
   }
   auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_buf);
