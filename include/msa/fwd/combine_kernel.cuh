@@ -170,50 +170,70 @@ __device__ __forceinline__ void to_float8(const uint4& raw, float (&x)[8]) {
 template <class Element, int kHeadDim>
 __device__ __forceinline__ void streamed_combine(const CombineParams<Element>& p, int cta, int num_ctas) {
   constexpr int kThreadsPerRow = kHeadDim / 8;
-  constexpr int kSlotsPerPass = 16;
+  // Slots loaded per pass (and per row group in flight): the registers of two groups fit for D 128;
+  // D 64 holds four partial sums per thread (kResidues), so its passes are shorter.
+  constexpr int kSlotsPerPass = kHeadDim == 128 ? 16 : 8;
   constexpr int kStatsPerThread = 32 / kThreadsPerRow;  // topk <= 32: thread c holds slots c + j kThreadsPerRow
+  // merge_slots sums slot s into lane (s % kResidues) and then adds the lanes by a shuffle tree;
+  // the same order here keeps both merges bit-identical (a chunked forward equals an unchunked one).
+  constexpr int kResidues = 32 / kThreadsPerRow;
   const int rows_per_group = static_cast<int>(blockDim.x) / kThreadsPerRow;
   const int chunk = threadIdx.x % kThreadsPerRow;
   const int64_t rows = (p.token_end - p.token_begin) * p.num_heads;
-  for (int64_t first = int64_t{cta} * rows_per_group; first < rows; first += int64_t{num_ctas} * rows_per_group) {
-    const int64_t row = first + threadIdx.x / kThreadsPerRow;
-    const bool live = row < rows;
-    const int64_t src_row = live ? row : rows - 1;  // threads past the end still take part in the shuffles
-    const float2* stats = p.part_stats + src_row * p.topk;
-    const uint4* part = reinterpret_cast<const uint4*>(p.part_o + src_row * p.topk * kHeadDim) + chunk;
+  struct Loaded {
     float2 st[kStatsPerThread];
+    uint4 v[kSlotsPerPass];
+  };
+  auto row_of = [&](int64_t first) { return first + threadIdx.x / kThreadsPerRow; };
+  auto part_of = [&](int64_t row) {
+    // Threads past the end read the last row and take part in the shuffles only.
+    return reinterpret_cast<const uint4*>(p.part_o + (row < rows ? row : rows - 1) * p.topk * kHeadDim) + chunk;
+  };
+  auto load = [&](int64_t first, Loaded& g) {
+    const int64_t row = row_of(first);
+    const float2* stats = p.part_stats + (row < rows ? row : rows - 1) * p.topk;
 #pragma unroll
     for (int j = 0; j < kStatsPerThread; ++j) {
       const int s = chunk + j * kThreadsPerRow;
-      st[j] = s < p.topk ? __ldg(stats + s) : make_float2(0.f, -CUDART_INF_F);
+      g.st[j] = s < p.topk ? __ldg(stats + s) : make_float2(0.f, -CUDART_INF_F);
     }
-    uint4 v[kSlotsPerPass];
+    const uint4* part = part_of(row);
 #pragma unroll
-    for (int k = 0; k < kSlotsPerPass; ++k) v[k] = load_streaming_16(part + k * kThreadsPerRow, k < p.topk);
-
+    for (int k = 0; k < kSlotsPerPass; ++k) g.v[k] = load_streaming_16(part + k * kThreadsPerRow, k < p.topk);
+  };
+  auto merge = [&](int64_t first, Loaded& g) {
+    const int64_t row = row_of(first);
     float m = -CUDART_INF_F;
 #pragma unroll
-    for (int j = 0; j < kStatsPerThread; ++j) m = fmaxf(m, st[j].y);
+    for (int j = 0; j < kStatsPerThread; ++j) m = fmaxf(m, g.st[j].y);
 #pragma unroll
     for (int o = kThreadsPerRow / 2; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o, kThreadsPerRow));
-    float total = 0.f, weight[kStatsPerThread];
+    float t[kStatsPerThread], weight[kStatsPerThread];
 #pragma unroll
     for (int j = 0; j < kStatsPerThread; ++j) {
-      const bool valid = st[j].y != -CUDART_INF_F;
-      total += valid ? exp2f(st[j].y - m) : 0.f;
-      weight[j] = valid ? exp2f(st[j].x - m) : 0.f;
+      const bool valid = g.st[j].y != -CUDART_INF_F;
+      t[j] = valid ? exp2f(g.st[j].y - m) : 0.f;
+      weight[j] = valid ? exp2f(g.st[j].x - m) : 0.f;
     }
+    // merge_slots' tree: levels 16 .. kThreadsPerRow pair slots held by this thread, the rest lanes.
+#pragma unroll
+    for (int half = kStatsPerThread / 2; half > 0; half >>= 1) {
+#pragma unroll
+      for (int j = 0; j < half; ++j) t[j] += t[j + half];
+    }
+    float total = t[0];
 #pragma unroll
     for (int o = kThreadsPerRow / 2; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffff, total, o, kThreadsPerRow);
 
-    float acc[8] = {};
+    float acc[kResidues][8] = {};
 #pragma unroll
     for (int pass = 0; pass < 32 / kSlotsPerPass; ++pass) {
       if (pass > 0) {
         if (pass * kSlotsPerPass >= p.topk) break;
+        const uint4* part = part_of(row);
 #pragma unroll
         for (int k = 0; k < kSlotsPerPass; ++k) {
-          v[k] = load_streaming_16(part + (pass * kSlotsPerPass + k) * kThreadsPerRow, pass * kSlotsPerPass + k < p.topk);
+          g.v[k] = load_streaming_16(part + (pass * kSlotsPerPass + k) * kThreadsPerRow, pass * kSlotsPerPass + k < p.topk);
         }
       }
 #pragma unroll
@@ -221,16 +241,24 @@ __device__ __forceinline__ void streamed_combine(const CombineParams<Element>& p
         const int s = pass * kSlotsPerPass + k;
         const float w = __shfl_sync(0xffffffff, weight[s / kThreadsPerRow], s % kThreadsPerRow, kThreadsPerRow);
         float x[8];
-        to_float8<Element>(w != 0.f ? v[k] : make_uint4(0, 0, 0, 0), x);
+        to_float8<Element>(w != 0.f ? g.v[k] : make_uint4(0, 0, 0, 0), x);
 #pragma unroll
-        for (int d = 0; d < 8; ++d) acc[d] += w * x[d];
+        for (int d = 0; d < 8; ++d) acc[s % kResidues][d] += w * x[d];
       }
     }
-    if (live) {
+#pragma unroll
+    for (int half = kResidues / 2; half > 0; half >>= 1) {
+#pragma unroll
+      for (int r = 0; r < half; ++r) {
+#pragma unroll
+        for (int d = 0; d < 8; ++d) acc[r][d] += acc[r + half][d];
+      }
+    }
+    if (row < rows) {
       const float inv_total = total > 0.f ? 1.f / total : 0.f;
       cutlass::Array<Element, 8> res;
 #pragma unroll
-      for (int d = 0; d < 8; ++d) res[d] = static_cast<Element>(acc[d] * inv_total);
+      for (int d = 0; d < 8; ++d) res[d] = static_cast<Element>(acc[0][d] * inv_total);
       *reinterpret_cast<cutlass::Array<Element, 8>*>(p.out + (p.token_begin * p.num_heads + row) * kHeadDim + chunk * 8) =
           res;
       if (chunk == 0) {
@@ -238,6 +266,20 @@ __device__ __forceinline__ void streamed_combine(const CombineParams<Element>& p
             total > 0.f ? (m + __log2f(total)) * 0.69314718055994531f : -CUDART_INF_F;
       }
     }
+  };
+  // Two row groups in flight: the next group's loads are issued before this one is merged.
+  const int64_t step = int64_t{num_ctas} * rows_per_group;
+  Loaded a, b;
+  int64_t first = int64_t{cta} * rows_per_group;
+  if (first < rows) load(first, a);
+  while (first < rows) {
+    if (first + step < rows) load(first + step, b);
+    merge(first, a);
+    first += step;
+    if (first >= rows) break;
+    if (first + step < rows) load(first + step, a);
+    merge(first, b);
+    first += step;
   }
 }
 }  // namespace msa::fwd
