@@ -1,7 +1,7 @@
 """Time the block_sparse_attn backward (or forward) under several settings of an environment knob,
 in one process (same card, same inputs):
   python bench/knob_sweep.py --var MSA_BWD_CHUNK_TOKENS --values 0 2048 4096 8192
-  python bench/knob_sweep.py --op fwd --var MSA_FWD_COMBINE_CTAS --values 0 8 16 24
+  python bench/knob_sweep.py --op fwd --var MSA_FWD_PARTIAL_KIB --values 1048576 2097152
 [--seqlens 32768 131072] [--reps 10] [--deterministic]. M3 shape (B=1, Hq=64, Hkv=4, D=128,
 block 128, topk 16, bf16), indexer selection of random inputs as in bench_ops.py; CUDA events,
 3 warm-up calls, median of --reps. Prints ms and effective TFLOPS (bench_ops's count: the

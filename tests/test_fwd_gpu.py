@@ -21,8 +21,8 @@ pytestmark = [pytest.mark.gpu, requires_sm90]
 TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
-# A partial budget of 256 KiB splits these tests' queries into many chunks, so the KV-outer path
-# merges each chunk inside the next chunk's main kernel (streamed_combine) and the last on its own.
+# A partial budget of 256 KiB splits these tests' queries into many chunks (a plan, main kernel and
+# combine each), as long sequences are split at the default budget of 2 GiB.
 CHUNKED = {"MSA_CUDA_FWD_PATH": "kv_outer", "MSA_FWD_PARTIAL_KIB": "256"}
 
 
@@ -130,7 +130,7 @@ def test_fwd_varlen_matches_padded(fwd_path):
 
 
 def test_fwd_m3_shape_several_query_chunks_and_public_api():
-    # 20K queries at M3 shape need 6 query chunks of partial outputs (two buffers of 1 GiB).
+    # 20K queries at M3 shape need 3 query chunks of partial outputs (2 GiB each).
     s, hq, hkv, d = 20000, 64, 4, 128
     q, k, v = _inputs(1, s, s, hq, hkv, d, torch.bfloat16, seed=11)
     q_idx = torch.randn(1, s, hkv, 128, device="cuda", dtype=torch.bfloat16)
@@ -142,14 +142,11 @@ def test_fwd_m3_shape_several_query_chunks_and_public_api():
     assert torch.equal(again, out) and torch.equal(lse_again, aux.lse), "forward is not deterministic"
 
 
-@pytest.mark.parametrize("combine_ctas", ["0", "1", "16"])
 @pytest.mark.parametrize("topk", [3, 16])
-def test_fwd_many_chunks_one_head(combine_ctas, topk, monkeypatch):
-    # Hq = 1 and 251-token chunks: the streamed merge's last row group is partly past the chunk's
-    # end; -1 padded slots are marked invalid by the plan (never-written partials, no weight).
+def test_fwd_many_chunks_one_head(topk, monkeypatch):
+    # Hq = 1: four equal chunks of 251 tokens; -1 padded slots and blocks past the query.
     for name, value in CHUNKED.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setenv("MSA_FWD_COMBINE_CTAS", combine_ctas)
     sq = sk = 1001
     q, k, v = _inputs(1, sq, sk, 1, 1, 64, torch.bfloat16, seed=topk)
     sel = random_selection(1, sq, sk, 1, topk, 64, seed=topk + 1)

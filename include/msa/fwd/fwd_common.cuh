@@ -6,8 +6,6 @@
 
 #include <cutlass/fast_math.h>
 
-#include <math_constants.h>
-
 #include "msa/common/seqlen.cuh"
 
 namespace msa::fwd {
@@ -28,10 +26,6 @@ struct PlanParams {
   int4* work;        // [max_work]: (list, first entry, number of entries, 0), then a sentinel
   int32_t* num_work; // [1]
   int32_t* work_counter;  // [1]: the main kernel's dynamic scheduler, zeroed by the scan
-  // Forward only (else null): the chunk's partial stats [chunk tokens, Hq, topk], in which the
-  // count marks every invalid slot's G rows (-inf, -inf), so the combine needs no block_indices.
-  float2* invalid_slot_stats = nullptr;
-  int group_size = 0;
 };
 
 // A list entry in 32 bits: the query token relative to the chunk (< 2^26, see kMaxChunkTokens)
@@ -77,9 +71,8 @@ __device__ __forceinline__ int num_key_blocks(const common::SeqInfo& seq, int bl
 // off) out-of-range ids are skipped by every stage alike, so nothing reads an unwritten partial.
 __device__ __forceinline__ bool slot_is_valid(int block, int num_blocks) { return block >= 0 && block < num_blocks; }
 
-// Calls fn(list, token, slot) for every valid (token, group, slot) of the chunk owned by this thread;
-// with kMarkInvalid, marks the others in p.invalid_slot_stats (when given).
-template <bool kMarkInvalid = false, class Fn>
+// Calls fn(list, token, slot) for every valid (token, group, slot) of the chunk owned by this thread.
+template <class Fn>
 __device__ __forceinline__ void for_each_valid_slot(const PlanParams& p, Fn&& fn) {
   const int64_t per_token = static_cast<int64_t>(p.num_heads_kv) * p.topk;
   const int64_t total = (p.token_end - p.token_begin) * per_token;
@@ -98,11 +91,6 @@ __device__ __forceinline__ void for_each_valid_slot(const PlanParams& p, Fn&& fn
     if (slot_is_valid(block, num_blocks)) {
       const int list = (b * p.num_heads_kv + group) * p.num_blocks_max + block;
       fn(list, static_cast<int32_t>(token), slot);
-    } else if (kMarkInvalid && p.invalid_slot_stats != nullptr) {
-      const int64_t row = ((token - p.token_begin) * p.num_heads_kv + group) * p.group_size;
-      for (int h = 0; h < p.group_size; ++h) {
-        p.invalid_slot_stats[(row + h) * p.topk + slot] = make_float2(-CUDART_INF_F, -CUDART_INF_F);
-      }
     }
   }
 }

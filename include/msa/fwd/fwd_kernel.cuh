@@ -7,11 +7,9 @@
 //   unnormalized; fp16: / sum(P)), with (max, lse_part = max + log(sum(P))) kept next to it,
 // written per (query, head, slot); combine_kernel merges the slots of a query by lse.
 //
-// Grid: persistent, one CTA per SM; the main CTAs take runs of consecutive tiles of the work list
+// Grid: persistent, one CTA per SM; CTAs take runs of consecutive tiles of the work list
 // fwd_plan_kernel.cuh produced (sorted by list, i.e. by key block) from a global counter
 // (fwd_scheduler.cuh), so K/V of a block is loaded once per run of tiles and the SMs stay balanced.
-// The last few CTAs (none for the first chunk) merge the previous chunk's partials meanwhile
-// (streamed_combine), so the combine's reads overlap this chunk's compute.
 // Warp roles: warpgroup 0 = producer. Thread 0 TMA-loads K and V into the K/V ring whenever the
 // block changes. Each tile's query rows go into the query ring by TMA (8-head boxes, G >= 8) or by
 // a cp.async gather over all 128 threads (G < 8); the 128 threads also copy the row metadata and
@@ -33,7 +31,6 @@
 #include "msa/common/arch.cuh"
 #include "msa/common/gemm.cuh"
 #include "msa/common/seqlen.cuh"
-#include "msa/fwd/combine_kernel.cuh"
 #include "msa/fwd/fwd_collective.cuh"
 #include "msa/fwd/fwd_common.cuh"
 #include "msa/fwd/fwd_scheduler.cuh"
@@ -65,10 +62,6 @@ struct FwdKernelParams {
   cutlass::FastDivmod num_blocks_max_div, num_heads_kv_div;
   float scale_log2;  // softmax_scale * log2(e)
   int group_shift;  // log2(G): G is a power of two, so row / G and row % G are a shift and a mask
-  // CTAs [num_main_ctas, gridDim.x) merge the previous chunk's partials (streamed_combine) while
-  // the others run this chunk; with num_main_ctas = gridDim.x there is no previous chunk.
-  int num_main_ctas;
-  CombineParams<Element> previous_chunk;
 };
 
 template <class Traits>
@@ -88,11 +81,6 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   constexpr uint32_t kQStageBytes = Traits::kQStageBytes;
 
   extern __shared__ char smem_buf[];
-  if (static_cast<int>(blockIdx.x) >= params.num_main_ctas) {
-    streamed_combine<Element, kHeadDim>(params.previous_chunk, blockIdx.x - params.num_main_ctas,
-                                        gridDim.x - params.num_main_ctas);
-    return;
-  }
   auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_buf);
   const int warp_group = common::warp_group_idx();
   const int lane = threadIdx.x % 32;
@@ -166,7 +154,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     KVState kv_state = cutlass::make_producer_start_state<KVPipeline>();
     int loaded_list = -1;
     DynamicTileScheduler scheduler(params.work_counter, num_work, &smem.grab_slot,
-                                   static_cast<int>(FwdBarrier::ProducerGrab), params.num_main_ctas);
+                                   static_cast<int>(FwdBarrier::ProducerGrab));
     // params.work[num_work] is the plan's sentinel (list -1, no entries): producing it tells the
     // consumers to stop.
     int4 item = params.work[scheduler.tile()];

@@ -35,46 +35,25 @@ inline int64_t partial_budget_bytes() {
   return kPartialBudgetBytes;
 }
 
-// CTAs of each main kernel (after the first chunk's) that merge the previous chunk's partials
-// while the others compute (streamed_combine); 0 runs the combine as its own kernel after each
-// main kernel. MSA_FWD_COMBINE_CTAS overrides the default (for measuring).
-constexpr int kCombineCtas = 16;
-inline int combine_ctas(const FwdParams& p) {
-  int ctas = kCombineCtas;
-  if (const char* env = std::getenv("MSA_FWD_COMBINE_CTAS")) ctas = std::atoi(env);
-  return std::max(0, std::min(ctas, p.num_sms / 2));
-}
-
-// The plan's pieces for one query chunk, then the chunk's partial outputs and their stats: one
-// buffer, or two when the combine of a chunk overlaps the next chunk's main kernel.
+// The plan's pieces for one query chunk, then the chunk's partial outputs and their stats.
 struct WorkspaceLayout : PlanWorkspace {
   int64_t chunk_tokens = 0;
-  int num_buffers = 1;
-  size_t part_o[2] = {0, 0}, part_stats[2] = {0, 0};
+  size_t part_o = 0, part_stats = 0;
   size_t total = 0;
 
-  // Equal chunks that fit the budget (a small last chunk would leave its combine without work
-  // to hide behind).
-  static int64_t chunk_tokens_of(const FwdParams& p, int buffers) {
+  // Equal chunks that fit the budget (the last one no smaller than the others).
+  static int64_t chunk_tokens_of(const FwdParams& p) {
     const int64_t per_token = static_cast<int64_t>(p.num_heads) * p.topk * (p.head_dim * 2 + 8);
-    const int64_t cap =
-        std::max<int64_t>(1, std::min(partial_budget_bytes() / buffers / per_token, kMaxChunkTokens));
+    const int64_t cap = std::max<int64_t>(1, std::min(partial_budget_bytes() / per_token, kMaxChunkTokens));
     const int64_t chunks = std::max<int64_t>(1, (p.total_q + cap - 1) / cap);
     return std::max<int64_t>(1, (p.total_q + chunks - 1) / chunks);
   }
-  static int buffers_of(const FwdParams& p) {
-    return combine_ctas(p) > 0 && chunk_tokens_of(p, 2) < p.total_q ? 2 : 1;
-  }
-  explicit WorkspaceLayout(const FwdParams& p) : WorkspaceLayout(p, buffers_of(p)) {}
-  WorkspaceLayout(const FwdParams& p, int buffers)
-      : PlanWorkspace(chunk_tokens_of(p, buffers), p.batch, p.num_heads, p.num_heads_kv, p.topk, p.max_seqlen_k,
+  explicit WorkspaceLayout(const FwdParams& p)
+      : PlanWorkspace(chunk_tokens_of(p), p.batch, p.num_heads, p.num_heads_kv, p.topk, p.max_seqlen_k,
                       p.block_size),
-        chunk_tokens(chunk_tokens_of(p, buffers)),
-        num_buffers(buffers) {
-    for (int b = 0; b < num_buffers; ++b) {
-      part_o[b] = take(static_cast<size_t>(chunk_tokens) * p.num_heads * p.topk * p.head_dim * 2);
-      part_stats[b] = take(sizeof(float2) * chunk_tokens * p.num_heads * p.topk);
-    }
+        chunk_tokens(chunk_tokens_of(p)) {
+    part_o = take(static_cast<size_t>(chunk_tokens) * p.num_heads * p.topk * p.head_dim * 2);
+    part_stats = take(sizeof(float2) * chunk_tokens * p.num_heads * p.topk);
     total = end;
   }
 };
@@ -95,13 +74,13 @@ cudaError_t make_query_box_descriptor(const FwdParams& p, cute::TmaDescriptor* d
   return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-// Merge parameters of the chunk [token_begin, token_end) whose partials are in buffer `buffer`.
+// Merge parameters of the chunk [token_begin, token_end).
 template <class Element>
-CombineParams<Element> combine_params(const FwdParams& p, const WorkspaceLayout& ws, char* workspace, int buffer,
+CombineParams<Element> combine_params(const FwdParams& p, const WorkspaceLayout& ws, char* workspace,
                                       int64_t token_begin, int64_t token_end) {
   return CombineParams<Element>{
-      reinterpret_cast<const Element*>(workspace + ws.part_o[buffer]),
-      reinterpret_cast<const float2*>(workspace + ws.part_stats[buffer]),
+      reinterpret_cast<const Element*>(workspace + ws.part_o),
+      reinterpret_cast<const float2*>(workspace + ws.part_stats),
       p.block_indices,
       static_cast<Element*>(p.out),
       p.lse,
@@ -121,11 +100,8 @@ CombineParams<Element> combine_params(const FwdParams& p, const WorkspaceLayout&
   };
 }
 
-// The main kernel of the chunk starting at token_begin, partials into buffer `buffer`; with
-// `previous` (and combine_ctas > 0), its last combine_ctas CTAs merge that chunk meanwhile.
 template <class Element, int kHeadDim, int kBlockN>
-cudaError_t launch_fwd_main(const FwdParams& p, const WorkspaceLayout& ws, char* workspace, int buffer,
-                            int64_t token_begin, const CombineParams<Element>* previous, int combine_ctas,
+cudaError_t launch_fwd_main(const FwdParams& p, const WorkspaceLayout& ws, char* workspace, int64_t token_begin,
                             cudaStream_t stream) {
   using Traits = FwdTraits<Element, kHeadDim, kBlockN>;
   const auto [tma_k, tma_v] = make_kv_tmas<Traits>(p);
@@ -144,8 +120,8 @@ cudaError_t launch_fwd_main(const FwdParams& p, const WorkspaceLayout& ws, char*
       reinterpret_cast<const int4*>(workspace + ws.work),
       reinterpret_cast<const int32_t*>(workspace + ws.num_work),
       reinterpret_cast<int32_t*>(workspace + ws.work_counter),
-      reinterpret_cast<Element*>(workspace + ws.part_o[buffer]),
-      reinterpret_cast<float2*>(workspace + ws.part_stats[buffer]),
+      reinterpret_cast<Element*>(workspace + ws.part_o),
+      reinterpret_cast<float2*>(workspace + ws.part_stats),
       token_begin,
       p.cu_seqlens_q,
       p.cu_seqlens_k,
@@ -160,13 +136,7 @@ cudaError_t launch_fwd_main(const FwdParams& p, const WorkspaceLayout& ws, char*
       cutlass::FastDivmod(p.num_heads_kv),
       p.softmax_scale * 1.4426950408889634f,
       __builtin_ctz(static_cast<unsigned>(p.num_heads / p.num_heads_kv)),
-      p.num_sms,
-      {},
   };
-  if (previous != nullptr && combine_ctas > 0) {
-    kp.num_main_ctas = p.num_sms - combine_ctas;
-    kp.previous_chunk = *previous;
-  }
   // Persistent: one CTA per SM walks the work list (its length is only known on the device).
   return common::launch_with_smem(fwd_kernel<Traits>, p.num_sms, Traits::kNumThreads, Traits::kSmemBytes, stream, kp);
 }
@@ -245,36 +215,16 @@ cudaError_t run_fwd_for(const FwdParams& p, void* workspace_ptr, cudaStream_t st
   }
   const WorkspaceLayout ws(p);
   char* workspace = static_cast<char*>(workspace_ptr);
-  // With two buffers, chunk c's partials go to buffer c % 2 and its merge runs inside chunk c + 1's
-  // main kernel (the last chunk's on its own); with one, each chunk's merge follows its main kernel.
-  const bool overlap = ws.num_buffers == 2;
-  const int ctas = overlap ? combine_ctas(p) : 0;
-  CombineParams<Element> previous{};
-  bool have_previous = false;
-  int buffer = 0;
-  cudaError_t err = for_each_planned_chunk(
-      p, ws, ws.chunk_tokens, workspace, stream,
-      [&](const PlanParams&, int64_t token_begin, int64_t token_end) {
-        cudaError_t e = p.block_size == 128
-                            ? launch_fwd_main<Element, kHeadDim, 128>(p, ws, workspace, buffer, token_begin,
-                                                                      have_previous ? &previous : nullptr, ctas, stream)
-                            : launch_fwd_main<Element, kHeadDim, 64>(p, ws, workspace, buffer, token_begin,
-                                                                     have_previous ? &previous : nullptr, ctas, stream);
-        if (e != cudaSuccess) return e;
-        previous = combine_params<Element>(p, ws, workspace, buffer, token_begin, token_end);
-        have_previous = overlap;
-        buffer = overlap ? buffer ^ 1 : 0;
-        return overlap ? cudaSuccess : launch_combine<Element, kHeadDim>(previous, stream);
-      },
-      [&](PlanParams& plan, int64_t chunk) {
-        // Invalid slots are marked in the stats only for the streamed merge (it reads no block_indices).
-        if (overlap) {
-          plan.invalid_slot_stats = reinterpret_cast<float2*>(workspace + ws.part_stats[chunk % 2]);
-          plan.group_size = p.num_heads / p.num_heads_kv;
-        }
-      });
-  if (err == cudaSuccess && have_previous) err = launch_combine<Element, kHeadDim>(previous, stream);
-  return err;
+  return for_each_planned_chunk(p, ws, ws.chunk_tokens, workspace, stream,
+                                [&](const PlanParams&, int64_t token_begin, int64_t token_end) {
+                                  cudaError_t err =
+                                      p.block_size == 128
+                                          ? launch_fwd_main<Element, kHeadDim, 128>(p, ws, workspace, token_begin, stream)
+                                          : launch_fwd_main<Element, kHeadDim, 64>(p, ws, workspace, token_begin, stream);
+                                  if (err != cudaSuccess) return err;
+                                  return launch_combine<Element, kHeadDim>(
+                                      combine_params<Element>(p, ws, workspace, token_begin, token_end), stream);
+                                });
 }
 
 }  // namespace msa::fwd

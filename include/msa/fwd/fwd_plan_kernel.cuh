@@ -2,8 +2,7 @@
 // and cut every list into work tiles of at most tokens_per_tile tokens. Hot blocks (chosen by
 // nearly every query) simply yield many tiles, so no CTA carries a long tail.
 //
-//   count:  counts[list] = number of (token, slot) pairs that chose the list's block (the forward
-//           also marks invalid slots in its partial stats)
+//   count:  counts[list] = number of (token, slot) pairs that chose the list's block
 //   scan:   offsets = exclusive_scan(counts); tiles = ceil(counts / tokens_per_tile); work list
 //   fill:   entries[offsets[list] + k] = pack_entry(token - token_begin, slot), k from an atomic cursor
 // The order of entries within a list depends on atomics; each row's result does not.
@@ -17,7 +16,7 @@
 namespace msa::fwd {
 
 __global__ void plan_count_kernel(const PlanParams p) {
-  for_each_valid_slot</*kMarkInvalid=*/true>(p, [&](int list, int32_t, int) { atomicAdd(p.counts + list, 1); });
+  for_each_valid_slot(p, [&](int list, int32_t, int) { atomicAdd(p.counts + list, 1); });
 }
 
 __global__ void plan_fill_kernel(const PlanParams p) {

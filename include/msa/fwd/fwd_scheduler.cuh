@@ -17,13 +17,11 @@ namespace msa::fwd {
 
 class DynamicTileScheduler {
  public:
-  // `slot`: one int of shared memory; `barrier_id`: a named barrier of the producer warpgroup;
-  // `num_ctas`: the CTAs that share the work (0: the whole grid).
-  __device__ DynamicTileScheduler(int* counter, int num_work, int* slot, int barrier_id, int num_ctas = 0)
+  // `slot`: one int of shared memory; `barrier_id`: a named barrier of the producer warpgroup.
+  __device__ DynamicTileScheduler(int* counter, int num_work, int* slot, int barrier_id)
       : counter_(counter), num_work_(num_work), slot_(slot), barrier_id_(barrier_id) {
     // At least 8 runs per CTA, at most 16 tiles per run.
-    const int ctas = num_ctas > 0 ? num_ctas : static_cast<int>(gridDim.x);
-    grab_ = max(1, min(16, num_work / (ctas * 8)));
+    grab_ = max(1, min(16, num_work / (static_cast<int>(gridDim.x) * 8)));
     const bool leader = threadIdx.x == 0;
     if (leader) pending_ = atomicAdd(counter_, grab_);
     tile_ = publish(leader);

@@ -87,20 +87,15 @@ struct PlanWorkspace {
   }
 };
 
-// The forward's and the backward's loop over query chunks: for each chunk c of at most
-// `chunk_tokens` of the p.total_q query tokens, lets adjust_plan(plan, c) complete the chunk's plan
-// parameters, launches the plan, then calls launch_chunk(plan, token_begin, token_end) for what
-// runs on it. Stops at the first error.
-struct KeepPlan {
-  void operator()(PlanParams&, int64_t) const {}
-};
-template <class P, class LaunchChunk, class AdjustPlan = KeepPlan>
+// The forward's and the backward's loop over query chunks: for each chunk of at most
+// `chunk_tokens` of the p.total_q query tokens, launches the chunk's plan, then calls
+// launch_chunk(plan, token_begin, token_end) for what runs on it. Stops at the first error.
+template <class P, class LaunchChunk>
 cudaError_t for_each_planned_chunk(const P& p, const PlanWorkspace& ws, int64_t chunk_tokens, char* workspace,
-                                   cudaStream_t stream, LaunchChunk&& launch_chunk, AdjustPlan&& adjust_plan = {}) {
+                                   cudaStream_t stream, LaunchChunk&& launch_chunk) {
   for (int64_t token_begin = 0; token_begin < p.total_q; token_begin += chunk_tokens) {
     const int64_t token_end = std::min<int64_t>(p.total_q, token_begin + chunk_tokens);
-    PlanParams plan = ws.plan_params(p, workspace, token_begin, token_end);
-    adjust_plan(plan, token_begin / chunk_tokens);
+    const PlanParams plan = ws.plan_params(p, workspace, token_begin, token_end);
     cudaError_t err = launch_fwd_plan(plan, stream);
     if (err == cudaSuccess) err = launch_chunk(plan, token_begin, token_end);
     if (err != cudaSuccess) return err;
