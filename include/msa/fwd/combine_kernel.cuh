@@ -112,11 +112,29 @@ __device__ __forceinline__ int64_t lse_index(const CombineParams<Element>& p, in
   return (b * p.num_heads + head) * p.seqlen_q + (token - b * p.seqlen_q);
 }
 
-template <class Element, int kHeadDim>
+// kEager: every slot's partial row and stats are loaded before block_indices says which slots
+// take part (an invalid slot's data is then dropped), so the row loads do not wait behind the
+// sequence lookup and the block_indices load. kMaxSlots (16 or 32) bounds topk, and so the
+// registers those loads take.
+template <class Element, int kHeadDim, bool kEager = false, int kMaxSlots = 32>
 __global__ void __launch_bounds__(128) combine_kernel(const CombineParams<Element> p) {
+  constexpr int kLanesPerRow = kHeadDim / 8;
+  constexpr int kRowsPerLoad = 32 / kLanesPerRow;
+  constexpr int kMaxLoads = kMaxSlots / kRowsPerLoad;
   const int64_t pair = blockIdx.x * 4LL + threadIdx.x / 32;  // (chunk token, head)
   const int lane = threadIdx.x % 32;
   if (pair >= (p.token_end - p.token_begin) * p.num_heads) return;
+  const uint4* rows = reinterpret_cast<const uint4*>(p.part_o + pair * p.topk * kHeadDim);
+  uint4 early[kEager ? kMaxLoads : 1];
+  float2 early_stats = make_float2(0.f, -CUDART_INF_F);
+  if constexpr (kEager) {
+#pragma unroll
+    for (int k = 0; k < kMaxLoads; ++k) {
+      const int s = lane / kLanesPerRow + kRowsPerLoad * k;
+      early[k] = load_streaming_16(rows + s * kLanesPerRow + lane % kLanesPerRow, s < p.topk);
+    }
+    if (lane < p.topk) early_stats = p.part_stats[pair * p.topk + lane];
+  }
   const int64_t q_local = pair / p.num_heads;
   const int head = static_cast<int>(pair % p.num_heads);
   const int64_t token = p.token_begin + q_local;
@@ -127,14 +145,19 @@ __global__ void __launch_bounds__(128) combine_kernel(const CombineParams<Elemen
 
   const bool valid =
       lane < p.topk && slot_is_valid(p.block_indices[(token * p.num_heads_kv + group) * p.topk + lane], num_blocks);
-  const float2 slot_stats = valid ? p.part_stats[pair * p.topk + lane] : make_float2(0.f, -CUDART_INF_F);
-  const uint4* rows = reinterpret_cast<const uint4*>(p.part_o + pair * p.topk * kHeadDim);
+  const float2 slot_stats =
+      valid ? (kEager ? early_stats : p.part_stats[pair * p.topk + lane]) : make_float2(0.f, -CUDART_INF_F);
   const float lse = merge_slots<Element, kHeadDim>(
       valid, slot_stats,
-      [&](int s, int chunk, bool pred) { return load_streaming_16(rows + s * (kHeadDim / 8) + chunk, pred); },
+      [&](int s, int chunk, bool pred) {
+        if constexpr (kEager) {
+          return pred && s < kMaxSlots ? early[(s / kRowsPerLoad) % kMaxLoads] : make_uint4(0, 0, 0, 0);
+        } else {
+          return load_streaming_16(rows + s * kLanesPerRow + chunk, pred);
+        }
+      },
       p.out + (token * p.num_heads + head) * kHeadDim, lane);
   if (lane == 0) p.lse[lse_index(p, token, head)] = lse;
 }
-
 
 }  // namespace msa::fwd
