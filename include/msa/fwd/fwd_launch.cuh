@@ -204,13 +204,10 @@ template <class Element, int kHeadDim>
 cudaError_t launch_combine(const CombineParams<Element>& cp, cudaStream_t stream) {
   const int64_t pairs = (cp.token_end - cp.token_begin) * cp.num_heads;
   const unsigned grid = static_cast<unsigned>((pairs + 3) / 4);
-  const char* env = std::getenv("MSA_FWD_COMBINE_EAGER");  // (A/B measurement switch, temporary)
-  if (env != nullptr && env[0] == '1' && cp.topk <= 16) {
-    combine_kernel<Element, kHeadDim, true, 16><<<grid, 128, 0, stream>>>(cp);
-  } else if (env != nullptr && env[0] == '1') {
-    combine_kernel<Element, kHeadDim, true, 32><<<grid, 128, 0, stream>>>(cp);
+  if (cp.topk <= 16) {
+    combine_kernel<Element, kHeadDim, 16><<<grid, 128, 0, stream>>>(cp);
   } else {
-    combine_kernel<Element, kHeadDim, false><<<grid, 128, 0, stream>>>(cp);
+    combine_kernel<Element, kHeadDim, 32><<<grid, 128, 0, stream>>>(cp);
   }
   return cudaGetLastError();
 }
