@@ -1,5 +1,6 @@
-"""Where the time of one block_sparse_attn forward goes: per-kernel CUDA time (plan, main,
-combine) from torch.profiler, at M3 shape with the indexer's (or the hot-block) selection.
+"""Where the time of one block_sparse_attn forward goes: per-kernel CUDA time (main, combine, and
+the plan by its count, scan and fill kernels) from torch.profiler, at M3 shape with the indexer's
+(or the hot-block) selection.
 
     python bench/profile_fwd.py [--seqlen 131072] [--reps 3] [--selection indexer|hot]
 
@@ -48,8 +49,9 @@ def main() -> None:
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             name = event.name
+            plan_step = next((step for step in ("count", "scan", "fill") if f"plan_{step}" in name), None)
             kind = ("main (fwd_kernel)" if "fwd_kernel" in name else "combine" if "combine" in name
-                    else "plan" if "plan_" in name else "other (" + name[:40] + ")")
+                    else f"plan ({plan_step})" if plan_step else "other (" + name[:40] + ")")
             totals[kind] += event.device_time_total if hasattr(event, "device_time_total") else event.cuda_time_total
     whole = sum(totals.values())
     print(f"block_sparse_attn forward, S={s}, M3 shape, {args.selection} selection, {args.reps} calls, {torch.cuda.get_device_name()}")
