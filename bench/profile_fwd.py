@@ -2,7 +2,7 @@
 the plan by its count, scan and fill kernels) from torch.profiler, at M3 shape with the indexer's
 (or the hot-block) selection.
 
-    python bench/profile_fwd.py [--seqlen 131072] [--reps 3] [--selection indexer|hot]
+    python bench/profile_fwd.py [--seqlen 131072] [--reps 3] [--selection indexer|hot] [--backward]
 
 With --no-profiler it only runs the forward (a warm-up call and --reps calls), for external
 tools: ncu -k regex:fwd_kernel ... python bench/profile_fwd.py --no-profiler --seqlen 32768
@@ -25,6 +25,8 @@ def main() -> None:
     parser.add_argument("--selection", choices=("indexer", "hot"), default="indexer",
                         help="the indexer's selection (random index keys) or bench/common.py's hot-block one")
     parser.add_argument("--no-profiler", action="store_true", help="just run the calls (for ncu, compute-sanitizer)")
+    parser.add_argument("--backward", action="store_true",
+                        help="profile the backward instead (the forward runs once, outside the profiler)")
     args = parser.parse_args()
     s, hq, hkv, d = args.seqlen, 64, 4, 128
     mk = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16)  # noqa: E731
@@ -34,6 +36,11 @@ def main() -> None:
     else:
         sel = msa_cuda.select_blocks(mk(1, s, hkv, 128), mk(1, s, 128))
     run = lambda: msa_cuda.block_sparse_attn(q, k, v, sel, validate=False)  # noqa: E731
+    if args.backward:
+        q, k, v = (x.requires_grad_(True) for x in (q, k, v))
+        out = msa_cuda.block_sparse_attn(q, k, v, sel, validate=False)
+        dout = torch.randn_like(out)
+        run = lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)  # noqa: E731
     run()
     torch.cuda.synchronize()
     if args.no_profiler:
@@ -50,11 +57,12 @@ def main() -> None:
         if event.device_type == torch.autograd.DeviceType.CUDA:
             name = event.name
             plan_step = next((step for step in ("count", "scan", "fill") if f"plan_{step}" in name), None)
-            kind = ("main (fwd_kernel)" if "fwd_kernel" in name else "combine" if "combine" in name
+            kind = ("main (fwd_kernel)" if "fwd_kernel" in name else "main (bwd_kernel)" if "bwd_kernel" in name
+                    else "combine" if "combine" in name
                     else f"plan ({plan_step})" if plan_step else "other (" + name[:40] + ")")
             totals[kind] += event.device_time_total if hasattr(event, "device_time_total") else event.cuda_time_total
     whole = sum(totals.values())
-    print(f"block_sparse_attn forward, S={s}, M3 shape, {args.selection} selection, {args.reps} calls, {torch.cuda.get_device_name()}")
+    print(f"block_sparse_attn {'backward' if args.backward else 'forward'}, S={s}, M3 shape, {args.selection} selection, {args.reps} calls, {torch.cuda.get_device_name()}")
     for kind, us in totals.most_common():
         print(f"  {kind:40s} {us / args.reps / 1000:9.3f} ms/call  {100 * us / whole:5.1f}%")
 
