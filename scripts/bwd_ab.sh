@@ -14,7 +14,7 @@ bench() {  # bench NAME: attn forward + backward beside dense, JSON under OUT/NA
 build_step; bench A
 apply_patch "$PATCH" || exit 1
 build_step
-grep -A3 "Compiling entry function '_ZN3msa3bwd10bwd_kernel" /tmp/build.log | grep -E "Used|spill" | sort | uniq -c | head -12
+kernel_resources _ZN3msa3bwd10bwd_kernel
 pytest_step "bwd tests (B)" bwdtests_B.log 300 tests/test_bwd_gpu.py
 bench B
 if [[ -n "${AB_SANITIZE:-}" ]]; then sanitize_step "${SAN_FILTER:-varlen and not deterministic}" tests/test_bwd_gpu.py; fi

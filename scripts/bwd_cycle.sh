@@ -7,7 +7,7 @@ OUT=${1:?usage}; STEPS=${2:-build,bwdtest,bench}
 source "$(dirname "$0")/cycle_common.sh"
 if has build; then
   build_step  # the backward kernels' resource lines, summarized:
-  grep -A3 "Compiling entry function '_ZN3msa3bwd10bwd_kernel" /tmp/build.log | grep -E "Used|spill" | sort | uniq -c | head -12
+  kernel_resources _ZN3msa3bwd10bwd_kernel
 fi
 if has bwdtest; then pytest_step "bwd tests" bwdtests.log 300 tests/test_bwd_gpu.py; fi
 if has test; then pytest_step tests tests.log 240 tests; fi

@@ -4,7 +4,7 @@
 # names the card, and defines `has STEP`, `build_step [PATTERN]` (pip install of the working tree,
 # its log kept in OUT; prints the errors and the log lines matching PATTERN), `pytest_step` and
 # `sanitize_step` (below; SAN_TOOLS picks the tools, default "memcheck racecheck"),
-# `set_profile_define NAME[=VALUE]` and `apply_patch PATCH` (below).
+# `kernel_resources MANGLED_PREFIX`, `set_profile_define NAME[=VALUE]` and `apply_patch PATCH` (below).
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
 mkdir -p "$OUT"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
@@ -17,6 +17,11 @@ build_step() {
   echo "build rc=$? $(( $(date +%s) - s ))s"; cp /tmp/build.log "$OUT/build.log"
   grep -E "error" /tmp/build.log | head -20
   if [[ -n "${1:-}" ]]; then grep -E "$1" /tmp/build.log | head -30; fi
+}
+# kernel_resources PREFIX: the last build's ptxas register and spill lines of the kernels whose
+# mangled names start with PREFIX (e.g. _ZN3msa3bwd10bwd_kernel), summarized.
+kernel_resources() {
+  grep -A3 "Compiling entry function '$1" /tmp/build.log | grep -E "Used|spill" | sort | uniq -c | head -12
 }
 # pytest_step NAME LOG TIMEOUT ARGS...: a pytest run with its log in OUT, rc and tail printed.
 pytest_step() {

@@ -9,7 +9,7 @@ OUT=${1:?usage}; STEPS=${2:-build,fwdtest,sweep}
 source "$(dirname "$0")/cycle_common.sh"
 if has build; then
   build_step  # the forward kernels' resource lines, summarized:
-  grep -A3 "Compiling entry function '_ZN3msa3fwd10fwd_kernel" /tmp/build.log | grep -E "Used|spill" | sort | uniq -c | head -12
+  kernel_resources _ZN3msa3fwd10fwd_kernel
 fi
 if has fwdtest; then pytest_step "fwd tests" fwdtests.log 300 tests/test_fwd_gpu.py; fi
 if has test; then pytest_step tests tests.log 300 tests; fi

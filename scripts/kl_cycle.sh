@@ -6,7 +6,7 @@ OUT=${1:?usage}; STEPS=${2:-build,kltest,bench}
 source "$(dirname "$0")/cycle_common.sh"
 if has build; then
   build_step  # the dense KL kernels' resource lines, summarized:
-  grep -A3 "Compiling entry function '_ZN3msa2kl15kl_dense" /tmp/build.log | grep -E "Used|spill" | sort | uniq -c | head -12
+  kernel_resources _ZN3msa2kl15kl_dense
 fi
 if has kltest; then pytest_step "kl tests" kltests.log 300 tests/test_kl_gpu.py; fi
 if has test; then pytest_step tests tests.log 240 tests; fi

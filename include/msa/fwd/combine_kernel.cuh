@@ -48,26 +48,36 @@ __device__ __forceinline__ uint4 load_streaming_16(const void* ptr, bool pred) {
   return r;
 }
 
+// How a warp holds one (query, head) row's partial rows: lane l has 16-byte chunk l % kLanesPerRow
+// of slots l / kLanesPerRow + kRowsPerLoad k, k < kLoads; kMaxSlots (16 or 32) bounds topk.
+template <int kHeadDim, int kMaxSlots>
+struct SlotChunks {
+  static constexpr int kLanesPerRow = kHeadDim / 8;       // 16-byte chunks of a partial row
+  static constexpr int kRowsPerLoad = 32 / kLanesPerRow;  // slots one warp-wide load covers
+  static constexpr int kLoads = kMaxSlots / kRowsPerLoad;
+  __device__ static int slot(int lane, int k) { return lane / kLanesPerRow + kRowsPerLoad * k; }
+};
+
 // One (query, head) row, by one warp: lane s (< topk) holds slot s's (max, lse) in `slot_stats`
-// (log2 units) and whether it takes part (`valid`); load_chunk(s, c, pred) returns 16-byte chunk c
-// of slot s's partial row when pred (zeros otherwise). Writes the merged row to `out` (D
+// (log2 units) and whether it takes part (`valid`); `loaded` holds the lane's chunks of the row's
+// partials (SlotChunks), those of invalid slots dropped here. Writes the merged row to `out` (D
 // elements) and returns the natural-log lse (-inf when no slot saw a key; out is then 0).
-template <class Element, int kHeadDim, class LoadChunk>
-__device__ __forceinline__ float merge_slots(bool valid, float2 slot_stats, LoadChunk&& load_chunk, Element* out,
-                                             int lane) {
-  constexpr int kLanesPerRow = kHeadDim / 8;            // 16-byte chunks of a partial row
-  constexpr int kRowsPerLoad = 32 / kLanesPerRow;       // slots one warp-wide load covers
-  constexpr int kMaxLoads = 32 / kRowsPerLoad;          // topk <= 32
+template <class Element, int kHeadDim, int kMaxSlots>
+__device__ __forceinline__ float merge_slots(bool valid, float2 slot_stats,
+                                             const uint4 (&loaded)[SlotChunks<kHeadDim, kMaxSlots>::kLoads],
+                                             Element* out, int lane) {
+  using Chunks = SlotChunks<kHeadDim, 32>;  // every slot a row may have (topk <= 32)
+  constexpr int kLanesPerRow = Chunks::kLanesPerRow;
+  constexpr int kMaxLoads = Chunks::kLoads;
+  constexpr int kLoads = SlotChunks<kHeadDim, kMaxSlots>::kLoads;
   const unsigned valid_mask = __ballot_sync(0xffffffff, valid);
   const float slot_lse = valid ? slot_stats.y : -CUDART_INF_F;
-  // Lane l reads chunk l % kLanesPerRow of slots l / kLanesPerRow + kRowsPerLoad * k.
   const int chunk = lane % kLanesPerRow;
-  const int slot_in_load = lane / kLanesPerRow;
-  uint4 rows[kMaxLoads];
+  uint4 rows[kMaxLoads];  // zero for invalid slots and slots past kMaxSlots
 #pragma unroll
   for (int k = 0; k < kMaxLoads; ++k) {
-    const int s = slot_in_load + kRowsPerLoad * k;
-    rows[k] = load_chunk(s, chunk, ((valid_mask >> s) & 1u) != 0);
+    const bool keep = ((valid_mask >> Chunks::slot(lane, k)) & 1u) != 0 && k < kLoads;
+    rows[k] = keep ? loaded[k < kLoads ? k : 0] : make_uint4(0, 0, 0, 0);
   }
 
   float m = slot_lse;
@@ -82,8 +92,7 @@ __device__ __forceinline__ float merge_slots(bool valid, float2 slot_stats, Load
   float acc[8] = {};
 #pragma unroll
   for (int k = 0; k < kMaxLoads; ++k) {
-    const int s = slot_in_load + kRowsPerLoad * k;
-    const float w = __shfl_sync(0xffffffff, weight, s % 32);
+    const float w = __shfl_sync(0xffffffff, weight, Chunks::slot(lane, k) % 32);
     const Element* v = reinterpret_cast<const Element*>(&rows[k]);
 #pragma unroll
     for (int d = 0; d < 8; ++d) acc[d] += w * static_cast<float>(v[d]);
@@ -118,19 +127,17 @@ __device__ __forceinline__ int64_t lse_index(const CombineParams<Element>& p, in
 // kMaxSlots (16 or 32) bounds topk, and so the registers the loads take (56 / 95 at D 128).
 template <class Element, int kHeadDim, int kMaxSlots>
 __global__ void __launch_bounds__(128) combine_kernel(const CombineParams<Element> p) {
-  constexpr int kLanesPerRow = kHeadDim / 8;
-  constexpr int kRowsPerLoad = 32 / kLanesPerRow;
-  constexpr int kLoads = kMaxSlots / kRowsPerLoad;
+  using Chunks = SlotChunks<kHeadDim, kMaxSlots>;
   const int64_t pair = blockIdx.x * 4LL + threadIdx.x / 32;  // (chunk token, head)
   const int lane = threadIdx.x % 32;
   if (pair >= (p.token_end - p.token_begin) * p.num_heads) return;
-  // Lane l holds chunk l % kLanesPerRow of slots l / kLanesPerRow + kRowsPerLoad k (merge_slots' order).
-  const uint4* rows = reinterpret_cast<const uint4*>(p.part_o + pair * p.topk * kHeadDim) + lane % kLanesPerRow;
-  uint4 loaded[kLoads];
+  const uint4* rows =
+      reinterpret_cast<const uint4*>(p.part_o + pair * p.topk * kHeadDim) + lane % Chunks::kLanesPerRow;
+  uint4 loaded[Chunks::kLoads];
 #pragma unroll
-  for (int k = 0; k < kLoads; ++k) {
-    const int s = lane / kLanesPerRow + kRowsPerLoad * k;
-    loaded[k] = load_streaming_16(rows + s * kLanesPerRow, s < p.topk);
+  for (int k = 0; k < Chunks::kLoads; ++k) {
+    const int s = Chunks::slot(lane, k);
+    loaded[k] = load_streaming_16(rows + s * Chunks::kLanesPerRow, s < p.topk);
   }
   const float2 stats = lane < p.topk ? p.part_stats[pair * p.topk + lane] : make_float2(0.f, -CUDART_INF_F);
 
@@ -143,12 +150,9 @@ __global__ void __launch_bounds__(128) combine_kernel(const CombineParams<Elemen
   const int num_blocks = min(num_key_blocks(seq, p.block_size), p.num_blocks_max);
   const bool valid =
       lane < p.topk && slot_is_valid(p.block_indices[(token * p.num_heads_kv + group) * p.topk + lane], num_blocks);
-  const float lse = merge_slots<Element, kHeadDim>(
-      valid, valid ? stats : make_float2(0.f, -CUDART_INF_F),
-      [&](int s, int, bool pred) {
-        return pred && s < kMaxSlots ? loaded[(s / kRowsPerLoad) % kLoads] : make_uint4(0, 0, 0, 0);
-      },
-      p.out + (token * p.num_heads + head) * kHeadDim, lane);
+  const float lse =
+      merge_slots<Element, kHeadDim, kMaxSlots>(valid, valid ? stats : make_float2(0.f, -CUDART_INF_F), loaded,
+                                                p.out + (token * p.num_heads + head) * kHeadDim, lane);
   if (lane == 0) p.lse[lse_index(p, token, head)] = lse;
 }
 

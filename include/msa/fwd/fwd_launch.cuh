@@ -48,10 +48,11 @@ struct WorkspaceLayout : PlanWorkspace {
     const int64_t chunks = std::max<int64_t>(1, (p.total_q + cap - 1) / cap);
     return std::max<int64_t>(1, (p.total_q + chunks - 1) / chunks);
   }
-  explicit WorkspaceLayout(const FwdParams& p)
-      : PlanWorkspace(chunk_tokens_of(p), p.batch, p.num_heads, p.num_heads_kv, p.topk, p.max_seqlen_k,
-                      p.block_size),
-        chunk_tokens(chunk_tokens_of(p)) {
+  // (The budget is read once: the plan's pieces and the partials are sized for the same chunk.)
+  explicit WorkspaceLayout(const FwdParams& p) : WorkspaceLayout(p, chunk_tokens_of(p)) {}
+  WorkspaceLayout(const FwdParams& p, int64_t chunk)
+      : PlanWorkspace(chunk, p.batch, p.num_heads, p.num_heads_kv, p.topk, p.max_seqlen_k, p.block_size),
+        chunk_tokens(chunk) {
     part_o = take(static_cast<size_t>(chunk_tokens) * p.num_heads * p.topk * p.head_dim * 2);
     part_stats = take(sizeof(float2) * chunk_tokens * p.num_heads * p.topk);
     total = end;
