@@ -30,6 +30,11 @@ cudaError_t run_fwd(const FwdParams& params, void* workspace, cudaStream_t strea
 size_t bwd_workspace_bytes(const BwdParams& params);
 cudaError_t run_bwd(const BwdParams& params, void* workspace, cudaStream_t stream);
 
+// The backward's per-row input: delta[r] = sum_d dout[r, d] out[r, d] - dlse[r] (dlse may be null),
+// fp32, for rows = total_q x Hq rows of head_dim (64 or 128) elements.
+cudaError_t run_bwd_delta(DType dtype, int head_dim, const void* dout, const void* out, const float* dlse,
+                          float* delta, int64_t rows, cudaStream_t stream);
+
 // Indexer distillation loss (two passes over the forward plan's lists with one row per token:
 // the student's per-slot stats, then teacher + loss + gradients with fp32 atomics).
 // `workspace` must hold kl_workspace_bytes(params) bytes.

@@ -46,6 +46,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd_cuda(
     TORCH_CHECK(t->sizes() == q.sizes(), name, " must have q's shape");
   }
   check_aligned_16(dout, "dout");
+  check_aligned_16(out, "out");
   check_lse_shape(lse, "lse", shape, q);
   if (dlse.has_value()) {
     TORCH_CHECK(dlse->sizes() == lse.sizes() && dlse->get_device() == q.get_device(), "dlse must have lse's shape");
@@ -62,19 +63,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd_cuda(
   int fixed_exp_q = 0, fixed_exp_k = 0, fixed_exp_v = 0;
   if (total_q > 0 && batch > 0 && total_k > 0) {
     // Per-row preprocessing (memory bound, on the caller's stream): lse in log2 units (0 where a row
-    // has no visible key: its P is 0 anyway) and delta = rowsum(dout * out) - dlse.
+    // has no visible key: its P is 0 anyway) and delta = rowsum(dout * out) - dlse (one kernel).
     const at::Tensor lse_log2 = lse_rows_log2(lse, shape, 0.0);
-    // In token chunks: fp32 copies of whole dout/out would take 3 x 4 x Tq x Hq x D bytes (100 GB at
-    // 1M tokens of the M3 shape).
     at::Tensor delta = at::empty({total_q, hq}, q.options().dtype(at::kFloat));
-    const at::Tensor dout_rows = dout.reshape({total_q, hq, d}), out_rows = out.reshape({total_q, hq, d});
-    constexpr int64_t kDeltaChunk = 16384;
-    for (int64_t t0 = 0; t0 < total_q; t0 += kDeltaChunk) {
-      const int64_t n = std::min(kDeltaChunk, total_q - t0);
-      delta.narrow(0, t0, n).copy_(
-          (dout_rows.narrow(0, t0, n).to(at::kFloat) * out_rows.narrow(0, t0, n).to(at::kFloat)).sum(-1));
-    }
-    if (dlse.has_value()) delta.sub_(per_row(*dlse, varlen, total_q, hq));
+    const at::Tensor dlse_rows = dlse.has_value() ? per_row(*dlse, varlen, total_q, hq) : at::Tensor();
+    check_launch(run_bwd_delta(dtype_of(q, "q"), static_cast<int>(d), dout.data_ptr(), out.data_ptr(),
+                               dlse.has_value() ? dlse_rows.data_ptr<float>() : nullptr, delta.data_ptr<float>(),
+                               total_q * hq, c10::cuda::getCurrentCUDAStream()),
+                 "msa_cuda block_sparse_attn backward preprocessing kernel");
 
     BwdParams p;
     p.q = q.data_ptr();
