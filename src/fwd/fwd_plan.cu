@@ -10,7 +10,8 @@ cudaError_t launch_fwd_plan(const PlanParams& plan, cudaStream_t stream) {
   cudaError_t err = cudaMemsetAsync(plan.counts, 0, sizeof(int32_t) * plan.num_lists, stream);
   if (err == cudaSuccess) err = cudaMemsetAsync(plan.cursor, 0, sizeof(int32_t) * plan.num_lists, stream);
   if (err != cudaSuccess) return err;
-  const int64_t slots = (plan.token_end - plan.token_begin) * plan.num_heads_kv * plan.topk;
+  // for_each_slot_warp's walk: whole warps of 32 tokens per (group, slot).
+  const int64_t slots = (plan.token_end - plan.token_begin + 31) / 32 * 32 * plan.num_heads_kv * plan.topk;
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>((slots + 255) / 256, 65536));
   constexpr int kScanThreads = 512;  // 1024 would cap registers at 64 and spill
   plan_count_kernel<<<grid, 256, 0, stream>>>(plan);

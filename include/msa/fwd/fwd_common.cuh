@@ -22,6 +22,7 @@ struct PlanParams {
   int32_t* counts;   // [num_lists], zeroed before count
   int32_t* offsets;  // [num_lists + 1]; the last is the number of entries
   int32_t* cursor;   // [num_lists], zeroed before fill
+  int32_t* tile_starts;  // [num_lists]: each list's first work item (scan), for the fill's work list
   int32_t* entries;  // [(token_end - token_begin) * Hkv * topk]: pack_entry(token - token_begin, slot)
   int4* work;        // [max_work]: (list, first entry, number of entries, 0), then a sentinel
   int32_t* num_work; // [1]
@@ -71,28 +72,53 @@ __device__ __forceinline__ int num_key_blocks(const common::SeqInfo& seq, int bl
 // off) out-of-range ids are skipped by every stage alike, so nothing reads an unwritten partial.
 __device__ __forceinline__ bool slot_is_valid(int block, int num_blocks) { return block >= 0 && block < num_blocks; }
 
-// Calls fn(list, token, slot) for every valid (token, group, slot) of the chunk owned by this thread.
+// Calls fn(list, token, slot, valid) for every (token, group, slot) of the chunk. The walk is
+// warp-collective: all 32 lanes of a warp call fn together (with valid false for the slots that
+// take no part), and the lanes of a warp hold 32 consecutive tokens at the same (group, slot).
+// Selections are sorted by block id, so the sink and local blocks sit at the same slot of
+// neighbouring tokens and the plan's atomics on their hot lists can be merged per warp.
 template <class Fn>
-__device__ __forceinline__ void for_each_valid_slot(const PlanParams& p, Fn&& fn) {
-  const int64_t per_token = static_cast<int64_t>(p.num_heads_kv) * p.topk;
-  const int64_t total = (p.token_end - p.token_begin) * per_token;
+__device__ __forceinline__ void for_each_slot_warp(const PlanParams& p, Fn&& fn) {
+  const int per_token = p.num_heads_kv * p.topk;
+  const int64_t tokens = p.token_end - p.token_begin;
+  const int64_t total = (tokens + 31) / 32 * per_token * 32;  // a multiple of 32: loops stay warp-uniform
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t token = p.token_begin + idx / per_token;
-    const int rem = static_cast<int>(idx % per_token);
+    const int64_t warp_item = idx >> 5;
+    const int rem = static_cast<int>(warp_item % per_token);  // (group, slot)
+    const int64_t local = (warp_item / per_token) * 32 + (idx & 31);
+    const int64_t token = p.token_begin + local;
     const int group = rem / p.topk;
-    const int slot = rem % p.topk;
-    const int block = p.block_indices[token * per_token + rem];
-    const int b = sequence_of_query(token, p.cu_seqlens_q, p.batch, p.seqlen_q);
-    const common::SeqInfo seq(b, p.cu_seqlens_q, p.cu_seqlens_k, p.seqlen_q, p.seqlen_k);
-    // Clamped to the list numbering: a max_seqlen_k below a sequence's true length (possible only
-    // through a direct op call that skipped the host checks) must not index past the lists.
-    const int num_blocks = min(num_key_blocks(seq, p.block_size), p.num_blocks_max);
-    if (slot_is_valid(block, num_blocks)) {
-      const int list = (b * p.num_heads_kv + group) * p.num_blocks_max + block;
-      fn(list, static_cast<int32_t>(token), slot);
+    const int slot = rem - group * p.topk;
+    int list = 0;
+    bool valid = false;
+    if (local < tokens) {
+      const int block = p.block_indices[token * per_token + rem];
+      const int b = sequence_of_query(token, p.cu_seqlens_q, p.batch, p.seqlen_q);
+      const common::SeqInfo seq(b, p.cu_seqlens_q, p.cu_seqlens_k, p.seqlen_q, p.seqlen_k);
+      // Clamped to the list numbering: a max_seqlen_k below a sequence's true length (possible only
+      // through a direct op call that skipped the host checks) must not index past the lists.
+      const int num_blocks = min(num_key_blocks(seq, p.block_size), p.num_blocks_max);
+      valid = slot_is_valid(block, num_blocks);
+      list = (b * p.num_heads_kv + group) * p.num_blocks_max + block;
     }
+    fn(list, static_cast<int32_t>(token), slot, valid);
   }
+}
+
+// counters[list] += 1 for every lane with valid set, with one atomic per distinct list in the warp;
+// returns, to each such lane, the counter's old value plus the lane's rank among its list's lanes.
+// Called by all 32 lanes.
+__device__ __forceinline__ int warp_aggregated_increment(int32_t* counters, int list, bool valid) {
+  const unsigned lanes = __ballot_sync(0xffffffffu, valid);
+  if (!valid) return 0;
+  const int lane = threadIdx.x & 31;
+  const unsigned peers = __match_any_sync(lanes, list);
+  const int leader = __ffs(peers) - 1;
+  int base = 0;
+  if (lane == leader) base = atomicAdd(counters + list, __popc(peers));
+  base = __shfl_sync(lanes, base, leader);
+  return base + __popc(peers & ((1u << lane) - 1));
 }
 
 }  // namespace msa::fwd

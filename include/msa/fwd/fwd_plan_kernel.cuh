@@ -3,8 +3,11 @@
 // nearly every query) simply yield many tiles, so no CTA carries a long tail.
 //
 //   count:  counts[list] = number of (token, slot) pairs that chose the list's block
-//   scan:   offsets = exclusive_scan(counts); tiles = ceil(counts / tokens_per_tile); work list
-//   fill:   entries[offsets[list] + k] = pack_entry(token - token_begin, slot), k from an atomic cursor
+//   scan:   offsets = exclusive_scan(counts); tile_starts = exclusive_scan(ceil(counts / tokens_per_tile))
+//   fill:   the work list, one item per tile; entries[offsets[list] + k] = pack_entry(token - token_begin,
+//           slot), k from an atomic cursor
+// count and fill merge the atomics of a warp's lanes on the same list (for_each_slot_warp): the
+// sink block's list takes one atomic per token otherwise, and those serialize at one L2 address.
 // The order of entries within a list depends on atomics; each row's result does not.
 // Included by src/fwd/fwd_plan.cu only (non-template kernels).
 #pragma once
@@ -16,17 +19,36 @@
 namespace msa::fwd {
 
 __global__ void plan_count_kernel(const PlanParams p) {
-  for_each_valid_slot(p, [&](int list, int32_t, int) { atomicAdd(p.counts + list, 1); });
+  for_each_slot_warp(p, [&](int list, int32_t, int, bool valid) { warp_aggregated_increment(p.counts, list, valid); });
+}
+
+// Work item i belongs to the last list whose first item is <= i (lists without tiles share their
+// successor's start and are passed over).
+__device__ __forceinline__ int list_of_work_item(const PlanParams& p, int item) {
+  int lo = 0, hi = p.num_lists - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (p.tile_starts[mid] <= item) lo = mid; else hi = mid - 1;
+  }
+  return lo;
 }
 
 __global__ void plan_fill_kernel(const PlanParams p) {
-  for_each_valid_slot(p, [&](int list, int32_t token, int slot) {
-    const int pos = p.offsets[list] + atomicAdd(p.cursor + list, 1);
-    p.entries[pos] = pack_entry(token - p.token_begin, slot);
+  const int num_work = *p.num_work;
+  for (int item = blockIdx.x * blockDim.x + threadIdx.x; item < num_work; item += gridDim.x * blockDim.x) {
+    const int list = list_of_work_item(p, item);
+    const int first = (item - p.tile_starts[list]) * p.tokens_per_tile;
+    const int count = p.offsets[list + 1] - p.offsets[list];
+    p.work[item] = make_int4(list, p.offsets[list] + first, min(p.tokens_per_tile, count - first), 0);
+  }
+  for_each_slot_warp(p, [&](int list, int32_t token, int slot, bool valid) {
+    const int k = warp_aggregated_increment(p.cursor, list, valid);
+    if (valid) p.entries[p.offsets[list] + k] = pack_entry(token - p.token_begin, slot);
   });
 }
 
-// One CTA: exclusive scans of the entry counts and of the tile counts, then the work list.
+// One CTA: exclusive scans of the entry counts and of the tile counts. The tiles themselves are
+// written by the fill's whole grid: one thread here would write all of a hot list's tiles.
 template <int kThreads>
 __global__ void __launch_bounds__(kThreads) plan_scan_kernel(const PlanParams p) {
   using BlockScan = cub::BlockScan<int2, kThreads>;
@@ -44,10 +66,7 @@ __global__ void __launch_bounds__(kThreads) plan_scan_kernel(const PlanParams p)
     const int2 start = add(carry, prefix);
     if (list < p.num_lists) {
       p.offsets[list] = start.x;
-      for (int t = 0; t < tiles; ++t) {
-        const int first = t * p.tokens_per_tile;
-        p.work[start.y + t] = make_int4(list, start.x + first, min(p.tokens_per_tile, count - first), 0);
-      }
+      p.tile_starts[list] = start.y;
     }
     __syncthreads();  // every thread has read carry
     if (threadIdx.x == 0) carry = add(carry, total);

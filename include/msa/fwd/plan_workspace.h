@@ -32,7 +32,7 @@ struct PlanWorkspace {
   int num_lists = 0;
   int64_t max_entries = 0;
   int64_t max_work = 0;
-  size_t counts = 0, offsets = 0, cursor = 0, entries = 0, work = 0, num_work = 0, work_counter = 0;
+  size_t counts = 0, offsets = 0, cursor = 0, tile_starts = 0, entries = 0, work = 0, num_work = 0, work_counter = 0;
   size_t end = 0;
 
   PlanWorkspace(int64_t chunk_tokens, int batch, int num_heads, int num_heads_kv, int topk, int max_seqlen_k,
@@ -44,6 +44,7 @@ struct PlanWorkspace {
     max_work = max_entries / tokens_per_tile + num_lists + 1;
     counts = take(sizeof(int32_t) * num_lists);
     cursor = take(sizeof(int32_t) * num_lists);
+    tile_starts = take(sizeof(int32_t) * num_lists);
     offsets = take(sizeof(int32_t) * (num_lists + 1));
     entries = take(sizeof(int32_t) * max_entries);
     work = take(sizeof(int4) * max_work);
@@ -79,6 +80,7 @@ struct PlanWorkspace {
         reinterpret_cast<int32_t*>(workspace + counts),
         reinterpret_cast<int32_t*>(workspace + offsets),
         reinterpret_cast<int32_t*>(workspace + cursor),
+        reinterpret_cast<int32_t*>(workspace + tile_starts),
         reinterpret_cast<int32_t*>(workspace + entries),
         reinterpret_cast<int4*>(workspace + work),
         reinterpret_cast<int32_t*>(workspace + num_work),
