@@ -161,9 +161,13 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
   extern __shared__ char smem_buf[];
   auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_buf);
 
-  // Launched early (programmatic dependent launch): the previous grid (the append, or whatever
-  // the caller ran last) is complete and its writes visible past this point, before any read.
-  asm volatile("griddepcontrol.wait;" ::: "memory");
+  // Launched early (programmatic dependent launch). When the previous grid is the append (a plain
+  // launch, so everything before it is complete), all but the appended rows of the index-key cache
+  // are final and the producer waits for the append only before a tile that holds one of them:
+  // the first key loads and the query rows overlap the append. Otherwise the previous grid is the
+  // caller's (it may be writing q_idx): wait now.
+  const bool prior_grid_is_append = params.cache.appended_tokens > 0;
+  if (!prior_grid_is_append) asm volatile("griddepcontrol.wait;" ::: "memory");
   const int split = blockIdx.x;
   const int m_tile = blockIdx.y;
   const int b = blockIdx.z;
@@ -198,7 +202,13 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
     if (threadIdx.x != 0 || tile_end <= tile_begin) return;
     Tensor mK = params.tma_k.get_tma_tensor(make_shape(params.cache_rows, Int<kHeadDimIdx>{}));
     PipelineState write_state = cutlass::make_producer_start_state<MainloopPipeline>();
+    const int old_length = length - params.cache.appended_tokens;  // rows below it are not appended
+    bool append_done = !prior_grid_is_append;
     for (int n = tile_begin; n < tile_end; ++n) {
+      if (!append_done && (n + 1) * kBlockKV > old_length) {
+        asm volatile("griddepcontrol.wait;" ::: "memory");
+        append_done = true;
+      }
       const int key_row = static_cast<int>(params.cache.row(b, n * kBlockKV));
       Tensor gK = local_tile(domain_offset(make_coord(key_row, _0{}), mK), Shape<Int<kBlockKV>, Int<kHeadDimIdx>>{},
                              make_coord(_0{}, _0{}));
@@ -383,6 +393,9 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
     }
   }
 
+  // Every CTA waits for the append before it finishes, so this grid's completion, which the
+  // attention kernel waits for, implies the append's (the attention reads the appended K/V rows).
+  asm volatile("griddepcontrol.wait;" ::: "memory");
   // The attention kernel may launch now (programmatic dependent launch); it waits for this grid
   // to finish before reading the lists.
   asm volatile("griddepcontrol.launch_dependents;");
