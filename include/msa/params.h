@@ -86,14 +86,15 @@ struct BwdParams {
   const int32_t* block_indices = nullptr; // [total_q, Hkv, topk]
   const float* lse_log2 = nullptr;        // [total_q, Hq]: the forward's lse in log2 units, 0 where -inf
   const float* delta = nullptr;           // [total_q, Hq]: rowsum(dout * out) - grad_lse
-  float* dq_accum = nullptr;              // [total_q, Hq, D], zeroed
+  void* dq = nullptr;                      // [total_q, Hq, D] in q's dtype: written chunk by chunk
+  // dq accumulates per query chunk in the workspace (run_bwd), then is converted into dq: 4 (8) bytes
+  // per element of a chunk instead of the whole [total_q, Hq, D] (34 GB at 1M tokens of the M3 shape).
   float* dk_accum = nullptr;              // [total_k, Hkv, D], zeroed
   float* dv_accum = nullptr;              // [total_k, Hkv, D], zeroed
   // Deterministic mode (bitwise reproducible gradients): the plan's lists are sorted and the
   // gradients accumulate as 64-bit fixed point (integer adds commute): value x fixed_scale_* is
-  // added to the zeroed int64 buffers below instead of the fp32 accumulators (then null).
+  // added to the zeroed int64 buffers below (and to dq's chunk accumulator) instead of fp32.
   bool deterministic = false;
-  unsigned long long* dq_fixed = nullptr;  // [total_q, Hq, D]
   unsigned long long* dk_fixed = nullptr;  // [total_k, Hkv, D]
   unsigned long long* dv_fixed = nullptr;  // [total_k, Hkv, D]
   float fixed_scale_q = 0.f, fixed_scale_k = 0.f, fixed_scale_v = 0.f;  // powers of two

@@ -57,11 +57,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd_cuda(
 
   c10::cuda::CUDAGuard guard(q.device());
   const auto accum_options = q.options().dtype(deterministic ? at::kLong : at::kFloat);
-  at::Tensor dq_accum = at::zeros({total_q, hq, d}, accum_options);
+  const bool run = total_q > 0 && batch > 0 && total_k > 0;
+  // dq is written chunk by chunk from an accumulator in the workspace; dk and dv (Hkv heads, a
+  // small share of the bytes) accumulate whole, here.
+  at::Tensor dq = run ? at::empty_like(q) : at::zeros_like(q);
   at::Tensor dk_accum = at::zeros({total_k, hkv, d}, accum_options);
   at::Tensor dv_accum = at::zeros({total_k, hkv, d}, accum_options);
   int fixed_exp_q = 0, fixed_exp_k = 0, fixed_exp_v = 0;
-  if (total_q > 0 && batch > 0 && total_k > 0) {
+  if (run) {
     // Per-row preprocessing (memory bound, on the caller's stream): lse in log2 units (0 where a row
     // has no visible key: its P is 0 anyway) and delta = rowsum(dout * out) - dlse (one kernel).
     const at::Tensor lse_log2 = lse_rows_log2(lse, shape, 0.0);
@@ -77,6 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd_cuda(
     p.k = k.data_ptr();
     p.v = v.data_ptr();
     p.dout = dout.data_ptr();
+    p.dq = dq.data_ptr();
     p.block_indices = block_indices.data_ptr<int32_t>();
     p.lse_log2 = lse_log2.data_ptr<float>();
     p.delta = delta.data_ptr<float>();
@@ -104,14 +108,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd_cuda(
       fixed_exp_k = exponent(softmax_scale * rows * b_ds * m_q);
       fixed_exp_v = exponent(rows * m_do);
       p.deterministic = true;
-      p.dq_fixed = reinterpret_cast<unsigned long long*>(dq_accum.data_ptr<int64_t>());
       p.dk_fixed = reinterpret_cast<unsigned long long*>(dk_accum.data_ptr<int64_t>());
       p.dv_fixed = reinterpret_cast<unsigned long long*>(dv_accum.data_ptr<int64_t>());
       p.fixed_scale_q = std::ldexp(1.f, fixed_exp_q);
       p.fixed_scale_k = std::ldexp(1.f, fixed_exp_k);
       p.fixed_scale_v = std::ldexp(1.f, fixed_exp_v);
     } else {
-      p.dq_accum = dq_accum.data_ptr<float>();
       p.dk_accum = dk_accum.data_ptr<float>();
       p.dv_accum = dv_accum.data_ptr<float>();
     }
@@ -125,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd_cuda(
     at::Tensor grad = deterministic ? accum.to(at::kDouble).mul_(std::ldexp(1.0, -fixed_exp)) : accum;
     return grad.to(like.scalar_type()).view(like.sizes());
   };
-  return {finish(dq_accum, fixed_exp_q, q), finish(dk_accum, fixed_exp_k, k), finish(dv_accum, fixed_exp_v, v)};
+  return {dq, finish(dk_accum, fixed_exp_k, k), finish(dv_accum, fixed_exp_v, v)};
 }
 
 }  // namespace msa::bindings

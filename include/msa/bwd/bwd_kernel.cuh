@@ -79,7 +79,7 @@ struct BwdKernelParams {
   const Element* dout;      // [total_q, Hq, D]
   const float* lse_log2;    // [total_q, Hq]
   const float* delta;       // [total_q, Hq]
-  GradAccum dq;             // [total_q, Hq, D]
+  GradAccum dq;             // [total_q, Hq, D] addressing; only the chunk's rows exist (bwd_launch.cuh)
   GradAccum dk;             // [total_k, Hkv, D]
   GradAccum dv;             // [total_k, Hkv, D]
   const int32_t* entries;   // pack_entry(token - token_begin, slot) per list entry

@@ -1,10 +1,12 @@
-// The backward's per-row preprocessing (MSA_SPEC s.6): delta_i = dO_i . O_i - dlse_i in fp32, in one
-// pass over dout and out. (Done with ATen ops it took fp32 copies of both and a product: about 30 GB
-// of traffic at 128K tokens of the M3 shape by estimate, against 4.3 GB read here.)
+// The backward's elementwise kernels around the main one: per-row preprocessing (MSA_SPEC s.6),
+// delta_i = dO_i . O_i - dlse_i in fp32, in one pass over dout and out (done with ATen ops it took
+// fp32 copies of both and a product: about 30 GB of traffic at 128K tokens of the M3 shape by
+// estimate, against 4.3 GB read here); and the finish of a query chunk's dq accumulator.
 #pragma once
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include <cutlass/array.h>
@@ -42,6 +44,42 @@ cudaError_t launch_delta(const void* dout, const void* out, const float* dlse, f
   if (blocks == 0) return cudaSuccess;
   delta_kernel<Element, kHeadDim><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
       static_cast<const Element*>(dout), static_cast<const Element*>(out), dlse, delta, rows);
+  return cudaGetLastError();
+}
+
+// One query chunk's dq: accumulator (fp32, or int64 fixed point x 2^exp in deterministic mode) ->
+// dq rows in the inputs' dtype, and the accumulator zeroed again for the next chunk, in one pass.
+template <class Element, class Accum>
+__global__ void __launch_bounds__(256) dq_finish_kernel(Accum* __restrict__ accum, Element* __restrict__ dq,
+                                                       int64_t chunks, double inv_fixed_scale) {
+  using Out = cutlass::AlignedArray<Element, 8>;
+  using In = cutlass::AlignedArray<Accum, 8>;  // 32 or 64 bytes: two or four 16-byte loads
+  const int64_t stride = int64_t{gridDim.x} * blockDim.x;
+  for (int64_t c = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; c < chunks; c += stride) {
+    const In a = reinterpret_cast<const In*>(accum)[c];
+    Out o;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      if constexpr (sizeof(Accum) == 8) {
+        o[i] = static_cast<Element>(static_cast<float>(static_cast<double>(static_cast<long long>(a[i])) *
+                                                       inv_fixed_scale));
+      } else {
+        o[i] = static_cast<Element>(a[i]);
+      }
+    }
+    reinterpret_cast<Out*>(dq)[c] = o;
+    reinterpret_cast<In*>(accum)[c] = In{};
+  }
+}
+
+template <class Element, class Accum>
+cudaError_t launch_dq_finish(Accum* accum, void* dq, int64_t elements, double inv_fixed_scale, cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  const int64_t chunks = elements / 8;  // rows of D = 64 or 128 elements
+  const int64_t blocks = std::min<int64_t>((chunks + kThreads - 1) / kThreads, 132 * 16);
+  if (blocks == 0) return cudaSuccess;
+  dq_finish_kernel<Element, Accum><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      accum, static_cast<Element*>(dq), chunks, inv_fixed_scale);
   return cudaGetLastError();
 }
 
