@@ -155,8 +155,9 @@ def block_sparse_attn(
     deterministic : bool, default False
         Bitwise identical gradients run to run: the backward sorts its work lists and accumulates
         in 64-bit fixed point (scaled from bounds on each gradient) instead of fp32. Costs twice
-        the accumulator memory (8 bytes per element of q, k, v), 64-bit atomics and one host read
-        of the bounds' inputs (max |x| of dout, q, k, v and delta, copied together: one sync).
+        the accumulator memory (8 bytes per element of k and v and of one 4096-token query chunk
+        of q), 64-bit atomics and one host read of the bounds' inputs (max |x| of dout, q, k, v and
+        delta, copied together: one sync).
 
     Returns
     -------
