@@ -26,7 +26,8 @@ cudaError_t run_fwd(const FwdParams& params, void* workspace, cudaStream_t strea
 
 // Block-sparse attention backward (KV-outer: plan (sorted when deterministic) -> one kernel
 // accumulating dq per tile and dk, dv per run of same-block tiles with atomics, in fp32 or,
-// deterministic, in 64-bit fixed point). `workspace` must hold bwd_workspace_bytes(params) bytes.
+// deterministic, in 64-bit fixed point). `workspace` must hold bwd_workspace_bytes(params) bytes,
+// 256-byte aligned (as torch allocations are).
 size_t bwd_workspace_bytes(const BwdParams& params);
 cudaError_t run_bwd(const BwdParams& params, void* workspace, cudaStream_t stream);
 

@@ -77,7 +77,8 @@ struct FwdParams {
 };
 
 // Block-sparse attention backward (MSA_SPEC s.6): dq, dk, dv of block_sparse_attn, given the
-// forward's lse. Layouts as in FwdParams; the fp32 gradient accumulators are zeroed by the caller.
+// forward's lse. Layouts as in FwdParams; the dk/dv accumulators are zeroed by the caller, dq's
+// (per query chunk, in the workspace: 256-byte aligned, bwd_workspace_bytes) by run_bwd.
 struct BwdParams {
   const void* q = nullptr;                // [total_q, Hq, D]
   const void* k = nullptr;                // [total_k, Hkv, D]
@@ -86,7 +87,7 @@ struct BwdParams {
   const int32_t* block_indices = nullptr; // [total_q, Hkv, topk]
   const float* lse_log2 = nullptr;        // [total_q, Hq]: the forward's lse in log2 units, 0 where -inf
   const float* delta = nullptr;           // [total_q, Hq]: rowsum(dout * out) - grad_lse
-  void* dq = nullptr;                      // [total_q, Hq, D] in q's dtype: written chunk by chunk
+  void* dq = nullptr;                     // [total_q, Hq, D] in q's dtype: written chunk by chunk
   // dq accumulates per query chunk in the workspace (run_bwd), then is converted into dq: 4 (8) bytes
   // per element of a chunk instead of the whole [total_q, Hq, D] (34 GB at 1M tokens of the M3 shape).
   float* dk_accum = nullptr;              // [total_k, Hkv, D], zeroed

@@ -28,9 +28,12 @@ cudaError_t run_bwd(const BwdParams& p, void* workspace, cudaStream_t stream) {
   if (p.block_size != 64 && p.block_size != 128) return cudaErrorInvalidValue;
   const int g = p.num_heads_kv > 0 ? p.num_heads / p.num_heads_kv : 0;
   if (g < 1 || g > 16 || (g & (g - 1)) != 0 || p.num_heads != g * p.num_heads_kv) return cudaErrorInvalidValue;
-  for (const void* ptr : {p.q, p.k, p.v, p.dout}) {
+  for (const void* ptr : {p.q, p.k, p.v, p.dout, static_cast<const void*>(p.dq)}) {
     if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return cudaErrorMisalignedAddress;
   }
+  // The workspace's pieces are 256-byte aligned offsets (the int64 dq accumulator is read 64 bytes
+  // at a time).
+  if (reinterpret_cast<uintptr_t>(workspace) % 256 != 0) return cudaErrorMisalignedAddress;
   // Query tokens are int32 in the kernel; the plan packs them in 26 bits per chunk (bwd_chunk_tokens).
   if (p.total_q >= (int64_t{1} << 31)) return cudaErrorInvalidValue;
   const int64_t num_blocks_max = (int64_t{p.max_seqlen_k} + p.block_size - 1) / p.block_size;

@@ -25,8 +25,8 @@ cudaError_t launch_decode_attn(const DecodeParams& p, const DecodeWorkspace& ws,
 namespace {
 
 __global__ void __launch_bounds__(128) decode_append_kernel(const AppendParams p) {
-  // The indexer may launch now (programmatic dependent launch); it waits for this grid to finish
-  // before touching memory.
+  // The indexer may launch now (programmatic dependent launch). It reads nothing this grid writes
+  // before waiting for it (it only loads key rows below the old length early).
   asm volatile("griddepcontrol.launch_dependents;");
   const int b = blockIdx.x / p.s_new;
   const int i = blockIdx.x % p.s_new;

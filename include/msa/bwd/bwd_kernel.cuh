@@ -327,7 +327,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         for (int j = 0; j < kHeadDim / 8; ++j) {
           const float a = tdQrdQ(4 * j + 2 * i) * params.scale, b = tdQrdQ(4 * j + 2 * i + 1) * params.scale;
           if constexpr (kProfileDq == 3) {
-            // (Profiling: a bf16 store instead of the fp32 reduction, into dq_accum's memory.)
+            // (Profiling: a bf16 store instead of the fp32 reduction, into the chunk's dq accumulator.)
             reinterpret_cast<__nv_bfloat162*>(params.dq.f32)[(dst + 8 * j) / 2] = __floats2bfloat162_rn(a, b);
           } else {
             params.dq.template add_pair<kFixedPoint>(dst + 8 * j, a, b);

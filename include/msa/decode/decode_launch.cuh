@@ -52,7 +52,8 @@ cudaError_t launch_decode_select_tile(const DecodeParams& p, const DecodeWorkspa
       p.local_blocks,
   };
   // A programmatic dependent launch: the CTAs become resident while the append kernel (or the
-  // caller's last kernel) runs, and wait for it before touching memory.
+  // caller's last kernel) runs. After an append they load what it cannot write (the query rows,
+  // key rows below the old length) before waiting for it; after any other kernel they wait first.
   const dim3 grid(num_splits, (rows + kBlockQ - 1) / kBlockQ, p.batch);
   return common::launch_dependent(decode_select_split_kernel<Traits>, grid, Traits::kNumThreads, Traits::kSmemBytes,
                                   stream, kp, p.programmatic_launch);
