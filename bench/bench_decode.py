@@ -12,7 +12,7 @@ and V per group). Issue 5's targets: >= 7x at 1M x 2 and 128K x 8 (bf16 index ke
 of dense decoding's bandwidth. --profile adds the per-kernel CUDA time of one MSA step, --timeline
 each kernel's start and end inside a replayed step graph, --append the step that appends first,
 --layers N the per-layer time of N steps over independent caches captured in one graph (a serving
-loop's whole forward), dense likewise.
+loop's whole forward), dense likewise; with --append also the layers' steps that append first.
 """
 
 import argparse
@@ -108,11 +108,13 @@ def record_timeline(row, key, graph):
         print(f"      {k['start_us']:7.1f} .. {k['end_us']:7.1f} us  {k['name']}")
 
 
-def time_layers(length, batch, n, layers, mask, flush, reps, fp8):
+def time_layers(length, batch, n, layers, mask, flush, reps, fp8, append=False):
     """Per-layer time of `layers` decoding steps over independent caches (a model's layers)
     captured in one CUDA graph, for MSA (bf16 and, with fp8, e4m3 index keys) and dense: how a
     serving loop that captures its whole forward runs, the graph's launch shared by the layers.
-    Independent caches keep one layer's selected blocks from sitting in L2 for the next."""
+    Independent caches keep one layer's selected blocks from sitting in L2 for the next. With
+    append, also the steps that first append n new tokens per layer (as serving does; each replay
+    writes the same rows, so the cache length stays `length`)."""
     dev = torch.device("cuda")
     bf16 = dict(device=dev, dtype=torch.bfloat16)
     sets = []
@@ -122,15 +124,21 @@ def time_layers(length, batch, n, layers, mask, flush, reps, fp8):
                      k=torch.randn(batch, length, HKV, D, **bf16), v=torch.randn(batch, length, HKV, D, **bf16), ki=ki)
         if fp8:
             layer["ki8"], layer["scales"] = msa_cuda.quantize_index_keys(ki)
+        if append:
+            layer["new"] = dict(k=torch.randn(batch, n, HKV, D, **bf16), v=torch.randn(batch, n, HKV, D, **bf16),
+                                k_idx=torch.randn(batch, n, DI, **bf16))
         sets.append(layer)
     lens = torch.full((batch,), length, dtype=torch.int32, device=dev)
+    lens_before = lens - n
 
-    def msa_layers(keys, scales):
+    def msa_layers(keys, scales, with_append=False):
         def run(_):
             for layer in sets:
+                new = layer["new"] if with_append else {}
                 msa_cuda.sparse_attn_with_kvcache(layer["q"], layer["k"], layer["v"], layer["q_idx"], layer[keys],
-                                                  k_idx_scale_cache=layer.get(scales), cache_seqlens=lens,
-                                                  block_size=BS, topk=TOPK)
+                                                  k_idx_scale_cache=layer.get(scales),
+                                                  cache_seqlens=lens_before if with_append else lens,
+                                                  block_size=BS, topk=TOPK, **new)
         return run
 
     def dense_layers(_):
@@ -142,11 +150,15 @@ def time_layers(length, batch, n, layers, mask, flush, reps, fp8):
     variants = [("msa", msa_layers("ki", None)), ("dense", dense_layers)]
     if fp8:
         variants.append(("fp8", msa_layers("ki8", "scales")))
+    if append:
+        variants.append(("msa_append", msa_layers("ki", None, True)))
+        if fp8:
+            variants.append(("fp8_append", msa_layers("ki8", "scales", True)))
     for name, fn in variants:
         graph = capture(fn)
         result[name + "_ms"] = time_op(lambda _: graph.replay(), flush, reps=reps).median_ms / layers
         del graph
-    for name in ("msa", "fp8"):
+    for name in ("msa", "fp8", "msa_append", "fp8_append"):
         if name + "_ms" in result:
             result[name + "_speedup"] = result["dense_ms"] / result[name + "_ms"]
     del sets
@@ -262,11 +274,17 @@ def main():
                 record_timeline(row, "fp8_timeline", g_fp8)
             del keys, scales, g_fp8
         if args.layers > 0:
-            row["graph_layers"] = time_layers(length, batch, n, args.layers, mask, flush, args.reps, args.fp8)
+            row["graph_layers"] = time_layers(length, batch, n, args.layers, mask, flush, args.reps, args.fp8,
+                                              args.append)
             lay = row["graph_layers"]
             print(f"{length:>8} x {batch} graph of {args.layers} layers, per layer: MSA {lay['msa_ms']:8.4f} ms  dense "
                   f"{lay['dense_ms']:8.4f} ms  speedup {lay['msa_speedup']:.2f}x"
                   + (f"  fp8 {lay['fp8_ms']:8.4f} ms ({lay['fp8_speedup']:.2f}x)" if args.fp8 else ""), flush=True)
+            if args.append:
+                print(f"{length:>8} x {batch} graph of {args.layers} layers with append, per layer: MSA "
+                      f"{lay['msa_append_ms']:8.4f} ms ({lay['msa_append_speedup']:.2f}x)"
+                      + (f"  fp8 {lay['fp8_append_ms']:8.4f} ms ({lay['fp8_append_speedup']:.2f}x)" if args.fp8 else ""),
+                      flush=True)
         rows.append(row)
         torch.cuda.empty_cache()
     if args.out:
