@@ -39,13 +39,15 @@ inline int64_t bwd_chunk_tokens(const BwdParams& p) {
 // deterministic mode). Deterministic mode adds the sorted copy of the entries and the sort's scratch.
 struct BwdWorkspaceLayout : fwd::PlanWorkspace {
   int64_t chunk_tokens = 0;
+  size_t dq_row_bytes = 0;  // one query token's Hq x D accumulator elements
   size_t dq_accum = 0, dq_accum_bytes = 0;
   size_t sorted_entries = 0, sort_temp = 0, sort_temp_bytes = 0;
   explicit BwdWorkspaceLayout(const BwdParams& p) : BwdWorkspaceLayout(p, bwd_chunk_tokens(p)) {}
   BwdWorkspaceLayout(const BwdParams& p, int64_t chunk)
       : PlanWorkspace(chunk, p.batch, p.num_heads, p.num_heads_kv, p.topk, p.max_seqlen_k, p.block_size),
         chunk_tokens(chunk) {
-    dq_accum_bytes = static_cast<size_t>(chunk) * p.num_heads * p.head_dim * (p.deterministic ? 8 : 4);
+    dq_row_bytes = static_cast<size_t>(p.num_heads) * p.head_dim * (p.deterministic ? 8 : 4);
+    dq_accum_bytes = static_cast<size_t>(chunk) * dq_row_bytes;
     dq_accum = take(dq_accum_bytes);
     if (p.deterministic) {
       sorted_entries = take(sizeof(int32_t) * max_entries);
@@ -65,9 +67,8 @@ cudaError_t launch_bwd_main(const BwdParams& p, const BwdWorkspaceLayout& ws, ch
   // The kernel addresses dq by flat query token; the chunk's accumulator holds tokens from
   // token_begin on, so its base is moved back by token_begin rows (integer arithmetic: the address
   // itself is never dereferenced). This keeps the kernel's dQ epilogue, tight on registers, as it was.
-  const size_t dq_row_bytes = static_cast<size_t>(p.num_heads) * p.head_dim * (p.deterministic ? 8 : 4);
   const uintptr_t dq_rows =
-      reinterpret_cast<uintptr_t>(workspace + ws.dq_accum) - static_cast<uintptr_t>(token_begin) * dq_row_bytes;
+      reinterpret_cast<uintptr_t>(workspace + ws.dq_accum) - static_cast<uintptr_t>(token_begin) * ws.dq_row_bytes;
   BwdKernelParams<Traits> kp{
       tma_k,
       tma_v,
@@ -112,10 +113,12 @@ cudaError_t finish_dq_chunk(const BwdParams& p, const BwdWorkspaceLayout& ws, ch
   const int64_t row = int64_t{p.num_heads} * p.head_dim;
   Element* dq = static_cast<Element*>(p.dq) + token_begin * row;
   const int64_t elements = (token_end - token_begin) * row;
+  const int max_ctas = p.num_sms * 16;
   return p.deterministic
              ? launch_dq_finish<Element>(reinterpret_cast<long long*>(workspace + ws.dq_accum), dq, elements,
-                                         1.0 / static_cast<double>(p.fixed_scale_q), stream)
-             : launch_dq_finish<Element>(reinterpret_cast<float*>(workspace + ws.dq_accum), dq, elements, 1.0, stream);
+                                         1.0 / static_cast<double>(p.fixed_scale_q), max_ctas, stream)
+             : launch_dq_finish<Element>(reinterpret_cast<float*>(workspace + ws.dq_accum), dq, elements, 1.0,
+                                         max_ctas, stream);
 }
 
 template <class Element, int kHeadDim>

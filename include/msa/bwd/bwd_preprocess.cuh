@@ -73,10 +73,11 @@ __global__ void __launch_bounds__(256) dq_finish_kernel(Accum* __restrict__ accu
 }
 
 template <class Element, class Accum>
-cudaError_t launch_dq_finish(Accum* accum, void* dq, int64_t elements, double inv_fixed_scale, cudaStream_t stream) {
+cudaError_t launch_dq_finish(Accum* accum, void* dq, int64_t elements, double inv_fixed_scale, int max_ctas,
+                             cudaStream_t stream) {
   constexpr int kThreads = 256;
   const int64_t chunks = elements / 8;  // rows of D = 64 or 128 elements
-  const int64_t blocks = std::min<int64_t>((chunks + kThreads - 1) / kThreads, 132 * 16);
+  const int64_t blocks = std::min<int64_t>((chunks + kThreads - 1) / kThreads, max_ctas);  // grid-stride past it
   if (blocks == 0) return cudaSuccess;
   dq_finish_kernel<Element, Accum><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
       accum, static_cast<Element*>(dq), chunks, inv_fixed_scale);

@@ -49,18 +49,25 @@ struct TileCoord {
   }
 };
 
+// The largest i in [0, n) with sorted[i] <= value (0 when there is none), by binary search over
+// an ascending array: the sequence of a token in cu_seqlens, the list of a work item in its starts.
+template <class T>
+__device__ __forceinline__ int last_index_at_most(const int32_t* sorted, int n, T value) {
+  int lo = 0, hi = n - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (sorted[mid] <= value) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
 // Sequence holding flat query token `token` (binary search over cu_seqlens_q for varlen).
 __device__ __forceinline__ int sequence_of_query(int64_t token, const int32_t* cu_seqlens_q, int batch,
                                                  int seqlen_q) {
   if (cu_seqlens_q == nullptr) {
     return static_cast<int>(token / seqlen_q);
   }
-  int lo = 0, hi = batch - 1;  // largest b with cu[b] <= token
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (cu_seqlens_q[mid] <= token) lo = mid; else hi = mid - 1;
-  }
-  return lo;
+  return last_index_at_most(cu_seqlens_q, batch, token);
 }
 
 // Key blocks of a sequence (the last may be partial).

@@ -25,12 +25,7 @@ __global__ void plan_count_kernel(const PlanParams p) {
 // Work item i belongs to the last list whose first item is <= i (lists without tiles share their
 // successor's start and are passed over).
 __device__ __forceinline__ int list_of_work_item(const PlanParams& p, int item) {
-  int lo = 0, hi = p.num_lists - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (p.tile_starts[mid] <= item) lo = mid; else hi = mid - 1;
-  }
-  return lo;
+  return last_index_at_most(p.tile_starts, p.num_lists, item);
 }
 
 __global__ void plan_fill_kernel(const PlanParams p) {
