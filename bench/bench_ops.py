@@ -15,7 +15,7 @@ For every sequence length S (B=1, Hq=64, Hkv=4, D=Di=128, block 128, topk 16, bf
   ``torch.ops.msa_cuda_kernels.select_blocks`` and the reference ``msa_cuda.reference.select_blocks``;
 - ``attn``: ``msa_cuda.block_sparse_attn`` on the selection (``validate=False``);
 - ``sparse_attn``: ``msa_cuda.sparse_attn`` (selection + attention);
-- ``kl``: ``msa_cuda.indexer_kl_loss`` on the selection, given the main branch's lse (computed
+- ``kl``: ``msa_cuda.indexer_kl_loss`` on the selection (``validate=False``), given the main branch's lse (computed
   once, untimed, or taken from the ``block_sparse_attn`` forward, which ``kl`` times itself when
   ``attn`` is not selected): the loss alone, and forward + backward with q_idx and k_idx as leaves
   (the training call). Its target is ``kl fwd+bwd time / block_sparse_attn fwd time <= 0.75``
@@ -642,14 +642,15 @@ def bench_kl(runner: Runner, shape: Shape, msa, inputs: Tuple[torch.Tensor, ...]
     kl_backend = "" if dry or runner.meta["kl_kernel"] else "reference-backed"
     note = (kl_backend + "; lse given").strip("; ")
     runner.measure("indexer_kl_loss", shape,
-                   lambda _: msa.indexer_kl_loss(q, k, q_idx, k_idx, sel, block_size=bs, lse=lse),
+                   lambda _: msa.indexer_kl_loss(q, k, q_idx, k_idx, sel, block_size=bs, lse=lse, validate=False),
                    flops=kl_fwd_flops(shape, triples), min_bytes=kl_fwd_bytes(shape), exponent=1, note=note)
 
     def leaves():
         return _leaves(q_idx, k_idx)
 
     def fwd_bwd(ki_leaves, block_indices, dense=False, lse_=None):
-        loss = msa.indexer_kl_loss(q, k, *ki_leaves, block_indices, block_size=bs, dense=dense, lse=lse_)
+        loss = msa.indexer_kl_loss(q, k, *ki_leaves, block_indices, block_size=bs, dense=dense, lse=lse_,
+                                   validate=False)
         return torch.autograd.grad(loss, ki_leaves)
 
     runner.measure("indexer_kl_loss_fwd_bwd", shape, lambda st: fwd_bwd(st, sel, lse_=lse), setup=leaves,
@@ -658,7 +659,7 @@ def bench_kl(runner: Runner, shape: Shape, msa, inputs: Tuple[torch.Tensor, ...]
     if "bwd" in args.ops:
         def kl_setup():
             ki_leaves = leaves()
-            return msa.indexer_kl_loss(q, k, *ki_leaves, sel, block_size=bs, lse=lse), ki_leaves
+            return msa.indexer_kl_loss(q, k, *ki_leaves, sel, block_size=bs, lse=lse, validate=False), ki_leaves
 
         runner.measure("indexer_kl_loss_bwd", shape, lambda st: torch.autograd.grad(st[0], st[1]),
                        setup=kl_setup, direction="bwd", flops=kl_bwd_flops(shape, triples),

@@ -1,8 +1,9 @@
 """Where the time of one block_sparse_attn forward goes: per-kernel CUDA time (main, combine, and
 the plan by its count, scan and fill kernels) from torch.profiler, at M3 shape with the indexer's
-(or the hot-block) selection.
+(or the hot-block) selection. --backward profiles the attention's backward instead, --kl the
+indexer_kl_loss training call (forward + backward, the forward's lse given).
 
-    python bench/profile_fwd.py [--seqlen 131072] [--reps 3] [--selection indexer|hot] [--backward]
+    python bench/profile_fwd.py [--seqlen 131072] [--reps 3] [--selection indexer|hot] [--backward | --kl]
 
 With --no-profiler it only runs the forward (a warm-up call and --reps calls), for external
 tools: ncu -k regex:fwd_kernel ... python bench/profile_fwd.py --no-profiler --seqlen 32768
@@ -27,6 +28,8 @@ def main() -> None:
     parser.add_argument("--no-profiler", action="store_true", help="just run the calls (for ncu, compute-sanitizer)")
     parser.add_argument("--backward", action="store_true",
                         help="profile the backward instead (the forward runs once, outside the profiler)")
+    parser.add_argument("--kl", action="store_true",
+                        help="profile indexer_kl_loss forward + backward instead (lse from one untimed forward)")
     args = parser.parse_args()
     s, hq, hkv, d = args.seqlen, 64, 4, 128
     mk = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16)  # noqa: E731
@@ -41,6 +44,13 @@ def main() -> None:
         out = msa_cuda.block_sparse_attn(q, k, v, sel, validate=False)
         dout = torch.randn_like(out)
         run = lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)  # noqa: E731
+    if args.kl:
+        lse = msa_cuda.block_sparse_attn(q, k, v, sel, return_lse=True, validate=False)[1]
+        q_idx, k_idx = mk(1, s, hkv, 128).requires_grad_(True), mk(1, s, 128).requires_grad_(True)
+
+        def run():
+            loss = msa_cuda.indexer_kl_loss(q, k, q_idx, k_idx, sel, lse=lse, validate=False)
+            return torch.autograd.grad(loss, (q_idx, k_idx))
     run()
     torch.cuda.synchronize()
     if args.no_profiler:
@@ -58,11 +68,14 @@ def main() -> None:
             name = event.name
             plan_step = next((step for step in ("count", "scan", "fill") if f"plan_{step}" in name), None)
             kind = ("main (fwd_kernel)" if "fwd_kernel" in name else "main (bwd_kernel)" if "bwd_kernel" in name
+                    else "kl pass 1 (stats)" if "kl_kernel" in name and "true>" in name
+                    else "kl pass 2 (kl_kernel)" if "kl_kernel" in name
                     else "combine" if "combine" in name
                     else f"plan ({plan_step})" if plan_step else "other (" + name[:40] + ")")
             totals[kind] += event.device_time_total if hasattr(event, "device_time_total") else event.cuda_time_total
     whole = sum(totals.values())
-    print(f"block_sparse_attn {'backward' if args.backward else 'forward'}, S={s}, M3 shape, {args.selection} selection, {args.reps} calls, {torch.cuda.get_device_name()}")
+    what = "indexer_kl_loss fwd+bwd" if args.kl else f"block_sparse_attn {'backward' if args.backward else 'forward'}"
+    print(f"{what}, S={s}, M3 shape, {args.selection} selection, {args.reps} calls, {torch.cuda.get_device_name()}")
     for kind, us in totals.most_common():
         print(f"  {kind:40s} {us / args.reps / 1000:9.3f} ms/call  {100 * us / whole:5.1f}%")
 

@@ -106,8 +106,8 @@ def test_opcheck_indexer_kl_loss(varlen, dtype, mode):
     q_idx, k_idx = p["q_idx"].requires_grad_(), p["k_idx"].requires_grad_()
     tail = (lse, p["cu_q"], p["cu_k"], _max_q(p), _max_k(p), BS, 0.125, 0.2, mode == "dense")
     for need_grad in (False, True):  # the gradients with the loss, or recomputed by the backward op
-        _opcheck(OPS.indexer_kl_loss, (p["q"], p["k"], q_idx, k_idx, ids) + tail + (need_grad,))
-    loss, _, _ = OPS.indexer_kl_loss(p["q"], p["k"], q_idx, k_idx, ids, *tail, False)
+        _opcheck(OPS.indexer_kl_loss, (p["q"], p["k"], q_idx, k_idx, ids) + tail + (need_grad, need_grad))
+    loss, _, _ = OPS.indexer_kl_loss(p["q"], p["k"], q_idx, k_idx, ids, *tail, False, True)
     _opcheck(OPS.indexer_kl_loss_backward,
              (torch.ones_like(loss), p["q"], p["k"], q_idx.detach(), k_idx.detach(), ids) + tail)
 

@@ -226,6 +226,7 @@ CASES = [
     ("softmax_scale-bool", ATTN, False, _const("softmax_scale", True), TypeError, "softmax_scale"),
     ("return_lse-int", ATTN, False, _const("return_lse", 1), TypeError, "return_lse"),
     ("validate-none", ATTN, False, _const("validate", None), TypeError, "validate"),
+    ("validate-none-kl", KL, False, _const("validate", None), TypeError, "validate"),
     ("dense-str", KL, False, _const("dense", "yes"), TypeError, "dense"),
     ("deterministic-int", ATTN, False, _const("deterministic", 1), TypeError, "deterministic"),
     ("deterministic-none", SPARSE, False, _const("deterministic", None), TypeError, "deterministic"),
@@ -264,7 +265,7 @@ CASES = [
     ("max_seqlen_q-small-padded", SELECT, False, _const("max_seqlen_q", 11), ValueError, "max_seqlen_q"),
     ("max_seqlen_q-float", SELECT, True, _const("max_seqlen_q", 7.0), TypeError, "max_seqlen_q"),
     ("max_seqlen_k-negative", KL, True, _const("max_seqlen_k", -1), ValueError, "max_seqlen_k"),
-    # --- block_indices values (validate=True; always for the KL loss) -------------------------
+    # --- block_indices values (validate=True, the default) -----------------------------------
     ("block_indices-id-too-large", ATTN, False, _bi_set(2), ValueError, "block_indices"),
     ("block_indices-id-below-minus-one", ATTN, False, _bi_set(-2), ValueError, "block_indices"),
     ("block_indices-duplicate", ATTN, False, _bi_dup(), ValueError, "block_indices"),
@@ -301,6 +302,19 @@ def test_validate_false_skips_block_indices_values():
     # A repeated id is the caller's responsibility with validate=False; the call still runs.
     out = _call(ATTN, validate=False, **_bi_dup())
     assert out.shape == (2, 12, 4, 64)
+    with pytest.raises(ValueError, match=r"must not repeat a block id"):
+        _call(KL, **_bi_dup())
+    loss = _call(KL, validate=False, **_bi_dup())
+    assert loss.shape == () and torch.isfinite(loss)
+
+
+def test_kl_validate_false_same_loss():
+    # On a valid selection the check changes nothing but the host sync.
+    t, extra = _inputs(False)
+    ids = msa_cuda.select_blocks(t["q_idx"], t["k_idx"], block_size=BS, topk=TOPK, **extra)
+    a, b = (msa_cuda.indexer_kl_loss(t["q"], t["k"], t["q_idx"], t["k_idx"], ids, block_size=BS, validate=flag,
+                                     **extra) for flag in (True, False))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------------------------

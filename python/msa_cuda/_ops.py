@@ -370,14 +370,13 @@ def _kl_reference_with_grads(q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_
 def indexer_kl_loss(q: Tensor, k: Tensor, q_idx: Tensor, k_idx: Tensor, block_indices: Optional[Tensor],
                     lse: Optional[Tensor], cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                     max_seqlen_q: int, max_seqlen_k: int, block_size: int, softmax_scale: float,
-                    index_scale: float, dense: bool, need_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                    index_scale: float, dense: bool, need_grad: bool, validate: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """(loss, dloss/dq_idx, dloss/dk_idx); the gradients are computed with the loss (it is a scalar,
     so the backward only scales them) when need_grad, else they are empty."""
     max_seqlen_q, max_seqlen_k = _seq_checks(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if dense:
         block_indices = None
-    else:
-        # A caller-made selection is always validated here (the loss is a training op, not hot).
+    elif validate:
         _validation.check_block_indices_values(block_indices, block_size, k.shape[-3], cu_seqlens_q, cu_seqlens_k)
     real = _real_dtype(q, k, q_idx, k_idx)
     if _kl_kernel_applies(q, k, q_idx, k_idx, lse, dense):
@@ -401,7 +400,7 @@ def indexer_kl_loss(q: Tensor, k: Tensor, q_idx: Tensor, k_idx: Tensor, block_in
 
 @indexer_kl_loss.register_fake
 def _(q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size,
-      softmax_scale, index_scale, dense, need_grad):
+      softmax_scale, index_scale, dense, need_grad, validate):
     real = _real_dtype(q, k, q_idx, k_idx)
     if not need_grad:
         return q_idx.new_empty((), dtype=real), q_idx.new_empty((0,), dtype=real), q_idx.new_empty((0,), dtype=real)
@@ -445,7 +444,7 @@ def _(grad_loss, q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlen
 
 def _kl_setup_context(ctx, inputs, output):
     (q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size,
-     softmax_scale, index_scale, dense, need_grad) = inputs
+     softmax_scale, index_scale, dense, need_grad, _validate) = inputs
     _, dq_idx, dk_idx = output
     ctx.mark_non_differentiable(dq_idx, dk_idx)
     ctx.save_for_backward(q, k, q_idx, k_idx, block_indices, lse, cu_seqlens_q, cu_seqlens_k, dq_idx, dk_idx)
@@ -466,7 +465,7 @@ def _kl_backward(ctx, grad_loss, _grad_dq_idx, _grad_dk_idx):
                 max_seqlen_k, block_size, softmax_scale, index_scale, dense)
     # No gradient reaches q, k (the teacher is a constant) or lse.
     return (None, None, dq_idx if needs[2] else None, dk_idx if needs[3] else None,
-            None, None, None, None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None, None, None)
 
 
 indexer_kl_loss.register_autograd(_kl_backward, setup_context=_kl_setup_context)

@@ -441,9 +441,10 @@ class KLArgs:
 
 
 def validate_indexer_kl_loss(q, k, q_idx, k_idx, block_indices, *, block_size, softmax_scale, index_scale,
-                             dense, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> KLArgs:
+                             dense, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, validate) -> KLArgs:
     """Metadata checks of :func:`msa_cuda.indexer_kl_loss`."""
     check_bool("dense", dense)
+    check_bool("validate", validate)
     if dense:
         block_indices = None  # ignored by the dense warm-up loss
     elif block_indices is None:

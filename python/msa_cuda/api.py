@@ -203,6 +203,7 @@ def indexer_kl_loss(
     cu_seqlens_k: Optional[Tensor] = None,
     max_seqlen_q: Optional[int] = None,
     max_seqlen_k: Optional[int] = None,
+    validate: bool = True,
 ) -> Tensor:
     """Indexer distillation loss: mean over (query token, group) of KL(P || Q).
 
@@ -223,8 +224,8 @@ def indexer_kl_loss(
         Index keys, [B, Sk, Di] or [B, Sk, 1, Di] (varlen: [Tk, Di] or [Tk, 1, Di]); same dtype
         as ``q_idx``.
     block_indices : Tensor or None
-        The selection, int32 [B, Sq, Hkv, topk] (varlen: [Tq, Hkv, topk]); always validated
-        (range and uniqueness). May be None only with ``dense=True``, where it is ignored.
+        The selection, int32 [B, Sq, Hkv, topk] (varlen: [Tq, Hkv, topk]), entries as in
+        :func:`block_sparse_attn`. May be None only with ``dense=True``, where it is ignored.
     block_size : int, default 128
         Tokens per key block, 64 or 128.
     softmax_scale : float, optional
@@ -243,6 +244,10 @@ def indexer_kl_loss(
         Varlen boundaries, int32 [B + 1]. Default None (padded batch).
     max_seqlen_q, max_seqlen_k : int, optional
         Longest query / key sequence (varlen). Default None: computed from ``cu_seqlens_*``.
+    validate : bool, default True
+        Check ``block_indices`` values (range and uniqueness; ValueError otherwise). Costs one
+        device-to-host sync and a sort of the selection; pass False in a training step whose
+        selection comes from :func:`select_blocks` or ``sparse_attn``'s ``aux.block_indices``.
 
     Returns
     -------
@@ -263,12 +268,12 @@ def indexer_kl_loss(
     args = _validation.validate_indexer_kl_loss(
         q, k, q_idx, k_idx, block_indices, block_size=block_size, softmax_scale=softmax_scale,
         index_scale=index_scale, dense=dense, lse=lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, validate=validate)
     # The gradients are computed together with the loss when they will be needed.
     need_grad = torch.is_grad_enabled() and (q_idx.requires_grad or k_idx.requires_grad)
     loss, _, _ = torch.ops.msa_cuda.indexer_kl_loss(
         q, k, q_idx, args.k_idx, args.block_indices, lse, cu_seqlens_q, cu_seqlens_k, args.max_seqlen_q,
-        args.max_seqlen_k, block_size, args.softmax_scale, args.index_scale, dense, need_grad)
+        args.max_seqlen_k, block_size, args.softmax_scale, args.index_scale, dense, need_grad, validate)
     return loss
 
 
