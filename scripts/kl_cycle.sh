@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # KL-focused GPU cycle: build, KL tests, the whole suite, the KL timings (with --kl-dense when
-# KL_DENSE=1), per-kernel profile of the training call at KL_SEQLENS' first length (profile), ncu
+# KL_DENSE=1), per-kernel profile of the training call at each of KL_SEQLENS (profile), ncu
 # on one pass-2 launch at 32K (ncu).
-#   usage: scripts/kl_cycle.sh OUT_DIR [steps: build,kltest,test,bench,profile,ncu,sanitize]
+# sweep: a knob KL_SWEEP_VAR over KL_SWEEP_VALUES at KL_SEQLENS.
+#   usage: scripts/kl_cycle.sh OUT_DIR [steps: build,kltest,test,sweep,bench,profile,ncu,sanitize]
 set -uo pipefail
 OUT=${1:?usage}; STEPS=${2:-build,kltest,bench}
 source "$(dirname "$0")/cycle_common.sh"
@@ -15,6 +16,10 @@ if has test; then pytest_step tests tests.log 240 tests; fi
 if has bench; then
   timeout 300 python3 bench/bench_ops.py --ops attn,kl $([[ ${KL_DENSE:-1} == 1 ]] && echo --kl-dense) \
     --seqlens ${KL_SEQLENS:-8192 32768} --out "$OUT" 2>&1 | grep -v -i warn | tail -40
+fi
+if has sweep; then  # an environment knob of the KL (KL_SWEEP_VAR over KL_SWEEP_VALUES) in one process
+  timeout 300 python3 bench/knob_sweep.py --op kl --var ${KL_SWEEP_VAR:?} --values ${KL_SWEEP_VALUES:?} \
+    --seqlens ${KL_SEQLENS:-32768} 2>&1 | grep -v -i warn | tail -24
 fi
 if has profile; then
   for s in ${KL_SEQLENS:-32768}; do timeout 120 python3 bench/profile_fwd.py --kl --seqlen $s 2>&1 | grep -v -i warn; done
