@@ -5,7 +5,7 @@
 #   usage: [BWD_SEQLENS="32768 131072"] [AB_TESTS="tests"] [AB_PROFILE=131072] [AB_SANITIZE=1]
 #          [AB_OPS=attn,kl AB_PROFILE_MODES=--kl AB_SAN_FILE=tests/test_kl_gpu.py] scripts/bwd_ab.sh OUT_DIR PATCH
 # (AB_OPS: bench_ops.py's ops, default attn,bwd; AB_PROFILE: bench/profile_fwd.py's per-kernel split
-# at that length of each of AB_PROFILE_MODES (default: the forward and --backward), on both sides;
+# at that length of each of AB_PROFILE_MODES (default "fwd --backward"; fwd: the forward), on both sides;
 # AB_SANITIZE: compute-sanitizer memcheck and racecheck on B, over AB_SAN_FILE (default the
 # backward's tests) with SAN_FILTER as in bwd_cycle.sh)
 set -uo pipefail
@@ -15,7 +15,8 @@ bench() {  # bench NAME: attn forward + backward beside dense, JSON under OUT/NA
   timeout 240 python3 bench/bench_ops.py --ops ${AB_OPS:-attn,bwd} --seqlens ${BWD_SEQLENS:-32768 131072} --out "$OUT/$1" 2>&1 \
     | grep -v -i warn | grep -E "^ +[0-9]+ +(dense|block|indexer)|kl/attn" | head -16
   if [[ -n "${AB_PROFILE:-}" ]]; then
-    for dir in ${AB_PROFILE_MODES:-"" --backward}; do
+    for dir in ${AB_PROFILE_MODES:-fwd --backward}; do
+      [[ $dir == fwd ]] && dir=""
       timeout 120 python3 bench/profile_fwd.py --seqlen "$AB_PROFILE" --reps 3 $dir 2>&1 | grep -v -i warn | head -9
     done
   fi
