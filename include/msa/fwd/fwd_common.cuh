@@ -55,7 +55,7 @@ template <class T>
 __device__ __forceinline__ int last_index_at_most(const int32_t* sorted, int n, T value) {
   int lo = 0, hi = n - 1;
   while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
+    const int mid = lo + ((hi - lo + 1) >> 1);  // (lo + hi + 1) would overflow past 2^30 entries
     if (sorted[mid] <= value) lo = mid; else hi = mid - 1;
   }
   return lo;
@@ -107,7 +107,8 @@ __device__ __forceinline__ void for_each_slot_warp(const PlanParams& p, Fn&& fn)
       // through a direct op call that skipped the host checks) must not index past the lists.
       const int num_blocks = min(num_key_blocks(seq, p.block_size), p.num_blocks_max);
       valid = slot_is_valid(block, num_blocks);
-      list = (b * p.num_heads_kv + group) * p.num_blocks_max + block;
+      // Only for valid slots: an out-of-range id (validation off) would overflow the product.
+      if (valid) list = (b * p.num_heads_kv + group) * p.num_blocks_max + block;
     }
     fn(list, static_cast<int32_t>(token), slot, valid);
   }
