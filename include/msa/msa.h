@@ -18,6 +18,9 @@ bool select_is_supported(int head_dim_idx, int topk);
 // Human-readable list of the compiled selector variants, e.g. "bf16/di128/topk<=16".
 const char* select_compiled_variants();
 
+// Sets params.flags for a selection with out-of-range or repeated ids (one warp per row).
+cudaError_t run_check_selection(const CheckSelectionParams& params, cudaStream_t stream);
+
 // Block-sparse attention forward: query-outer for short contexts (one kernel), KV-outer otherwise
 // (plan -> main -> combine, in query chunks); see FwdPath.
 // `workspace` must hold fwd_workspace_bytes(params) bytes.

@@ -41,6 +41,22 @@ struct SelectParams {
   int num_sms = 0;
 };
 
+// The value check of a caller's selection (validate=True): flags[0] is set when an entry is
+// below -1 or not a block of its sequence, flags[1] when a (token, group) row repeats an id.
+struct CheckSelectionParams {
+  const int32_t* block_indices = nullptr;  // [total_q, Hkv, topk]
+  const int32_t* cu_seqlens_q = nullptr;   // [batch + 1] or null (padded)
+  const int32_t* cu_seqlens_k = nullptr;   // [batch + 1] or null (padded)
+  int32_t* flags = nullptr;                // [2], zeroed by the caller
+  int64_t total_q = 0;
+  int batch = 0;
+  int seqlen_q = 0;  // padded: Sq; varlen: unused
+  int seqlen_k = 0;  // padded: Sk; varlen: unused
+  int num_heads_kv = 0;
+  int topk = 0;      // 1..32
+  int block_size = 128;
+};
+
 // Which forward kernel runs. kAuto: query-outer when a sequence has at most 32 key blocks and at
 // most 2 x topk of them (so also whenever every query can select all of its visible blocks,
 // max_seqlen_k <= topk x block_size), KV-outer otherwise. kQueryOuter needs at most 32 key blocks

@@ -42,6 +42,7 @@ __all__ = [
 # calls. Switching another op to its kernel: add it here and fill in its adapter in _ops.py.
 _KERNEL_OPS = {
     "select_blocks": "select_blocks",
+    "check_block_indices": "check_block_indices",
     "block_sparse_attn": "block_sparse_attn_fwd",
     "block_sparse_attn_backward": "block_sparse_attn_bwd",
     "indexer_kl_loss": "indexer_kl",

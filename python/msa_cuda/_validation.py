@@ -25,6 +25,8 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from . import _kernels
+
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_INDEX_HEAD_DIMS = (64, 128)
 SUPPORTED_GROUP_SIZES = (1, 2, 4, 8, 16)
@@ -728,6 +730,12 @@ def check_block_indices_values(block_indices: torch.Tensor, block_size: int, seq
         return
     if block_indices.device.type == "cuda" and _capturing():
         return
+    if _kernels.has_kernel("check_block_indices", block_indices.device):
+        # One pass on the GPU; the PyTorch pass below only runs to name the offending entry.
+        flags = _kernels.kernel("check_block_indices")(
+            block_indices.contiguous(), cu_seqlens_q, cu_seqlens_k, seqlen_k, block_size).cpu()
+        if not bool(flags.any()):
+            return
     ids = block_indices.to(torch.int64)
     if cu_seqlens_q is None:
         num_blocks = torch.tensor((seqlen_k + block_size - 1) // block_size, device=ids.device)

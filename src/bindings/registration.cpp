@@ -14,6 +14,9 @@ TORCH_LIBRARY(msa_cuda_kernels, m) {
       "select_blocks(Tensor q_idx, Tensor k_idx, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, "
       "int block_size, int topk, int init_blocks, int local_blocks) -> Tensor");
   m.def(
+      "check_block_indices(Tensor block_indices, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int seqlen_k, "
+      "int block_size) -> Tensor");
+  m.def(
       "block_sparse_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor block_indices, Tensor? cu_seqlens_q, "
       "Tensor? cu_seqlens_k, int max_seqlen_k, int block_size, float softmax_scale) -> (Tensor, Tensor)");
   m.def(

@@ -1,4 +1,5 @@
-// torch op msa_cuda_kernels::select_blocks -> msa::run_select.
+// torch ops msa_cuda_kernels::select_blocks -> msa::run_select and
+// msa_cuda_kernels::check_block_indices -> msa::run_check_selection.
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
@@ -80,6 +81,46 @@ at::Tensor select_blocks_cuda(const at::Tensor& q_idx, const at::Tensor& k_idx,
   return out;
 }
 
+// block_indices int32 [B, Sq, Hkv, topk] (padded; seqlen_k = Sk) or [Tq, Hkv, topk] (varlen).
+// Returns int32 [2] on the device: (some id out of range, some row repeats an id), 0 or 1 each.
+at::Tensor check_block_indices_cuda(const at::Tensor& block_indices, const c10::optional<at::Tensor>& cu_seqlens_q,
+                                    const c10::optional<at::Tensor>& cu_seqlens_k, int64_t seqlen_k,
+                                    int64_t block_size) {
+  check_cuda_contiguous(block_indices, "block_indices");
+  TORCH_CHECK_TYPE(block_indices.scalar_type() == at::kInt, "block_indices must be int32");
+  const bool varlen = cu_seqlens_q.has_value();
+  TORCH_CHECK(varlen == cu_seqlens_k.has_value(), "cu_seqlens_q and cu_seqlens_k must be given together");
+  TORCH_CHECK(block_indices.dim() == (varlen ? 3 : 4), "block_indices must be ",
+              varlen ? "[Tq, Hkv, topk]" : "[B, Sq, Hkv, topk]");
+  const int64_t topk = block_indices.size(-1);
+  TORCH_CHECK(topk >= 1 && topk <= 32, "topk must be in [1, 32]");
+  TORCH_CHECK(block_size >= 1, "block_size must be positive");
+  const int64_t batch = varlen ? cu_seqlens_q->size(0) - 1 : block_indices.size(0);
+  check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", batch, block_indices);
+  check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", batch, block_indices);
+  TORCH_CHECK(varlen || (seqlen_k >= 0 && seqlen_k < (int64_t{1} << 31)), "seqlen_k must be in [0, 2^31)");
+  at::Tensor flags = at::zeros({2}, block_indices.options());
+  if (block_indices.numel() == 0 || batch == 0) return flags;
+  c10::cuda::CUDAGuard guard(block_indices.device());
+  CheckSelectionParams p;
+  p.block_indices = block_indices.data_ptr<int32_t>();
+  p.cu_seqlens_q = varlen ? cu_seqlens_q->data_ptr<int32_t>() : nullptr;
+  p.cu_seqlens_k = varlen ? cu_seqlens_k->data_ptr<int32_t>() : nullptr;
+  p.flags = flags.data_ptr<int32_t>();
+  p.num_heads_kv = static_cast<int>(block_indices.size(-2));
+  p.total_q = block_indices.numel() / (topk * p.num_heads_kv);
+  p.batch = static_cast<int>(batch);
+  p.seqlen_q = varlen ? 0 : static_cast<int>(block_indices.size(1));
+  p.seqlen_k = varlen ? 0 : static_cast<int>(seqlen_k);
+  p.topk = static_cast<int>(topk);
+  p.block_size = static_cast<int>(block_size);
+  check_launch(run_check_selection(p, c10::cuda::getCurrentCUDAStream()), "msa_cuda check_block_indices kernel");
+  return flags;
+}
+
 }  // namespace msa::bindings
 
-TORCH_LIBRARY_IMPL(msa_cuda_kernels, CUDA, m) { m.impl("select_blocks", &msa::bindings::select_blocks_cuda); }
+TORCH_LIBRARY_IMPL(msa_cuda_kernels, CUDA, m) {
+  m.impl("select_blocks", &msa::bindings::select_blocks_cuda);
+  m.impl("check_block_indices", &msa::bindings::check_block_indices_cuda);
+}
