@@ -5,7 +5,8 @@ block 128, topk 16, bf16), the indexer's selection of random inputs, in one proc
     python bench/validate_cost.py [--seqlens 32768 131072] [--reps 10]
 
 CUDA events around each call, 3 warm-up calls, median of --reps (no L2 flush: the check's cost is
-a difference of two such times).
+a difference of two such times). Then the check alone: the GPU kernel path and the PyTorch pass
+(a sort of the ids) it replaced.
 """
 
 import argparse
@@ -14,6 +15,7 @@ import statistics
 import torch
 
 import msa_cuda
+from msa_cuda import _validation
 
 
 def median_ms(fn, reps: int, warmup: int = 3) -> float:
@@ -51,6 +53,11 @@ def main() -> None:
                          ("indexer_kl_loss fwd+bwd", kl)):
             on, off = median_ms(lambda: fn(True), args.reps), median_ms(lambda: fn(False), args.reps)
             print(f"{s:>8} {name:24s} validate=True {on:8.3f}  False {off:8.3f}  check {on - off:6.3f} ms", flush=True)
+        # The check alone: the GPU kernel path (the public one) and the PyTorch pass it replaced.
+        for name, check in (("check (kernel)", _validation.check_block_indices_values),
+                            ("check (PyTorch sort)", _validation.check_block_indices_values_torch)):
+            ms = median_ms(lambda: check(sel, 128, s, None, None), args.reps)
+            print(f"{s:>8} {name:24s} {ms:8.3f} ms", flush=True)
         del q, k, v, q_idx, k_idx, sel, lse, qi, ki
         torch.cuda.empty_cache()
 

@@ -731,11 +731,19 @@ def check_block_indices_values(block_indices: torch.Tensor, block_size: int, seq
     if block_indices.device.type == "cuda" and _capturing():
         return
     if _kernels.has_kernel("check_block_indices", block_indices.device):
-        # One pass on the GPU; the PyTorch pass below only runs to name the offending entry.
+        # One pass on the GPU; the PyTorch pass only runs to name the offending entry.
         flags = _kernels.kernel("check_block_indices")(
             block_indices.contiguous(), cu_seqlens_q, cu_seqlens_k, seqlen_k, block_size).cpu()
         if not bool(flags.any()):
             return
+    check_block_indices_values_torch(block_indices, block_size, seqlen_k, cu_seqlens_q, cu_seqlens_k)
+
+
+def check_block_indices_values_torch(block_indices: torch.Tensor, block_size: int, seqlen_k: int,
+                                     cu_seqlens_q: Optional[torch.Tensor],
+                                     cu_seqlens_k: Optional[torch.Tensor]) -> None:
+    """:func:`check_block_indices_values` in PyTorch ops on the tensor's device (a sort of the
+    ids, one host sync); raises the ValueError that names the first offending entry."""
     ids = block_indices.to(torch.int64)
     if cu_seqlens_q is None:
         num_blocks = torch.tensor((seqlen_k + block_size - 1) // block_size, device=ids.device)
