@@ -246,8 +246,9 @@ def indexer_kl_loss(
         Longest query / key sequence (varlen). Default None: computed from ``cu_seqlens_*``.
     validate : bool, default True
         Check ``block_indices`` values (range and uniqueness; ValueError otherwise). Costs one
-        device-to-host sync and a sort of the selection; pass False in a training step whose
-        selection comes from :func:`select_blocks` or ``sparse_attn``'s ``aux.block_indices``.
+        pass over the ids on the GPU and a device-to-host sync (about 0.1 ms of check plus the
+        sync's stall at 32K, M3 shape); pass False in a training step whose selection comes from
+        :func:`select_blocks` or ``sparse_attn``'s ``aux.block_indices``.
 
     Returns
     -------
