@@ -362,6 +362,22 @@ def time_op(fn: Callable[[Any], Any], flush: L2Flusher, *, setup: Optional[Calla
     return Timing([s.elapsed_time(e) for s, e in events], first_ms, extra, kept)
 
 
+def event_times(fn: Callable[[], Any], reps: int, warmup: int = 3) -> List[float]:
+    """CUDA-event times (ms) of `reps` calls of fn after `warmup` untimed ones, no L2 flush: for
+    same-process comparisons of one op under two settings (bench/knob_sweep.py,
+    bench/validate_cost.py)."""
+    times = []
+    for i in range(warmup + reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(start.elapsed_time(end))
+    return times
+
+
 def measure_ceilings(flush: L2Flusher) -> Dict[str, float]:
     """Measure the two ceilings of the card: bf16 matrix-product rate and copy bandwidth.
 

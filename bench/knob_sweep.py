@@ -18,25 +18,7 @@ import torch
 
 import msa_cuda
 from bwd_once import msa_backward_problem
-from common import BWD_FACTOR, Shape, count_triples, sparse_fwd_flops
-
-
-def timed(run, reps: int, warmup: int = 3) -> list:
-    """CUDA-event times of `reps` calls of run after `warmup` untimed ones (ms)."""
-    times = []
-    for i in range(warmup + reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(start.elapsed_time(end))
-    return times
-
-
-def median_ms(run, reps: int) -> float:
-    return statistics.median(timed(run, reps))
+from common import BWD_FACTOR, Shape, count_triples, event_times, sparse_fwd_flops
 
 
 def main() -> None:
@@ -58,7 +40,7 @@ def main() -> None:
             qd, kd, vd = (x.detach() for x in (q, k, v))
             run = lambda: msa_cuda.block_sparse_attn(qd, kd, vd, sel, validate=False)  # noqa: E731
         if args.op == "kl":
-            fwd_ms = median_ms(run, args.reps)
+            fwd_ms = statistics.median(event_times(run, args.reps))
             print(f"{s:>8} attention forward (the ratio's denominator) {fwd_ms:9.3f} ms", flush=True)
             lse = msa_cuda.block_sparse_attn(qd, kd, vd, sel, return_lse=True, validate=False)[1]
             leaf = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16).requires_grad_(True)  # noqa: E731
@@ -69,7 +51,7 @@ def main() -> None:
                 return torch.autograd.grad(loss, (q_idx, k_idx))
         for value in args.values:
             os.environ[args.var] = value
-            times = timed(run, args.reps)
+            times = event_times(run, args.reps)
             ms = statistics.median(times)
             ratio = f"  kl/fwd {ms / fwd_ms:.3f}" if args.op == "kl" else ""
             print(f"{s:>8} {args.op} {args.var}={value:<8} {ms:9.3f} ms  {flops / ms / 1e9:7.1f} TFLOPS  "

@@ -17,18 +17,11 @@ import torch
 import msa_cuda
 from msa_cuda import _validation
 
+from common import event_times
 
-def median_ms(fn, reps: int, warmup: int = 3) -> float:
-    times = []
-    for i in range(warmup + reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(start.elapsed_time(end))
-    return statistics.median(times)
+
+def median_ms(fn, reps: int) -> float:
+    return statistics.median(event_times(fn, reps))
 
 
 def main() -> None:
