@@ -55,8 +55,8 @@ def _plant(sel, kind, gen):
         flat[r, s] = 1 << 20
     elif kind == "below_minus_one":
         flat[r, s] = -2
-    elif kind == "repeat" and flat.shape[1] > 1:
-        flat[r, 0], flat[r, flat.shape[1] - 1] = 0, 0
+    elif kind == "repeat":
+        flat[r, 0], flat[r, flat.shape[1] - 1] = 0, 0  # (with topk 1 a single slot: no repeat)
     return sel
 
 
@@ -93,6 +93,48 @@ def test_varlen(kind, topk):
     assert got == want
     if kind != "none":
         assert want != [0, 0]
+
+
+def test_many_rows_grid_stride():
+    # More rows than one pass of the grid (4096 CTAs x 8 rows): the error sits in the last row.
+    b, sq, hkv, topk, block_size, sk = 1, 20000, 4, 16, 128, 20000
+    nblk = -(-sk // block_size)
+    base = torch.arange(topk, dtype=torch.int32, device=DEVICE).expand(b, sq, hkv, topk).contiguous()
+    assert _kernel_flags(base, block_size, seqlen_k=sk) == [0, 0]
+    bad = base.clone()
+    bad[0, -1, -1, -1] = nblk
+    assert _kernel_flags(bad, block_size, seqlen_k=sk) == [1, 0]
+    dup = base.clone()
+    dup[0, -1, -1, 0] = 5
+    assert _kernel_flags(dup, block_size, seqlen_k=sk) == [0, 1]
+
+
+def test_public_api_uses_the_kernel(monkeypatch):
+    # A valid selection never reaches the PyTorch pass; a bad one does (to name the entry).
+    from msa_cuda import _validation
+    calls = []
+    torch_pass = _validation.check_block_indices_values_torch
+
+    def counted(*args):
+        calls.append(1)
+        return torch_pass(*args)
+
+    monkeypatch.setattr(_validation, "check_block_indices_values_torch", counted)
+    lens = [70, 130]
+    cu = torch.tensor([0, 70, 200], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(200, 4, 64, dtype=torch.float16, device=DEVICE)
+    k, v = torch.randn(200, 2, 64, dtype=torch.float16, device=DEVICE), torch.randn(200, 2, 64, dtype=torch.float16,
+                                                                                   device=DEVICE)
+    sel = torch.full((200, 2, 3), -1, dtype=torch.int32, device=DEVICE)
+    sel[:, :, 0] = 0
+    varlen = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max(lens), max_seqlen_k=max(lens), block_size=64)
+    msa_cuda.block_sparse_attn(q, k, v, sel, **varlen)
+    assert calls == []
+    bad = sel.clone()
+    bad[10, 1, 2] = 2  # the first sequence (70 keys) has blocks 0 and 1 only
+    with pytest.raises(ValueError, match=r"block ids in \[0, 2\).*got 2 at index \[10, 1, 2\]"):
+        msa_cuda.block_sparse_attn(q, k, v, bad, **varlen)
+    assert calls == [1]
 
 
 def test_public_api_raises_and_passes():

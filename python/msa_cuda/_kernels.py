@@ -113,7 +113,7 @@ def _warn_fallback_once(reason: str) -> None:
         )
 
 
-def has_kernel(op_name: str, device, dtype: Optional[torch.dtype] = None) -> bool:
+def has_kernel(op_name: str, device, dtype: Optional[torch.dtype] = None, warn: bool = True) -> bool:
     """Return True when ``op_name`` may run on a compiled kernel for this device and dtype.
 
     Parameters
@@ -125,6 +125,8 @@ def has_kernel(op_name: str, device, dtype: Optional[torch.dtype] = None) -> boo
     dtype : torch.dtype, optional
         Floating dtype of the op's inputs. Only bf16/fp16 run on kernels; fp32/fp64 always use the
         reference. Default None skips the dtype check.
+    warn : bool, default True
+        False: never warn (for callers whose PyTorch path is not a slow fallback).
 
     Notes
     -----
@@ -140,15 +142,17 @@ def has_kernel(op_name: str, device, dtype: Optional[torch.dtype] = None) -> boo
     if dtype is not None and dtype not in _KERNEL_DTYPES:
         return False
     if _C is None:
-        _warn_fallback_once(f"the compiled extension msa_cuda._C is not available ({_LOAD_ERROR!r})")
+        if warn:
+            _warn_fallback_once(f"the compiled extension msa_cuda._C is not available ({_LOAD_ERROR!r})")
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     capability = _device_capability(index)
     if tuple(capability) != _REQUIRED_CAPABILITY:
-        _warn_fallback_once(
-            f"the GPU has compute capability {capability[0]}.{capability[1]} "
-            "and the kernels require 9.0 (Hopper)"
-        )
+        if warn:
+            _warn_fallback_once(
+                f"the GPU has compute capability {capability[0]}.{capability[1]} "
+                "and the kernels require 9.0 (Hopper)"
+            )
         return False
     return _registered(op_name)
 

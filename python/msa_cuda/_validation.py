@@ -730,13 +730,28 @@ def check_block_indices_values(block_indices: torch.Tensor, block_size: int, seq
         return
     if block_indices.device.type == "cuda" and _capturing():
         return
-    if _kernels.has_kernel("check_block_indices", block_indices.device):
+    if _check_kernel_applies(block_indices, cu_seqlens_q, cu_seqlens_k):
         # One pass on the GPU; the PyTorch pass only runs to name the offending entry.
+        contiguous = lambda t: None if t is None else t.contiguous()  # noqa: E731
         flags = _kernels.kernel("check_block_indices")(
-            block_indices.contiguous(), cu_seqlens_q, cu_seqlens_k, seqlen_k, block_size).cpu()
+            block_indices.contiguous(), contiguous(cu_seqlens_q), contiguous(cu_seqlens_k), seqlen_k,
+            block_size).cpu()
         if not bool(flags.any()):
             return
     check_block_indices_values_torch(block_indices, block_size, seqlen_k, cu_seqlens_q, cu_seqlens_k)
+
+
+def _check_kernel_applies(block_indices: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor],
+                          cu_seqlens_k: Optional[torch.Tensor]) -> bool:
+    """Whether the GPU check takes this selection: the public ops' layouts (a direct op call with
+    other dtypes or topk keeps the PyTorch pass), on an SM90 GPU with the extension (no fallback
+    warning: the PyTorch pass is not a slow path here)."""
+    if block_indices.dtype != torch.int32 or not 1 <= block_indices.shape[-1] <= MAX_TOPK:
+        return False
+    for cu in (cu_seqlens_q, cu_seqlens_k):
+        if cu is not None and (cu.dtype != torch.int32 or cu.device != block_indices.device):
+            return False
+    return _kernels.has_kernel("check_block_indices", block_indices.device, warn=False)
 
 
 def check_block_indices_values_torch(block_indices: torch.Tensor, block_size: int, seqlen_k: int,

@@ -13,8 +13,9 @@
 namespace msa::bindings {
 
 // q [B, Sq, Hq, D] / [Tq, Hq, D]; k [B, Sk, Hkv, D] / [Tk, Hkv, D]; q_idx [B, Sq, Hkv, Di] /
-// [Tq, Hkv, Di]; k_idx [B, Sk, Di] / [Tk, Di]; block_indices as in the forward (no repeated ids:
-// the Python layer validates them); lse (fp32) [B, Hq, Sq] / [Hq, Tq], the main branch's on the
+// [Tq, Hkv, Di]; k_idx [B, Sk, Di] / [Tk, Di]; block_indices as in the forward (the Python
+// layer checks for repeated ids unless validate=False; a repeat only counts its block twice, and
+// out-of-range ids are skipped by the plan); lse (fp32) [B, Hq, Sq] / [Hq, Tq], the main branch's on the
 // same support. Returns the loss (fp32 scalar, mean over (token, group) pairs of KL(P || Q)) and
 // its gradients for q_idx and k_idx (fp32, q_idx's / k_idx's shape): the loss is a scalar, so the
 // caller multiplies them by the incoming gradient.
