@@ -1,7 +1,7 @@
 // The value check of a caller's selection (validate=True) as one pass over the ids: a warp per
 // (token, group) row, lane s holding slot s. It replaces a sort of the whole selection in PyTorch
-// (0.8 ms at 32K, M3 shape); the host reads the two flags and, only when one is set, finds the
-// offending entry for the error message.
+// (0.29-0.43 ms at 32K, M3 shape, H200; this pass with its flag read: 0.07-0.09 ms); the host
+// reads the two flags and, only when one is set, finds the offending entry for the error message.
 #include <cuda_runtime.h>
 
 #include <algorithm>
