@@ -132,6 +132,22 @@ def test_decode_topk_and_forced_blocks(topk, init_blocks, local_blocks):
     _check_step(seqs, out, aux, s_new, block_size=64, topk=topk, init_blocks=init_blocks, local_blocks=local_blocks)
 
 
+@pytest.mark.parametrize("cluster_merge", ["1", "0"], ids=["cluster", "global"])
+@pytest.mark.parametrize("hq,topk,lengths", [(64, 16, [70001]), (64, 16, [9000, 130]), (32, 16, [9000, 40]),
+                                             (16, 5, [2, 77, 1000, 2600]), (32, 32, [9000]), (64, 8, [5000] * 12)])
+def test_decode_chunk_merge_paths(monkeypatch, cluster_merge, hq, topk, lengths):
+    """The attention's chunks of a row merge either inside a thread-block cluster (up to 16 CTAs,
+    through distributed shared memory) or through global partials and the row's last CTA
+    (MSA_DECODE_CLUSTER_MERGE=0; a row of more than 16 chunks; clusters the GPU cannot hold at
+    once). Both against the reference: clusters of 16 CTAs (G = 16 and 8), of 5 (G = 4), a row of
+    32 chunks, and 48 rows of 3 chunks (144 CTAs: more than one wave, so the global path)."""
+    monkeypatch.setenv("MSA_DECODE_CLUSTER_MERGE", cluster_merge)
+    s_new = 1
+    seqs, args, kw = _make_step(lengths, s_new, hq, 4, 128, 128, torch.bfloat16, None, False, seed=topk + len(lengths))
+    out, aux = _step(args, kw, block_size=128, topk=topk)
+    _check_step(seqs, out, aux, s_new, block_size=128, topk=topk)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("di,block_size", [(64, 64), (128, 128), (128, 64)])
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])

@@ -19,22 +19,65 @@ cudaError_t launch_with_smem(Kernel kernel, unsigned grid, int threads, int smem
 // kernel: it may start while that one drains, and must execute griddepcontrol.wait before reading
 // anything it wrote (a no-op in a plain launch). Raises the dynamic shared memory limit first, as
 // above. Kept as a dependency edge under graph capture.
+// With cluster_x > 1 the grid is launched as clusters of cluster_x CTAs along x (grid.x a
+// multiple of it; above 8, the non-portable sizes up to 16 that SM90 allows).
 template <class Kernel, class Params>
 cudaError_t launch_dependent(Kernel kernel, dim3 grid, int threads, int smem_bytes, cudaStream_t stream,
-                             Params const& params, bool programmatic = true) {
+                             Params const& params, bool programmatic = true, unsigned cluster_x = 1) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
   if (err != cudaSuccess) return err;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  if (cluster_x > 8) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+    if (err != cudaSuccess) return err;
+  }
+  cudaLaunchAttribute attr[2];
+  int num_attrs = 0;
+  if (programmatic) {
+    attr[num_attrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[num_attrs++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (cluster_x > 1) {
+    attr[num_attrs].id = cudaLaunchAttributeClusterDimension;
+    attr[num_attrs].val.clusterDim.x = cluster_x;
+    attr[num_attrs].val.clusterDim.y = 1;
+    attr[num_attrs++].val.clusterDim.z = 1;
+  }
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = dim3(threads, 1, 1);
   config.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
   config.stream = stream;
   config.attrs = attr;
-  config.numAttrs = programmatic ? 1 : 0;
+  config.numAttrs = num_attrs;
   return cudaLaunchKernelEx(&config, kernel, params);
+}
+
+// How many clusters of cluster_x CTAs (threads, smem_bytes each) of `kernel` the device can hold
+// at once; 0 when it cannot launch them (or the query fails).
+template <class Kernel>
+int max_active_clusters(Kernel kernel, int threads, int smem_bytes, unsigned cluster_x) {
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes) != cudaSuccess ||
+      (cluster_x > 8 && cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)) {
+    cudaGetLastError();
+    return 0;
+  }
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = cluster_x;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(cluster_x, 1, 1);
+  config.blockDim = dim3(threads, 1, 1);
+  config.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
+  config.attrs = attr;
+  config.numAttrs = 1;
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
+    cudaGetLastError();  // clear the error: the caller falls back to a plain launch
+    return 0;
+  }
+  return clusters;
 }
 
 }  // namespace msa::common

@@ -16,6 +16,7 @@
 // in shared memory before P V (a masked score gives P = 0, but 0 x NaN would still poison O).
 #pragma once
 
+#include <cooperative_groups.h>
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 
@@ -50,6 +51,7 @@ struct DecodeAttnParams {
   float* lse;                     // [B, Hq, S_new], natural log
   int s_new, num_heads, num_heads_kv, group_size, topk, num_blocks_max;
   int slots_per_cta, num_chunks;
+  int cluster_combine;            // 1: the row's chunks are one cluster and merge through DSMEM
   int num_splits, list_cap, block_size, init_blocks, local_blocks;
   float scale_log2;
 };
@@ -171,6 +173,66 @@ __device__ __forceinline__ void combine_row_chunks(const Params& params, int64_t
   }
 }
 
+// Cluster path: the row's num_chunks CTAs are one thread-block cluster; each left its normalized
+// partial (fp32 [G][D]) and lse (log2) in its own shared memory, and the caller has passed a
+// cluster barrier. CTA `rank` merges heads rank, rank + num_chunks, ... reading every chunk's rows
+// through distributed shared memory: no partial goes to global memory, no arrival count, no
+// read-back through L2 (the global path's store, count and combine took ~3 us of the 1M x 2 tail).
+// All kCtaThreads threads take part; each owns a (head, 4-column) piece.
+template <class Traits, class Params>
+__device__ __forceinline__ void combine_cluster_chunks(const Params& params, int64_t token, int group, int b,
+                                                       int token_in_req, float* s_o, float* s_lse) {
+  using Element = typename Traits::Element;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kPieces = kHeadDim / 4;
+  constexpr int kMaxChunks = 16;
+  cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int nc = params.num_chunks;
+  const int G = params.group_size;
+  const int heads_mine = G > rank ? (G - rank + nc - 1) / nc : 0;
+  for (int item = threadIdx.x; item < heads_mine * kPieces; item += Traits::kCtaThreads) {
+    const int h = rank + (item / kPieces) * nc;
+    const int col = (item % kPieces) * 4;
+    float l[kMaxChunks];
+    float4 o[kMaxChunks];
+#pragma unroll
+    for (int c = 0; c < kMaxChunks; ++c) {  // every load in flight before any use
+      const int peer = c < nc ? c : 0;
+      const float* peer_lse = cluster.map_shared_rank(s_lse, peer);
+      const float* peer_o = cluster.map_shared_rank(s_o, peer);
+      l[c] = c < nc ? peer_lse[h] : -CUDART_INF_F;
+      o[c] = c < nc ? *reinterpret_cast<const float4*>(peer_o + h * kHeadDim + col) : make_float4(0, 0, 0, 0);
+    }
+    float m = -CUDART_INF_F;
+#pragma unroll
+    for (int c = 0; c < kMaxChunks; ++c) m = fmaxf(m, l[c]);
+    float total = 0.f;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int c = 0; c < kMaxChunks; ++c) {
+      const float e = l[c] == -CUDART_INF_F ? 0.f : exp2f(l[c] - m);
+      total += e;
+      acc.x += e * o[c].x;
+      acc.y += e * o[c].y;
+      acc.z += e * o[c].z;
+      acc.w += e * o[c].w;
+    }
+    const float inv_total = total > 0.f ? 1.f / total : 0.f;
+    cutlass::Array<Element, 4> res;
+    res[0] = static_cast<Element>(acc.x * inv_total);
+    res[1] = static_cast<Element>(acc.y * inv_total);
+    res[2] = static_cast<Element>(acc.z * inv_total);
+    res[3] = static_cast<Element>(acc.w * inv_total);
+    const int64_t pair = token * params.num_heads + group * G + h;
+    *reinterpret_cast<cutlass::Array<Element, 4>*>(params.out + pair * kHeadDim + col) = res;
+    if (col == 0) {
+      params.lse[(static_cast<int64_t>(b) * params.num_heads + group * G + h) * params.s_new + token_in_req] =
+          total > 0.f ? (m + __log2f(total)) * 0.69314718055994531f : -CUDART_INF_F;
+    }
+  }
+}
+
 template <class Traits>
 __global__ void __launch_bounds__(Traits::kCtaThreads, 1)
     decode_attn_kernel(CUTE_GRID_CONSTANT DecodeAttnParams<Traits> const params) {
@@ -243,7 +305,23 @@ __global__ void __launch_bounds__(Traits::kCtaThreads, 1)
                                            params.list_cap, query_pos, params.block_size, params.topk,
                                            params.init_blocks, params.local_blocks,
                                            reinterpret_cast<char*>(smem.k.data()), smem.merge, smem.selection);
-  if (threadIdx.x >= Traits::kNumThreads) return;
+  // Cluster path: the chunk's partial stays in this CTA's shared memory (the K stages, free once
+  // every block is consumed): normalized O in fp32 [G][D], then its lse (log2 units).
+  float* s_o = reinterpret_cast<float*>(smem.k.data());
+  float* s_lse = s_o + Traits::kMaxGroup * kHeadDim;
+  // Release this CTA's partial to the cluster and acquire the others'; merge; then wait until
+  // every peer has read this CTA's shared memory before leaving. Both warpgroups take part.
+  auto merge_in_cluster = [&] {
+    cute::cluster_arrive();
+    cute::cluster_wait();
+    combine_cluster_chunks<Traits>(params, token, group, b, token_in_req, s_o, s_lse);
+    cute::cluster_arrive_relaxed();
+    cute::cluster_wait();
+  };
+  if (threadIdx.x >= Traits::kNumThreads) {  // the second warpgroup leaves or waits to merge
+    if (params.cluster_combine) merge_in_cluster();
+    return;
+  }
   if (chunk == 0 && threadIdx.x < params.topk) {  // the step's block_indices output
     params.block_indices[row * params.topk + threadIdx.x] = smem.selection[threadIdx.x];
   }
@@ -335,15 +413,26 @@ __global__ void __launch_bounds__(Traits::kCtaThreads, 1)
     if (r >= G) continue;
     const int64_t pair = token * params.num_heads + group * G + r;
     const float scale = row_sum[i] > 0.f ? 1.f / row_sum[i] : 0.f;
+    const float lse2 = row_sum[i] > 0.f ? row_max[i] + __log2f(row_sum[i]) : -CUDART_INF_F;
+    if (params.cluster_combine) {
+#pragma unroll
+      for (int j = 0; j < kHeadDim / 8; ++j) {
+        *reinterpret_cast<float2*>(s_o + r * kHeadDim + 8 * j + 2 * quad) =
+            make_float2(tOrO(4 * j + 2 * i) * scale, tOrO(4 * j + 2 * i + 1) * scale);
+      }
+      if (quad == 0) s_lse[r] = lse2;
+      continue;
+    }
     uint32_t* dst = reinterpret_cast<uint32_t*>(params.part_o + (pair * params.num_chunks + chunk) * kHeadDim);
 #pragma unroll
     for (int j = 0; j < kHeadDim / 8; ++j) {
       dst[4 * j + quad] = fwd::pack_pair<Element>(tOrO(4 * j + 2 * i) * scale, tOrO(4 * j + 2 * i + 1) * scale);
     }
-    if (quad == 0) {
-      const float lse2 = row_sum[i] > 0.f ? row_max[i] + __log2f(row_sum[i]) : -CUDART_INF_F;
-      params.part_stats[pair * params.num_chunks + chunk] = make_float2(lse2, lse2);
-    }
+    if (quad == 0) params.part_stats[pair * params.num_chunks + chunk] = make_float2(lse2, lse2);
+  }
+  if (params.cluster_combine) {
+    merge_in_cluster();
+    return;
   }
   // Every CTA of the row counts itself in; the last merges the row's chunks. The count is an
   // acq_rel atomic after the CTA barrier: its release publishes the whole CTA's partial (the

@@ -65,6 +65,14 @@ inline int decode_select_splits(const DecodeParams& p) {
   return splits < max_blocks ? splits : (max_blocks < 1 ? 1 : max_blocks);
 }
 
+// The attention's chunks of a row merge inside a thread-block cluster (at most 16 CTAs, the
+// largest cluster SM90 allows) unless MSA_DECODE_CLUSTER_MERGE=0 (for measuring the global path).
+constexpr int kMaxClusterChunks = 16;
+inline bool decode_cluster_merge_enabled() {
+  const char* env = std::getenv("MSA_DECODE_CLUSTER_MERGE");
+  return env == nullptr || std::strtol(env, nullptr, 10) != 0;
+}
+
 // Scratch of one decoding step (carved from one workspace by run_decode).
 struct DecodeWorkspace {
   float* part_score;      // indexer lists: [B * S_new * Hkv, splits, cap] scores

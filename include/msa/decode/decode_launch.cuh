@@ -4,6 +4,8 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdio>
+#include <cstdlib>
 
 #include <cute/tensor.hpp>
 
@@ -113,6 +115,7 @@ cudaError_t launch_decode_attn_block(const DecodeParams& p, const DecodeWorkspac
       (p.capacity + kBlockN - 1) / kBlockN,
       0,
       0,
+      0,
       decode_select_splits(p),
       common::topk_list_cap(p.topk),  // the indexer's list length
       p.block_size,
@@ -125,9 +128,24 @@ cudaError_t launch_decode_attn_block(const DecodeParams& p, const DecodeWorkspac
   const int want_chunks = (p.num_sms + rows - 1) / rows;
   kp.slots_per_cta = (p.topk + want_chunks - 1) / want_chunks;
   kp.num_chunks = (p.topk + kp.slots_per_cta - 1) / kp.slots_per_cta;
+  // The row's chunks as one cluster (merged through distributed shared memory) when the device
+  // holds every row's cluster at once; else the global partials and the last CTA's merge.
+  const int rows_in_grid = p.s_new * p.num_heads_kv * p.batch;
+  if (kp.num_chunks >= 2 && kp.num_chunks <= kMaxClusterChunks && decode_cluster_merge_enabled()) {
+    static int fits[kMaxClusterChunks + 1] = {};  // per cluster size: 0 unknown, else clusters + 1
+    int& known = fits[kp.num_chunks];
+    if (known == 0) {
+      known = 1 + common::max_active_clusters(decode_attn_kernel<Traits>, Traits::kCtaThreads, Traits::kSmemBytes,
+                                              kp.num_chunks);
+      if (std::getenv("MSA_DECODE_LOG_CLUSTERS") != nullptr) {  // measurement aid
+        std::fprintf(stderr, "msa decode attention: clusters of %d CTAs, %d fit at once\n", kp.num_chunks, known - 1);
+      }
+    }
+    kp.cluster_combine = known - 1 >= rows_in_grid ? 1 : 0;
+  }
   const dim3 grid(kp.num_chunks, p.s_new * p.num_heads_kv, p.batch);
   return common::launch_dependent(decode_attn_kernel<Traits>, grid, Traits::kCtaThreads, Traits::kSmemBytes, stream,
-                                  kp, p.programmatic_launch);
+                                  kp, p.programmatic_launch, kp.cluster_combine ? kp.num_chunks : 1);
 }
 
 template <class Element, int kHeadDim>

@@ -168,6 +168,7 @@ struct DecodeAttnTraits {
   using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensorKV{}, take<0, 2>(SmemLayoutKV{})));
 
   static constexpr int kMaxSlots = 32;
+  static constexpr int kMaxGroup = 16;  // query heads per KV group (the cluster merge's partial rows)
   static constexpr int kKVBytes = 2 * cute::cosize_v<SmemLayoutKV> * int(sizeof(Element));
   static constexpr int kMergeExtraBytes = kKVBytes >= kMergeScratchBytes ? 16 : kMergeScratchBytes - kKVBytes;
   static_assert(cute::cosize_v<SmemLayoutKV> * sizeof(Element) % 1024 == 0, "k, v and merge_extra are contiguous");
