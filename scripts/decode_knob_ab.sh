@@ -7,7 +7,7 @@
 set -uo pipefail
 OUT=${1:?usage}; STEPS=${STEPS:-build,test,bench}
 source "$(dirname "$0")/cycle_common.sh"
-has build && build_step "decode_(attn|select).*(registers|spill)"
+has build && build_step
 has test && pytest_step "decode tests" dtests.log 300 tests/test_decode_gpu.py tests/test_kvcache.py
 if has bench; then
   i=0

@@ -129,19 +129,30 @@ cudaError_t launch_decode_attn_block(const DecodeParams& p, const DecodeWorkspac
   kp.slots_per_cta = (p.topk + want_chunks - 1) / want_chunks;
   kp.num_chunks = (p.topk + kp.slots_per_cta - 1) / kp.slots_per_cta;
   // The row's chunks as one cluster (merged through distributed shared memory) when the device
-  // holds every row's cluster at once; else the global partials and the last CTA's merge.
-  const int rows_in_grid = p.s_new * p.num_heads_kv * p.batch;
-  if (kp.num_chunks >= 2 && kp.num_chunks <= kMaxClusterChunks && decode_cluster_merge_enabled()) {
+  // holds every row's cluster at once; if the chunks of that grid do not fit (an H200 holds 7
+  // clusters of 16 CTAs at one CTA per SM, and 30 of 4), larger chunks (fewer, bigger clusters'
+  // CTAs) up to twice the slots per CTA; else the global partials and the last CTA's merge.
+  if (decode_cluster_merge_enabled()) {
     static int fits[kMaxClusterChunks + 1] = {};  // per cluster size: 0 unknown, else clusters + 1
-    int& known = fits[kp.num_chunks];
-    if (known == 0) {
-      known = 1 + common::max_active_clusters(decode_attn_kernel<Traits>, Traits::kCtaThreads, Traits::kSmemBytes,
-                                              kp.num_chunks);
-      if (std::getenv("MSA_DECODE_LOG_CLUSTERS") != nullptr) {  // measurement aid
-        std::fprintf(stderr, "msa decode attention: clusters of %d CTAs, %d fit at once\n", kp.num_chunks, known - 1);
+    for (int slots = kp.slots_per_cta; slots <= 2 * kp.slots_per_cta && slots <= p.topk; ++slots) {
+      const int chunks = (p.topk + slots - 1) / slots;
+      if (chunks < 2) break;
+      if (chunks > kMaxClusterChunks) continue;
+      int& known = fits[chunks];
+      if (known == 0) {
+        known = 1 + common::max_active_clusters(decode_attn_kernel<Traits>, Traits::kCtaThreads, Traits::kSmemBytes,
+                                                chunks);
+        if (std::getenv("MSA_DECODE_LOG_CLUSTERS") != nullptr) {  // measurement aid
+          std::fprintf(stderr, "msa decode attention: clusters of %d CTAs, %d fit at once\n", chunks, known - 1);
+        }
+      }
+      if (known - 1 >= rows) {
+        kp.slots_per_cta = slots;
+        kp.num_chunks = chunks;
+        kp.cluster_combine = 1;
+        break;
       }
     }
-    kp.cluster_combine = known - 1 >= rows_in_grid ? 1 : 0;
   }
   const dim3 grid(kp.num_chunks, p.s_new * p.num_heads_kv, p.batch);
   return common::launch_dependent(decode_attn_kernel<Traits>, grid, Traits::kCtaThreads, Traits::kSmemBytes, stream,
