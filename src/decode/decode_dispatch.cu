@@ -1,5 +1,6 @@
 // A decoding step on the device: append -> split indexer -> split attention (whose CTAs first merge
-// the indexer's lists into the row's selection, and whose last CTA per row merges the slots).
+// the indexer's lists into the row's selection, and whose chunks of a row merge in a thread-block
+// cluster or in the row's last CTA).
 // Runtime dispatch over (dtype, Di) and (dtype, D); the instantiations live in one file each so
 // they compile in parallel.
 #include <cuda_bf16.h>

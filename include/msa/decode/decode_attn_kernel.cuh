@@ -4,15 +4,17 @@
 // chunks of slots_per_cta consecutive slots, sized on the host so the grid covers the GPU about
 // once. A CTA copies the token's G query heads into rows 0..G-1 of a 64-row SW128 tile (zeros
 // below), waits for the indexer grid, merges the row's split lists into its selection with both of
-// its warpgroups (merge_row_selection; the second warpgroup then exits, so the rest syncs on a
-// named barrier of the first), and walks its chunk's blocks with an online softmax: one thread
-// keeps two blocks of K and V in flight (TMA, a barrier each, at the block's cache row: contiguous,
-// or inside one page), and per block the warpgroup runs S = Q K^T (WGMMA, fp32) as soon as K lands,
-// the causal mask at the token's position, the running max / sum, and O += P V (RS WGMMA). The
-// normalized O (q's dtype) and its lse (log2 units) go to the chunk's partial. Every CTA of the row
-// (empty chunks too) then counts itself in; the last one merges the row's chunks
-// (combine_row_chunks, reading the partials through L2) into out and lse, so no combine kernel
-// runs. Rows of a block past the request's length are stale cache memory: their V rows are zeroed
+// its warpgroups (merge_row_selection; the second warpgroup then exits or waits for the chunk
+// merge, so the rest syncs on a named barrier of the first), and walks its chunk's blocks with an
+// online softmax: one thread keeps two blocks of K and V in flight (TMA, a barrier each, at the
+// block's cache row: contiguous, or inside one page), and per block the warpgroup runs S = Q K^T
+// (WGMMA, fp32) as soon as K lands, the causal mask at the token's position, the running max / sum,
+// and O += P V (RS WGMMA). The chunks of a row then merge into out and lse, so no combine kernel
+// runs. Where the GPU holds every row's chunks as one thread-block cluster at once (the host
+// checks), each CTA keeps its normalized O (fp32) and lse (log2 units) in shared memory and the
+// cluster merges them through distributed shared memory (combine_cluster_chunks); otherwise they go
+// to a global partial, every CTA of the row (empty chunks too) counts itself in, and the last one
+// merges the row's chunks (combine_row_chunks, reading the partials through L2). Rows of a block past the request's length are stale cache memory: their V rows are zeroed
 // in shared memory before P V (a masked score gives P = 0, but 0 x NaN would still poison O).
 #pragma once
 

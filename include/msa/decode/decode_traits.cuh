@@ -128,10 +128,11 @@ struct DecodeSelectTraits {
 
 // Sparse decode attention. A CTA owns one (request, new token, group) row and a chunk of its
 // selection's slots. Its two warpgroups first merge the indexer's lists into the row's selection
-// (decode_merge.cuh, scratch in the K/V stages); then the second leaves and the first attends the
-// G query heads of the token (rows 0..G-1 of a 64-row WGMMA tile) over the chunk's blocks with an
-// online softmax, K/V streaming through a two-stage TMA ring; the last CTA of the row to finish
-// merges the chunks. Decode attention is bandwidth-bound
+// (decode_merge.cuh, scratch in the K/V stages); then the first attends the G query heads of the
+// token (rows 0..G-1 of a 64-row WGMMA tile) over the chunk's blocks with an online softmax, K/V
+// streaming through a two-stage TMA ring; the row's chunks merge in a thread-block cluster (both
+// warpgroups) or, where the clusters do not fit at once, in the last CTA of the row to finish.
+// Decode attention is bandwidth-bound
 // (each block is read once per token and group), so the padding rows cost only tensor-core time,
 // which is idle anyway.
 template <class Element_, int kHeadDim_, int kBlockN_>
