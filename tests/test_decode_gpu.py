@@ -140,8 +140,9 @@ def test_decode_chunk_merge_paths(monkeypatch, cluster_merge, hq, topk, lengths)
     through distributed shared memory) or through global partials and the row's last CTA
     (MSA_DECODE_CLUSTER_MERGE=0; a row of more than 16 chunks; clusters the GPU cannot hold at
     once). Both against the reference: one M3 request (clusters of 16 CTAs), two requests (16 per
-    row do not fit at once on an H200: 8 of 2 slots each), G = 8 and 4, a row of 32 chunks (the
-    global path), and 48 rows (3 chunks per row would take 144 CTAs: 2 chunks of 4 slots)."""
+    row do not fit at once on an H200: 8 of 2 slots each), G = 8 and 4, topk 32 for one request
+    (32 chunks of one slot on the global path, 16 of two in a cluster), and 48 rows (3 chunks per
+    row would take 144 CTAs: 2 chunks of 4 slots)."""
     monkeypatch.setenv("MSA_DECODE_CLUSTER_MERGE", cluster_merge)
     s_new = 1
     seqs, args, kw = _make_step(lengths, s_new, hq, 4, 128, 128, torch.bfloat16, None, False, seed=topk + len(lengths))

@@ -133,7 +133,9 @@ cudaError_t launch_decode_attn_block(const DecodeParams& p, const DecodeWorkspac
   // clusters of 16 CTAs at one CTA per SM, and 30 of 4), larger chunks (fewer, bigger clusters'
   // CTAs) up to twice the slots per CTA; else the global partials and the last CTA's merge.
   if (decode_cluster_merge_enabled()) {
-    static int fits[kMaxClusterChunks + 1] = {};  // per cluster size: 0 unknown, else clusters + 1
+    // Per cluster size: 0 unknown, else clusters + 1. Asked once per process: the answer depends
+    // on the kernel and the GPU model, taken to be the same on every device.
+    static int fits[kMaxClusterChunks + 1] = {};
     for (int slots = kp.slots_per_cta; slots <= 2 * kp.slots_per_cta && slots <= p.topk; ++slots) {
       const int chunks = (p.topk + slots - 1) / slots;
       if (chunks < 2) break;
