@@ -56,8 +56,11 @@ cudaError_t launch_dependent(Kernel kernel, dim3 grid, int threads, int smem_byt
 // at once; 0 when it cannot launch them (or the query fails).
 template <class Kernel>
 int max_active_clusters(Kernel kernel, int threads, int smem_bytes, unsigned cluster_x) {
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes) != cudaSuccess ||
-      (cluster_x > 8 && cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)) {
+  const bool limits_set =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes) == cudaSuccess &&
+      (cluster_x <= 8 ||
+       cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess);
+  if (!limits_set) {
     cudaGetLastError();
     return 0;
   }

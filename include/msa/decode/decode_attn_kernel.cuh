@@ -14,8 +14,9 @@
 // checks), each CTA keeps its normalized O (fp32) and lse (log2 units) in shared memory and the
 // cluster merges them through distributed shared memory (combine_cluster_chunks); otherwise they go
 // to a global partial, every CTA of the row (empty chunks too) counts itself in, and the last one
-// merges the row's chunks (combine_row_chunks, reading the partials through L2). Rows of a block past the request's length are stale cache memory: their V rows are zeroed
-// in shared memory before P V (a masked score gives P = 0, but 0 x NaN would still poison O).
+// merges the row's chunks (combine_row_chunks, reading the partials through L2). Rows of a block
+// past the request's length are stale cache memory: their V rows are zeroed in shared memory
+// before P V (a masked score gives P = 0, but 0 x NaN would still poison O).
 #pragma once
 
 #include <cooperative_groups.h>
