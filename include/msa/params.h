@@ -215,6 +215,9 @@ struct DecodeParams {
   // (overlaps each launch with the previous kernel's drain). Off only to profile the kernels
   // one at a time (MSA_CUDA_DECODE_PDL=0).
   bool programmatic_launch = true;
+  // Measurement aid: when set, the split indexer's CTAs stamp %globaltimer at fixed points
+  // ([CTA][kDecodeTraceSlots] nanoseconds; run_decode fills it when MSA_DECODE_TRACE_FILE is set).
+  unsigned long long* select_trace = nullptr;
 };
 
 }  // namespace msa

@@ -9,7 +9,13 @@
 
 #include <cutlass/numeric_types.h>
 
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
 #include "msa/decode/decode_cache.cuh"
+#include "msa/decode/decode_trace.h"
 #include "msa/msa.h"
 
 namespace msa {
@@ -109,7 +115,62 @@ size_t decode_workspace_bytes(const DecodeParams& p) {
   return decode::carve(p, nullptr, w);
 }
 
-cudaError_t run_decode(const DecodeParams& p, void* workspace, cudaStream_t stream) {
+namespace decode {
+namespace {
+
+// Measurement aid: with MSA_DECODE_TRACE_FILE set, each step's indexer CTAs stamp their trace
+// slots (decode_select_kernel.cuh) into a device buffer, and the host appends them to that file
+// after the step (a synchronizing copy: eager steps only, never under graph capture). One line
+// per step, "splits m_tiles batch fp8", then one line per CTA (x fastest) of kDecodeTraceSlots
+// values, times relative to the step's earliest CTA start.
+constexpr int kTraceMaxCtas = 1 << 14;
+unsigned long long* trace_buffer(const char* path) {
+  static unsigned long long* buffer = nullptr;
+  if (path == nullptr) return nullptr;
+  if (buffer == nullptr &&
+      cudaMalloc(&buffer, sizeof(unsigned long long) * kTraceMaxCtas * kDecodeTraceSlots) != cudaSuccess) {
+    cudaGetLastError();
+    buffer = nullptr;
+  }
+  return buffer;
+}
+
+void write_trace(const char* path, const unsigned long long* device, int splits, int m_tiles, int batch, bool fp8,
+                 cudaStream_t stream) {
+  const int ctas = splits * m_tiles * batch;
+  if (ctas > kTraceMaxCtas) return;
+  std::vector<unsigned long long> host(static_cast<size_t>(ctas) * kDecodeTraceSlots);
+  if (cudaStreamSynchronize(stream) != cudaSuccess ||
+      cudaMemcpy(host.data(), device, host.size() * sizeof(unsigned long long), cudaMemcpyDeviceToHost) != cudaSuccess) {
+    return;
+  }
+  unsigned long long t0 = ~0ull;
+  for (int c = 0; c < ctas; ++c) t0 = std::min(t0, host[static_cast<size_t>(c) * kDecodeTraceSlots + kTraceStart]);
+  FILE* f = std::fopen(path, "a");
+  if (f == nullptr) return;
+  std::fprintf(f, "step %d %d %d %d\n", splits, m_tiles, batch, fp8 ? 1 : 0);
+  for (int c = 0; c < ctas; ++c) {
+    const unsigned long long* row = host.data() + static_cast<size_t>(c) * kDecodeTraceSlots;
+    for (int k = 0; k < kDecodeTraceSlots; ++k) {
+      const bool time = k != kTraceSm && k != kTraceStages;
+      std::fprintf(f, k ? " %lld" : "%lld", static_cast<long long>(time ? (row[k] ? row[k] - t0 : 0) : row[k]));
+    }
+    std::fputc('\n', f);
+  }
+  std::fclose(f);
+}
+
+}  // namespace
+}  // namespace decode
+
+cudaError_t run_decode(const DecodeParams& params, void* workspace, cudaStream_t stream) {
+  const char* trace_path = std::getenv("MSA_DECODE_TRACE_FILE");
+  DecodeParams p = params;
+  p.select_trace = decode::trace_buffer(trace_path);
+  if (p.select_trace != nullptr) {
+    cudaMemsetAsync(p.select_trace, 0, sizeof(unsigned long long) * decode::kTraceMaxCtas * decode::kDecodeTraceSlots,
+                    stream);
+  }
   if (!decode_is_supported(p)) return cudaErrorInvalidValue;
   if (p.batch == 0) return cudaSuccess;
   decode::DecodeWorkspace w;
@@ -151,9 +212,18 @@ cudaError_t run_decode(const DecodeParams& p, void* workspace, cudaStream_t stre
   }
   if (err != cudaSuccess) return err;
   if (p.head_dim == 128) {
-    return bf16 ? decode::launch_decode_attn<decode::BF, 128>(p, w, stream) : decode::launch_decode_attn<decode::FP, 128>(p, w, stream);
+    err = bf16 ? decode::launch_decode_attn<decode::BF, 128>(p, w, stream)
+               : decode::launch_decode_attn<decode::FP, 128>(p, w, stream);
+  } else {
+    err = bf16 ? decode::launch_decode_attn<decode::BF, 64>(p, w, stream)
+               : decode::launch_decode_attn<decode::FP, 64>(p, w, stream);
   }
-  return bf16 ? decode::launch_decode_attn<decode::BF, 64>(p, w, stream) : decode::launch_decode_attn<decode::FP, 64>(p, w, stream);
+  if (err == cudaSuccess && p.select_trace != nullptr) {
+    const int rows = p.s_new * p.num_heads_kv;
+    const int block_q = decode::decode_select_block_q(rows);
+    decode::write_trace(trace_path, p.select_trace, splits, (rows + block_q - 1) / block_q, p.batch, fp8, stream);
+  }
+  return err;
 }
 
 }  // namespace msa

@@ -46,6 +46,7 @@ cudaError_t launch_decode_select_tile(const DecodeParams& p, const DecodeWorkspa
       ws.part_score,
       ws.part_id,
       ws.row_arrivals,
+      p.select_trace,
       p.s_new,
       p.num_heads_kv,
       num_splits,

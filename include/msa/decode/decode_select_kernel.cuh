@@ -34,6 +34,7 @@
 #include "msa/common/gemm.cuh"
 #include "msa/common/topk.cuh"
 #include "msa/decode/decode_cache.cuh"
+#include "msa/decode/decode_trace.h"
 #include "msa/decode/decode_traits.cuh"
 #include "msa/fwd/fwd_collective.cuh"
 
@@ -56,6 +57,7 @@ struct DecodeSelectParams {
   float* part_score;     // [B * rows, num_splits, kTopKCap]
   int32_t* part_id;
   int32_t* row_arrivals; // [B * rows]: zeroed here for the attention's last-CTA count
+  unsigned long long* trace;  // null, or [CTAs][kDecodeTraceSlots] (see DecodeTraceSlot)
   int s_new, num_idx_heads, num_splits;
   int block_size, init_blocks, local_blocks;
 };
@@ -166,8 +168,15 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
   // are final and the producer waits for the append only before a tile that holds one of them:
   // the first key loads and the query rows overlap the append. Otherwise the previous grid is the
   // caller's (it may be writing q_idx): wait now.
+  unsigned long long* trace =
+      params.trace == nullptr
+          ? nullptr
+          : params.trace + ((static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) *
+                               kDecodeTraceSlots;
+  if (trace != nullptr && threadIdx.x == 0) trace[kTraceStart] = global_timer_ns();
   const bool prior_grid_is_append = params.cache.appended_tokens > 0;
   if (!prior_grid_is_append) asm volatile("griddepcontrol.wait;" ::: "memory");
+  if (trace != nullptr && threadIdx.x == 0 && !prior_grid_is_append) trace[kTraceWaited] = global_timer_ns();
   const int split = blockIdx.x;
   const int m_tile = blockIdx.y;
   const int b = blockIdx.z;
@@ -216,6 +225,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
                                         group_modes<0, 2>(gK));
       pipeline_k.producer_acquire(write_state);
       copy(params.tma_k.with(*pipeline_k.producer_get_barrier(write_state), 0), tKgK, tKsK(_, write_state.index()));
+      if (trace != nullptr && n == tile_begin) trace[kTraceFirstIssue] = global_timer_ns();
       if constexpr (Traits::kFp8Keys && !Traits::kProfileNoScales) {
         Tensor mS = params.tma_scale.get_tma_tensor(make_shape(params.cache_rows));
         Tensor sS = make_tensor(make_smem_ptr(smem.fp8.scale.data()), typename Traits::SmemLayoutScale{});
@@ -296,6 +306,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
     int block = range.blk_begin;
     for (int n = tile_begin; n < tile_end; ++n) {
       pipeline_k.consumer_wait(read_state);
+      if (trace != nullptr && thread == 0 && n == tile_begin) trace[kTraceFirstStage] = global_timer_ns();
       const int stage = read_state.index();
       if constexpr (Traits::kFp8Keys) {
         // This thread's bytes of its two key rows, then the stage is free again.
@@ -393,6 +404,13 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
     }
   }
 
+  if (trace != nullptr && thread == 0) {
+    trace[kTraceLoopEnd] = global_timer_ns();
+    unsigned sm;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    trace[kTraceSm] = sm;
+    trace[kTraceStages] = static_cast<unsigned long long>(max(0, tile_end - tile_begin));
+  }
   // Every CTA waits for the append before it finishes, so this grid's completion, which the
   // attention kernel waits for, implies the append's (the attention reads the appended K/V rows).
   asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -434,6 +452,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
       head1 += !take0 && id1 >= 0;
     }
   }
+  if (trace != nullptr && thread == 0) trace[kTraceListWritten] = global_timer_ns();
 #endif
 }
 
