@@ -165,6 +165,11 @@ void write_trace(const char* path, const unsigned long long* device, int splits,
 
 cudaError_t run_decode(const DecodeParams& params, void* workspace, cudaStream_t stream) {
   const char* trace_path = std::getenv("MSA_DECODE_TRACE_FILE");
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  if (trace_path != nullptr && (cudaStreamIsCapturing(stream, &capture) != cudaSuccess ||
+                                capture != cudaStreamCaptureStatusNone)) {
+    trace_path = nullptr;  // the trace's synchronizing copy cannot be captured: no trace
+  }
   DecodeParams p = params;
   p.select_trace = decode::trace_buffer(trace_path);
   if (p.select_trace != nullptr) {
