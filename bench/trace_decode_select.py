@@ -1,6 +1,6 @@
 """Where the decode indexer's time goes, CTA by CTA (issue 5).
 
-    python bench/trace_decode_select.py [--cases 1048576x2 131072x8] [--reps 6] [--out DIR]
+    python bench/trace_decode_select.py [--cases 1048576x2 131072x8] [--reps 6] [--out DIR] [--raw]
 
 Runs eager decode steps (M3 shape, one new token, bf16 and fp8 index-key caches) with
 MSA_DECODE_TRACE_FILE set, so each step's split-indexer CTAs stamp %globaltimer at fixed points
@@ -80,6 +80,7 @@ def main():
     ap.add_argument("--cases", nargs="+", default=["1048576x2", "131072x8"], help="LENGTHxBATCH")
     ap.add_argument("--reps", type=int, default=6)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--raw", action="store_true", help="also keep every CTA's stamps of the last step in the JSON")
     args = ap.parse_args()
     dev = torch.device("cuda")
     rows = []
@@ -111,6 +112,8 @@ def main():
             per_step = [summarize(s, key_bytes) for s in steps]
             med = {k: statistics.median(s[k] for s in per_step) for k in per_step[0]}
             rows.append(dict(length=length, batch=batch, keys=name, splits=steps[0]["header"][0], **med))
+            if args.raw:  # e.g. to relate a CTA's stream time to its SM
+                rows[-1]["last_step_ctas"] = steps[-1]["ctas"]
             print(f"{length:>8} x {batch} {name}: {med['ctas']:.0f} CTAs; last CTA start {med['last_start']:.2f} us; "
                   f"first issue {med['first_issue_after_start']:.2f} us after start, first stage "
                   f"{med['first_stage_after_issue']:.2f} us after issue (earliest {med['first_stage_min']:.2f})")
