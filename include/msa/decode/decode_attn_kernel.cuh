@@ -188,7 +188,9 @@ __device__ __forceinline__ void combine_cluster_chunks(const Params& params, int
   using Element = typename Traits::Element;
   constexpr int kHeadDim = Traits::kHeadDim;
   constexpr int kPieces = kHeadDim / 4;
-  constexpr int kMaxChunks = 16;
+  constexpr int kMaxChunks = kMaxClusterChunks;
+  static_assert(Traits::kMaxGroup * (kHeadDim + 1) * sizeof(float) <= sizeof(Traits::SharedStorage::k),
+                "the cluster merge's partial rows live in the K stages");
   cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
   const int rank = static_cast<int>(cluster.block_rank());
   const int nc = params.num_chunks;

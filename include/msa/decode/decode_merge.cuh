@@ -47,6 +47,18 @@ __device__ __forceinline__ uint64_t entry_key(float score, int id) {
   return id < 0 ? 0ull : (static_cast<uint64_t>(ordered) << 32) | static_cast<uint32_t>(~id);
 }
 
+// Called by all 32 lanes of a warp: the lanes with keep set get consecutive slots from *counter
+// (one atomic per warp, none when no lane keeps). The one-counter case of
+// fwd::warp_aggregated_increment, without its per-list match.
+__device__ __forceinline__ int warp_compact_slot(int* counter, bool keep, int lane) {
+  const unsigned ballot = __ballot_sync(0xffffffff, keep);
+  if (ballot == 0u) return 0;  // warp-uniform; most pieces hold no survivor
+  int slot0 = 0;
+  if (lane == 0) slot0 = atomicAdd(counter, __popc(ballot));
+  slot0 = __shfl_sync(0xffffffff, slot0, 0);
+  return slot0 + __popc(ballot & ((1u << lane) - 1u));
+}
+
 // All kThreads threads of the CTA (it synchronizes them): the row's lists (num_lists x cap
 // entries at part_score / part_id, cap a power of two) -> selection[0, topk) in shared memory.
 // pos is the query's position (< 0: nothing visible, all -1). `scratch` holds
@@ -123,23 +135,18 @@ __device__ __forceinline__ void merge_row_selection(const float* part_score, con
       if (mine != 0ull && above == num_selected - 1) small.bar = mine;
     }
     __syncthreads();
-    // 3. The survivors (at or above the bar), compacted by warp ballots. Lists are sorted, so only
-    // the lists whose head is at or above the bar hold any: num_selected of them (keys are unique),
-    // or every non-empty list when fewer than num_selected are (bar 0); at most kMaxWinners.
-    // Scanning those alone is 15 x 16 entries at M3 sizes instead of all (132 x 16 at 1M x 2).
+    // 3. The survivors (at or above the bar), compacted by warp-aggregated counts. Lists are
+    // sorted, so only the lists whose head is at or above the bar hold any: num_selected of them
+    // (keys are unique), or every non-empty list when fewer than num_selected are (bar 0); at most
+    // kMaxWinners. Scanning those alone is 15 x 16 entries at M3 sizes instead of all (132 x 16 at
+    // 1M x 2).
     const uint64_t bar = small.bar;
     if (warp * 32 < padded) {
       const bool is_list = static_cast<int>(threadIdx.x) < num_lists;
       const uint64_t head = is_list ? small.head[threadIdx.x] : 0ull;
       const bool holds = is_list && head != 0ull && head >= bar;
-      const unsigned ballot = __ballot_sync(0xffffffff, holds);
-      if (ballot != 0u) {
-        int slot0 = 0;
-        if (lane == 0) slot0 = atomicAdd(&small.num_lists_kept, __popc(ballot));
-        slot0 = __shfl_sync(0xffffffff, slot0, 0);
-        const int slot = slot0 + __popc(ballot & ((1u << lane) - 1u));
-        if (holds && slot < kMaxWinners) small.list_kept[slot] = static_cast<int>(threadIdx.x);
-      }
+      const int slot = warp_compact_slot(&small.num_lists_kept, holds, lane);
+      if (holds && slot < kMaxWinners) small.list_kept[slot] = static_cast<int>(threadIdx.x);
     }
     __syncthreads();
     const int kept_entries = min(small.num_lists_kept, kMaxWinners) * cap;
@@ -148,14 +155,8 @@ __device__ __forceinline__ void merge_row_selection(const float* part_score, con
       const int e = e0 + lane;
       const uint64_t k = e < kept_entries ? s_key[small.list_kept[e / cap] * cap + e % cap] : 0ull;
       const bool keep = k != 0ull && k >= bar;
-      const unsigned ballot = __ballot_sync(0xffffffff, keep);
-      if (ballot != 0u) {  // warp-uniform; most pieces hold no survivor
-        int slot0 = 0;
-        if (lane == 0) slot0 = atomicAdd(&small.num_survivors, __popc(ballot));
-        slot0 = __shfl_sync(0xffffffff, slot0, 0);
-        const int slot = slot0 + __popc(ballot & ((1u << lane) - 1u));
-        if (keep && slot < kMaxSurvivors) v_key[slot] = k;  // below the bound for sorted lists
-      }
+      const int slot = warp_compact_slot(&small.num_survivors, keep, lane);
+      if (keep && slot < kMaxSurvivors) v_key[slot] = k;  // below the bound for sorted lists
     }
     __syncthreads();
     // 4. Each survivor's rank among the survivors; the first num_selected win.
