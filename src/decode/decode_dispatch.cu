@@ -118,28 +118,36 @@ size_t decode_workspace_bytes(const DecodeParams& p) {
 namespace decode {
 namespace {
 
-// Measurement aid: with MSA_DECODE_TRACE_FILE set, each step's indexer CTAs stamp their trace
-// slots (decode_select_kernel.cuh) into a device buffer, and the host appends them to that file
-// after the step (a synchronizing copy: eager steps only, never under graph capture). One line
-// per step, "splits m_tiles batch fp8", then one line per CTA (x fastest) of kDecodeTraceSlots
-// values, times relative to the step's earliest CTA start.
-constexpr int kTraceMaxCtas = 1 << 14;
+// Measurement aid: with MSA_DECODE_TRACE_FILE set, each step's indexer and attention CTAs stamp
+// their trace slots (decode_trace.h) into a device buffer, and the host appends them to that file
+// after the step (a synchronizing copy: eager steps only, never under graph capture). Per step: a
+// line "step splits m_tiles batch fp8", one line per indexer CTA (x fastest) of kDecodeTraceSlots
+// values, a line "attn", then one line per attention CTA that ran: its linear CTA index and its
+// kDecodeTraceSlots values. Times are relative to the step's earliest indexer CTA start.
+constexpr size_t kTraceHalf = static_cast<size_t>(kTraceMaxCtas) * kDecodeTraceSlots;
 unsigned long long* trace_buffer(const char* path) {
   static unsigned long long* buffer = nullptr;
   if (path == nullptr) return nullptr;
-  if (buffer == nullptr &&
-      cudaMalloc(&buffer, sizeof(unsigned long long) * kTraceMaxCtas * kDecodeTraceSlots) != cudaSuccess) {
+  if (buffer == nullptr && cudaMalloc(&buffer, sizeof(unsigned long long) * 2 * kTraceHalf) != cudaSuccess) {
     cudaGetLastError();
     buffer = nullptr;
   }
   return buffer;
 }
 
+void write_trace_row(FILE* f, const unsigned long long* row, unsigned long long t0, int sm_slot, int count_slot) {
+  for (int k = 0; k < kDecodeTraceSlots; ++k) {
+    const bool time = k != sm_slot && k != count_slot;
+    std::fprintf(f, k ? " %lld" : "%lld", static_cast<long long>(time ? (row[k] ? row[k] - t0 : 0) : row[k]));
+  }
+  std::fputc('\n', f);
+}
+
 void write_trace(const char* path, const unsigned long long* device, int splits, int m_tiles, int batch, bool fp8,
                  cudaStream_t stream) {
   const int ctas = splits * m_tiles * batch;
   if (ctas > kTraceMaxCtas) return;
-  std::vector<unsigned long long> host(static_cast<size_t>(ctas) * kDecodeTraceSlots);
+  std::vector<unsigned long long> host(2 * kTraceHalf);
   if (cudaStreamSynchronize(stream) != cudaSuccess ||
       cudaMemcpy(host.data(), device, host.size() * sizeof(unsigned long long), cudaMemcpyDeviceToHost) != cudaSuccess) {
     return;
@@ -150,12 +158,14 @@ void write_trace(const char* path, const unsigned long long* device, int splits,
   if (f == nullptr) return;
   std::fprintf(f, "step %d %d %d %d\n", splits, m_tiles, batch, fp8 ? 1 : 0);
   for (int c = 0; c < ctas; ++c) {
-    const unsigned long long* row = host.data() + static_cast<size_t>(c) * kDecodeTraceSlots;
-    for (int k = 0; k < kDecodeTraceSlots; ++k) {
-      const bool time = k != kTraceSm && k != kTraceStages;
-      std::fprintf(f, k ? " %lld" : "%lld", static_cast<long long>(time ? (row[k] ? row[k] - t0 : 0) : row[k]));
-    }
-    std::fputc('\n', f);
+    write_trace_row(f, host.data() + static_cast<size_t>(c) * kDecodeTraceSlots, t0, kTraceSm, kTraceStages);
+  }
+  std::fprintf(f, "attn\n");
+  for (int c = 0; c < kTraceMaxCtas; ++c) {
+    const unsigned long long* row = host.data() + kTraceHalf + static_cast<size_t>(c) * kDecodeTraceSlots;
+    if (row[kAttnTraceStart] == 0) continue;
+    std::fprintf(f, "%d ", c);
+    write_trace_row(f, row, t0, kAttnTraceSm, kAttnTraceBlocks);
   }
   std::fclose(f);
 }
@@ -173,8 +183,7 @@ cudaError_t run_decode(const DecodeParams& params, void* workspace, cudaStream_t
   DecodeParams p = params;
   p.select_trace = decode::trace_buffer(trace_path);
   if (p.select_trace != nullptr) {
-    cudaMemsetAsync(p.select_trace, 0, sizeof(unsigned long long) * decode::kTraceMaxCtas * decode::kDecodeTraceSlots,
-                    stream);
+    cudaMemsetAsync(p.select_trace, 0, sizeof(unsigned long long) * 2 * decode::kTraceHalf, stream);
   }
   if (!decode_is_supported(p)) return cudaErrorInvalidValue;
   if (p.batch == 0) return cudaSuccess;

@@ -29,6 +29,7 @@
 #include "msa/common/gemm.cuh"
 #include "msa/decode/decode_cache.cuh"
 #include "msa/decode/decode_merge.cuh"
+#include "msa/decode/decode_trace.h"
 #include "msa/decode/decode_traits.cuh"
 #include "msa/fwd/fwd_collective.cuh"
 
@@ -50,6 +51,7 @@ struct DecodeAttnParams {
   Element* part_o;                // [B * S_new, Hq, num_chunks, D], normalized
   float2* part_stats;             // [B * S_new, Hq, num_chunks]: (lse, lse), log2 units
   int32_t* row_arrivals;          // [B * S_new * Hkv], zeroed by the indexer
+  unsigned long long* trace;      // null, or [CTAs][kDecodeTraceSlots] (see DecodeAttnTraceSlot)
   Element* out;                   // [B, S_new, Hq, D]
   float* lse;                     // [B, Hq, S_new], natural log
   int s_new, num_heads, num_heads_kv, group_size, topk, num_blocks_max;
@@ -261,6 +263,12 @@ __global__ void __launch_bounds__(Traits::kCtaThreads, 1)
   const int query_pos = length - params.s_new + token_in_req;
   const int G = params.group_size;
   const int lane = threadIdx.x % 32;
+  unsigned long long* trace =
+      params.trace == nullptr || threadIdx.x != 0
+          ? nullptr
+          : params.trace + ((static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) *
+                               kDecodeTraceSlots;
+  if (trace != nullptr) trace[kAttnTraceStart] = global_timer_ns();
 
   Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});
   Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutKV{});
@@ -305,11 +313,13 @@ __global__ void __launch_bounds__(Traits::kCtaThreads, 1)
   // Launched early (programmatic dependent launch): the indexer's lists are complete past this
   // point. Both warpgroups merge them into the row's selection; then the second one leaves.
   asm volatile("griddepcontrol.wait;" ::: "memory");
+  if (trace != nullptr) trace[kAttnTraceWaited] = global_timer_ns();
   const int64_t list0 = row * params.num_splits * params.list_cap;  // the row's first list entry
   merge_row_selection<Traits::kCtaThreads>(params.part_score + list0, params.part_id + list0, params.num_splits,
                                            params.list_cap, query_pos, params.block_size, params.topk,
                                            params.init_blocks, params.local_blocks,
                                            reinterpret_cast<char*>(smem.k.data()), smem.merge, smem.selection);
+  if (trace != nullptr) trace[kAttnTraceSelected] = global_timer_ns();
   // Cluster path: the chunk's partial stays in this CTA's shared memory (the K stages, free once
   // every block is consumed): normalized O in fp32 [G][D], then its lse (log2 units).
   float* s_o = reinterpret_cast<float*>(smem.k.data());
@@ -378,6 +388,7 @@ __global__ void __launch_bounds__(Traits::kCtaThreads, 1)
     const uint32_t phase = (n / Traits::kStages) & 1;
     const int block_start = smem.blocks[n] * kBlockN;
     smem.barrier_k[st].wait(phase);
+    if (trace != nullptr && n == 0) trace[kAttnTraceFirstBlock] = global_timer_ns();
     common::warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_qk, tSrQ, tSrK(_, _, _, st), tSrS);
     const int cols[2] = {query_pos - block_start, query_pos - block_start};  // visible: [0, cols]
     fwd::mask_block_columns<kBlockN>(tSrS, cols, quad);
@@ -410,6 +421,13 @@ __global__ void __launch_bounds__(Traits::kCtaThreads, 1)
     if (threadIdx.x == 0 && n + Traits::kStages < num_blocks) issue(n + Traits::kStages);
   }
 
+  if (trace != nullptr) {
+    trace[kAttnTraceLoopEnd] = global_timer_ns();
+    unsigned sm;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    trace[kAttnTraceSm] = sm;
+    trace[kAttnTraceBlocks] = static_cast<unsigned long long>(num_blocks);
+  }
   // The chunk's partial (an empty chunk writes O = 0, lse = -inf).
   const int row_base = (threadIdx.x / 32) * 16 + lane / 4;  // rows row_base, row_base + 8
 #pragma unroll
@@ -437,6 +455,7 @@ __global__ void __launch_bounds__(Traits::kCtaThreads, 1)
   }
   if (params.cluster_combine) {
     merge_in_cluster();
+    if (trace != nullptr) trace[kAttnTraceDone] = global_timer_ns();
     return;
   }
   // Every CTA of the row counts itself in; the last merges the row's chunks. The count is an
@@ -453,9 +472,13 @@ __global__ void __launch_bounds__(Traits::kCtaThreads, 1)
     smem.is_last = arrived == params.num_chunks - 1;
   }
   attn_sync<Traits>();
-  if (!smem.is_last) return;
+  if (!smem.is_last) {
+    if (trace != nullptr) trace[kAttnTraceDone] = global_timer_ns();
+    return;
+  }
   // The K stages are free (every block was consumed): the weights' scratch.
   combine_row_chunks<Traits>(params, token, group, b, token_in_req, reinterpret_cast<float*>(smem.k.data()));
+  if (trace != nullptr) trace[kAttnTraceDone] = global_timer_ns();
 #endif
 }
 

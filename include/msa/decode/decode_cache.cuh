@@ -73,6 +73,13 @@ inline bool decode_cluster_merge_enabled() {
   return env == nullptr || std::strtol(env, nullptr, 10) != 0;
 }
 
+// Measurement switch (MSA_DECODE_SERIAL_LIST_MERGE=1): the indexer merges a row's two lists with
+// one thread's two-pointer walk instead of by rank, for timing the difference.
+inline bool decode_serial_list_merge() {
+  const char* env = std::getenv("MSA_DECODE_SERIAL_LIST_MERGE");
+  return env != nullptr && std::strtol(env, nullptr, 10) != 0;
+}
+
 // Scratch of one decoding step (carved from one workspace by run_decode).
 struct DecodeWorkspace {
   float* part_score;      // indexer lists: [B * S_new * Hkv, splits, cap] scores

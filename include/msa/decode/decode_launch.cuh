@@ -47,6 +47,7 @@ cudaError_t launch_decode_select_tile(const DecodeParams& p, const DecodeWorkspa
       ws.part_id,
       ws.row_arrivals,
       p.select_trace,
+      decode_serial_list_merge() ? 1 : 0,
       p.s_new,
       p.num_heads_kv,
       num_splits,
@@ -106,6 +107,7 @@ cudaError_t launch_decode_attn_block(const DecodeParams& p, const DecodeWorkspac
       static_cast<Element*>(ws.part_o),
       ws.part_stats,
       ws.row_arrivals,
+      p.select_trace == nullptr ? nullptr : p.select_trace + kTraceMaxCtas * kDecodeTraceSlots,
       static_cast<Element*>(p.out),
       p.lse,
       p.s_new,
@@ -158,6 +160,7 @@ cudaError_t launch_decode_attn_block(const DecodeParams& p, const DecodeWorkspac
     }
   }
   const dim3 grid(kp.num_chunks, p.s_new * p.num_heads_kv, p.batch);
+  if (static_cast<int64_t>(grid.x) * grid.y * grid.z > kTraceMaxCtas) kp.trace = nullptr;
   return common::launch_dependent(decode_attn_kernel<Traits>, grid, Traits::kCtaThreads, Traits::kSmemBytes, stream,
                                   kp, p.programmatic_launch, kp.cluster_combine ? kp.num_chunks : 1);
 }

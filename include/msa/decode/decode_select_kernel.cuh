@@ -58,6 +58,7 @@ struct DecodeSelectParams {
   int32_t* part_id;
   int32_t* row_arrivals; // [B * rows]: zeroed here for the attention's last-CTA count
   unsigned long long* trace;  // null, or [CTAs][kDecodeTraceSlots] (see DecodeTraceSlot)
+  int serial_list_merge;      // measurement switch: the two-pointer merge of a row's two lists
   int s_new, num_idx_heads, num_splits;
   int block_size, init_blocks, local_blocks;
 };
@@ -301,12 +302,21 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
         key_addr[h][c] = cute::cast_smem_ptr_to_uint(&sK(key_row + 8 * h, kRunBytes * quad + 16 * c, 0));
       }
     }
+    // Trace points: the stages at 1/4, 1/2 and 3/4 of the slice (measurement aid).
+    const int num_tiles = tile_end - tile_begin;
+    const int trace_tile[3] = {tile_begin + num_tiles / 4, tile_begin + num_tiles / 2, tile_begin + 3 * num_tiles / 4};
     PipelineState read_state;
     int tile_in_block = 0;  // stage n's place in its block, and the block (no division per stage)
     int block = range.blk_begin;
     for (int n = tile_begin; n < tile_end; ++n) {
       pipeline_k.consumer_wait(read_state);
-      if (trace != nullptr && thread == 0 && n == tile_begin) trace[kTraceFirstStage] = global_timer_ns();
+      if (trace != nullptr && thread == 0) {
+        if (n == tile_begin) trace[kTraceFirstStage] = global_timer_ns();
+#pragma unroll
+        for (int q = 0; q < 3; ++q) {
+          if (n == trace_tile[q]) trace[kTraceQuarter + q] = global_timer_ns();
+        }
+      }
       const int stage = read_state.index();
       if constexpr (Traits::kFp8Keys) {
         // This thread's bytes of its two key rows, then the stage is free again.
@@ -421,6 +431,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
   // has been waited for and read once all threads pass this barrier), the even-parity owner
   // merges them and writes the row's list for this split.
   cutlass::arch::NamedBarrier::sync(kConsumerThreads, 1);
+  if (trace != nullptr && thread == 0) trace[kTraceEpilogueSynced] = global_timer_ns();
   float* lists_score = reinterpret_cast<float*>(smem.k.data());  // [kBlockQ][2][kTopKCap]
   int32_t* lists_id = reinterpret_cast<int32_t*>(lists_score + kBlockQ * 2 * kTopKCap);
   if (owner) {
@@ -433,23 +444,57 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
     }
   }
   cutlass::arch::NamedBarrier::sync(kConsumerThreads, 1);
-  if (row_valid && own_parity == 0) {
-    const float* row_scores = lists_score + own_row * 2 * kTopKCap;
-    const int32_t* row_ids = lists_id + own_row * 2 * kTopKCap;
-    const int64_t list = (static_cast<int64_t>(b) * rows + row_in_req) * params.num_splits + split;
-    float* out_score = params.part_score + list * kTopKCap;
-    int32_t* out_id = params.part_id + list * kTopKCap;
-    int head0 = 0, head1 = 0;
-    for (int p = 0; p < kTopKCap; ++p) {
-      const float s0 = row_scores[min(head0, kTopKCap - 1)];
-      const int id0 = head0 < kTopKCap ? row_ids[min(head0, kTopKCap - 1)] : -1;
-      const float s1 = row_scores[kTopKCap + min(head1, kTopKCap - 1)];
-      const int id1 = head1 < kTopKCap ? row_ids[kTopKCap + min(head1, kTopKCap - 1)] : -1;
-      const bool take0 = ranks_before(s0, id0, s1, id1) || id1 < 0;
-      out_score[p] = take0 ? s0 : s1;
-      out_id[p] = take0 ? id0 : id1;  // -1 once both lists ran out
-      head0 += take0 && id0 >= 0;
-      head1 += !take0 && id1 >= 0;
+  const int64_t list_base = (static_cast<int64_t>(b) * rows + m_tile * kBlockQ) * params.num_splits + split;
+  if (params.serial_list_merge) {
+    if (row_valid && own_parity == 0) {
+      const float* row_scores = lists_score + own_row * 2 * kTopKCap;
+      const int32_t* row_ids = lists_id + own_row * 2 * kTopKCap;
+      const int64_t list = list_base + static_cast<int64_t>(own_row) * params.num_splits;
+      float* out_score = params.part_score + list * kTopKCap;
+      int32_t* out_id = params.part_id + list * kTopKCap;
+      int head0 = 0, head1 = 0;
+      for (int p = 0; p < kTopKCap; ++p) {
+        const float s0 = row_scores[min(head0, kTopKCap - 1)];
+        const int id0 = head0 < kTopKCap ? row_ids[min(head0, kTopKCap - 1)] : -1;
+        const float s1 = row_scores[kTopKCap + min(head1, kTopKCap - 1)];
+        const int id1 = head1 < kTopKCap ? row_ids[kTopKCap + min(head1, kTopKCap - 1)] : -1;
+        const bool take0 = ranks_before(s0, id0, s1, id1) || id1 < 0;
+        out_score[p] = take0 ? s0 : s1;
+        out_id[p] = take0 ? id0 : id1;  // -1 once both lists ran out
+        head0 += take0 && id0 >= 0;
+        head1 += !take0 && id1 >= 0;
+      }
+    }
+  } else {
+    // The two sorted lists of a row -> one, by rank: an entry lands at its index plus the number
+    // of the other list's entries that rank before it (ids differ between the lists, so the
+    // order is strict). Every entry is placed at once, with no serial chain (the two-pointer
+    // merge of one thread per row took ~1.8 us of the kernel's end). Empty entries of the even
+    // list land from n_even + n_odd on and pad the row's list with -1; the odd list's stay out.
+    const int tile_rows = min(kBlockQ, rows - m_tile * kBlockQ);
+    for (int e = thread; e < tile_rows * 2 * kTopKCap; e += kConsumerThreads) {
+      const int r = e / (2 * kTopKCap);
+      const int side = (e / kTopKCap) % 2;
+      const int i = e % kTopKCap;
+      const int mine = (2 * r + side) * kTopKCap + i;
+      const float s = lists_score[mine];
+      const int id = lists_id[mine];
+      const float4* other_score = reinterpret_cast<const float4*>(lists_score + (2 * r + 1 - side) * kTopKCap);
+      const int4* other_id = reinterpret_cast<const int4*>(lists_id + (2 * r + 1 - side) * kTopKCap);
+      int before = 0;
+#pragma unroll
+      for (int j = 0; j < kTopKCap / 4; ++j) {
+        const float4 os = other_score[j];
+        const int4 oi = other_id[j];
+        before += ranks_before(os.x, oi.x, s, id) + ranks_before(os.y, oi.y, s, id) +
+                  ranks_before(os.z, oi.z, s, id) + ranks_before(os.w, oi.w, s, id);
+      }
+      const int p = i + before;
+      if (p < kTopKCap && (id >= 0 || side == 0)) {
+        const int64_t list = list_base + static_cast<int64_t>(r) * params.num_splits;
+        params.part_score[list * kTopKCap + p] = id >= 0 ? s : -CUDART_INF_F;
+        params.part_id[list * kTopKCap + p] = id;
+      }
     }
   }
   if (trace != nullptr && thread == 0) trace[kTraceListWritten] = global_timer_ns();
