@@ -45,7 +45,14 @@ struct CacheGeometry {
 // rows (M3: up to 4 tokens), else 64.
 inline int decode_select_block_q(int rows) { return rows <= 16 ? 16 : 64; }
 
-// Splits of the indexer: enough CTAs to fill every SM's two CTA slots once, whatever the batch
+// Consumer warpgroups per indexer CTA (decode_traits.cuh): 2, one CTA per SM, unless
+// MSA_DECODE_SELECT_CONSUMERS=1 (two CTAs of one consumer per SM; for measuring).
+inline int decode_select_consumers() {
+  const char* env = std::getenv("MSA_DECODE_SELECT_CONSUMERS");
+  return env != nullptr && std::strtol(env, nullptr, 10) == 1 ? 1 : 2;
+}
+
+// Splits of the indexer: enough CTAs to fill every SM's CTA slots once, whatever the batch
 // (they are memory-bound and equal in work: each takes an equal share of its request's blocks);
 // bounded so the merge's lists fit in shared memory. A function of the shapes (and of
 // MSA_DECODE_CTAS_PER_SM, which overrides the two, for measuring), so a captured step keeps its
@@ -55,7 +62,7 @@ inline int decode_select_splits(const DecodeParams& p) {
   const int block_q = decode_select_block_q(rows);
   const int m_tiles = (rows + block_q - 1) / block_q;
   const int max_blocks = (p.capacity + p.block_size - 1) / p.block_size;
-  int ctas_per_sm = 2;
+  int ctas_per_sm = decode_select_consumers() == 2 ? 1 : 2;
   if (const char* env = std::getenv("MSA_DECODE_CTAS_PER_SM")) {
     const long value = std::strtol(env, nullptr, 10);
     if (value > 0) ctas_per_sm = static_cast<int>(value < 8 ? value : 8);
@@ -71,13 +78,6 @@ constexpr int kMaxClusterChunks = 16;
 inline bool decode_cluster_merge_enabled() {
   const char* env = std::getenv("MSA_DECODE_CLUSTER_MERGE");
   return env == nullptr || std::strtol(env, nullptr, 10) != 0;
-}
-
-// Measurement switch (MSA_DECODE_SERIAL_LIST_MERGE=1): the indexer merges a row's two lists with
-// one thread's two-pointer walk instead of by rank, for timing the difference.
-inline bool decode_serial_list_merge() {
-  const char* env = std::getenv("MSA_DECODE_SERIAL_LIST_MERGE");
-  return env != nullptr && std::strtol(env, nullptr, 10) != 0;
 }
 
 // Scratch of one decoding step (carved from one workspace by run_decode).
