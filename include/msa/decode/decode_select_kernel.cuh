@@ -158,10 +158,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
   constexpr int kBlockKV = Traits::kBlockKV;
   constexpr int kHeadDimIdx = Traits::kHeadDimIdx;
   constexpr int kTopKCap = Traits::kTopKCap;
-  constexpr int kConsumers = Traits::kConsumers;
-  constexpr int kWarpGroupThreads = common::kThreadsPerWarpGroup;  // a stage's consumer
-  constexpr int kConsumerThreads = Traits::kConsumerThreads;        // every consumer warpgroup
-  constexpr int kLists = 2 * kConsumers;                            // list owners per row
+  constexpr int kConsumerThreads = common::kThreadsPerWarpGroup;
 
   extern __shared__ char smem_buf[];
   auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_buf);
@@ -203,7 +200,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
     if constexpr (Traits::kFp8Keys) cute::prefetch_tma_descriptor(params.tma_scale.get_tma_descriptor());
   }
   MainloopPipeline pipeline_k =
-      fwd::make_kv_ring<MainloopPipeline>(smem.pipeline_k, warp_group, Traits::kTmaBytesK, kWarpGroupThreads);
+      fwd::make_kv_ring<MainloopPipeline>(smem.pipeline_k, warp_group, Traits::kTmaBytesK, kConsumerThreads);
   __syncthreads();
 
   Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutK{});
@@ -246,22 +243,17 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
 
   // ---------------- consumer ----------------
   cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
-  // Consumer warpgroup `consumer` scores blocks consumer, consumer + kConsumers, ... of the slice.
-  const int consumer = warp_group - 1;
-  const int thread = threadIdx.x % kWarpGroupThreads;
+  const int thread = threadIdx.x - common::kThreadsPerWarpGroup;
   const int warp = thread / 32;
   const int quad = lane % 4;
-  if (consumer != 0) trace = nullptr;  // stamps: consumer 0's thread 0
   Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});
-  if (consumer == 0) {
-    load_query_rows<Traits>(params.q_idx, static_cast<int64_t>(b) * rows + m_tile * kBlockQ, rows - m_tile * kBlockQ,
-                            sQ, thread);
-    cutlass::arch::fence_view_async_shared();  // the query rows (generic writes) -> WGMMA reads
-  }
+  load_query_rows<Traits>(params.q_idx, static_cast<int64_t>(b) * rows + m_tile * kBlockQ, rows - m_tile * kBlockQ,
+                          sQ, thread);
+  cutlass::arch::fence_view_async_shared();  // the query rows (generic writes) -> WGMMA reads
   cutlass::arch::NamedBarrier::sync(kConsumerThreads, 1);
 
-  // List owners: row own_row keeps every other block of its consumer's (own_parity; the two
-  // owners of a row sit in different warps, so a block's inserts are spread over the warpgroup).
+  // List owners: row own_row keeps the blocks of parity own_parity (the two owners of a row sit
+  // in different warps, so a block's inserts are spread over the warpgroup).
   const int own_row = thread % 64;
   const int own_parity = thread / 64;
   const int row_in_req = m_tile * kBlockQ + own_row;
@@ -314,11 +306,9 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
     int trace_mark = 0;  // quarter marks stamped
     int trace_next = tile_begin + num_tiles / 4;
     PipelineState read_state;
-    read_state.advance(consumer * tiles_per_block);  // ring position of this consumer's first stage
     int tile_in_block = 0;  // stage n's place in its block, and the block (no division per stage)
-    int block = range.blk_begin + consumer;
-    int local_block = 0;    // blocks this consumer has scored
-    for (int n = tile_begin + consumer * tiles_per_block; n < tile_end;) {
+    int block = range.blk_begin;
+    for (int n = tile_begin; n < tile_end; ++n) {
       pipeline_k.consumer_wait(read_state);
       if (trace != nullptr && thread == 0) {
         if (n == tile_begin) trace[kTraceFirstStage] = global_timer_ns();
@@ -392,12 +382,10 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
           pending[2 * j + c] = block_start ? v : fmaxf(pending[2 * j + c], v);
         }
       }
-      if (++tile_in_block < tiles_per_block) {
-        ++n;
-      } else {
+      if (++tile_in_block == tiles_per_block) {
         // Block done: its max per query row over all 64 x tiles_per_block keys.
         tile_in_block = 0;
-        float(&block_max)[4][kBlockQ] = smem.block_max[consumer][local_block & 1];  // double-buffered: see below
+        float(&block_max)[4][kBlockQ] = smem.block_max[block & 1];  // double-buffered: see below
 #pragma unroll
         for (int i = 0; i < kRowsPerThread; ++i) {
           float m = pending[i];
@@ -415,17 +403,13 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
         }
         // Written, then read after this barrier; the next write to this buffer (two blocks on)
         // comes after the next block's barrier, which every reader passes after reading.
-        cutlass::arch::NamedBarrier::sync(kWarpGroupThreads, 2 + consumer);
-        if (row_valid && (local_block & 1) == own_parity && block >= cand_begin && block < cand_end) {
+        cutlass::arch::NamedBarrier::sync(kConsumerThreads, 2);
+        if (row_valid && (block & 1) == own_parity && block >= cand_begin && block < cand_end) {
           const float score = fmaxf(fmaxf(block_max[0][own_row], block_max[1][own_row]),
                                     fmaxf(block_max[2][own_row], block_max[3][own_row]));
           if (score > top.threshold()) top.insert(score, block);
         }
-        // On to this consumer's next block: the other consumers' stages are skipped.
-        block += kConsumers;
-        ++local_block;
-        n += (kConsumers - 1) * tiles_per_block + 1;
-        if constexpr (kConsumers > 1) read_state.advance((kConsumers - 1) * tiles_per_block);
+        ++block;
       }
     }
   }
@@ -443,52 +427,40 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
   // The attention kernel may launch now (programmatic dependent launch); it waits for this grid
   // to finish before reading the lists.
   asm volatile("griddepcontrol.launch_dependents;");
-  // The row's lists (two per consumer) -> one: all go to shared memory (the consumed key stages;
-  // every stage has been waited for and read once all consumer threads pass this barrier), then
-  // each entry is placed in the row's list for this split by rank: at its index plus the number
-  // of the other lists' entries that rank before it (a block is in one list only, so the order
-  // is strict). Every entry is placed at once, with no serial chain. Empty entries of list 0
-  // land from the total count on and pad the list with -1; the other lists' stay out.
+  // The row's two lists -> one: both go to shared memory (the consumed key stages; every stage
+  // has been waited for and read once all threads pass this barrier), the even-parity owner
+  // merges them and writes the row's list for this split.
   cutlass::arch::NamedBarrier::sync(kConsumerThreads, 1);
   if (trace != nullptr && thread == 0) trace[kTraceEpilogueSynced] = global_timer_ns();
-  float* lists_score = reinterpret_cast<float*>(smem.k.data());  // [kBlockQ][kLists][kTopKCap]
-  int32_t* lists_id = reinterpret_cast<int32_t*>(lists_score + kBlockQ * kLists * kTopKCap);
+  float* lists_score = reinterpret_cast<float*>(smem.k.data());  // [kBlockQ][2][kTopKCap]
+  int32_t* lists_id = reinterpret_cast<int32_t*>(lists_score + kBlockQ * 2 * kTopKCap);
   if (owner) {
-    const int mine = (own_row * kLists + 2 * consumer + own_parity) * kTopKCap;
+    float* my_scores = lists_score + (own_row * 2 + own_parity) * kTopKCap;
+    int32_t* my_ids = lists_id + (own_row * 2 + own_parity) * kTopKCap;
 #pragma unroll
     for (int p = 0; p < kTopKCap; ++p) {
-      lists_score[mine + p] = top.score[p];
-      lists_id[mine + p] = top.id[p];
+      my_scores[p] = top.score[p];
+      my_ids[p] = top.id[p];
     }
   }
   cutlass::arch::NamedBarrier::sync(kConsumerThreads, 1);
-  const int64_t list_base = (static_cast<int64_t>(b) * rows + m_tile * kBlockQ) * params.num_splits + split;
-  const int tile_rows = min(kBlockQ, rows - m_tile * kBlockQ);
-  for (int e = threadIdx.x - kWarpGroupThreads; e < tile_rows * kLists * kTopKCap; e += kConsumerThreads) {
-    const int r = e / (kLists * kTopKCap);
-    const int list = (e / kTopKCap) % kLists;
-    const int i = e % kTopKCap;
-    const float s = lists_score[e];
-    const int id = lists_id[e];
-    int before = 0;
-#pragma unroll
-    for (int other = 0; other < kLists; ++other) {
-      if (other == list) continue;
-      const float4* other_score = reinterpret_cast<const float4*>(lists_score + (r * kLists + other) * kTopKCap);
-      const int4* other_id = reinterpret_cast<const int4*>(lists_id + (r * kLists + other) * kTopKCap);
-#pragma unroll
-      for (int j = 0; j < kTopKCap / 4; ++j) {
-        const float4 os = other_score[j];
-        const int4 oi = other_id[j];
-        before += ranks_before(os.x, oi.x, s, id) + ranks_before(os.y, oi.y, s, id) +
-                  ranks_before(os.z, oi.z, s, id) + ranks_before(os.w, oi.w, s, id);
-      }
-    }
-    const int p = i + before;
-    if (p < kTopKCap && (id >= 0 || list == 0)) {
-      const int64_t out = (list_base + static_cast<int64_t>(r) * params.num_splits) * kTopKCap + p;
-      params.part_score[out] = id >= 0 ? s : -CUDART_INF_F;
-      params.part_id[out] = id;
+  if (row_valid && own_parity == 0) {
+    const float* row_scores = lists_score + own_row * 2 * kTopKCap;
+    const int32_t* row_ids = lists_id + own_row * 2 * kTopKCap;
+    const int64_t list = (static_cast<int64_t>(b) * rows + row_in_req) * params.num_splits + split;
+    float* out_score = params.part_score + list * kTopKCap;
+    int32_t* out_id = params.part_id + list * kTopKCap;
+    int head0 = 0, head1 = 0;
+    for (int p = 0; p < kTopKCap; ++p) {
+      const float s0 = row_scores[min(head0, kTopKCap - 1)];
+      const int id0 = head0 < kTopKCap ? row_ids[min(head0, kTopKCap - 1)] : -1;
+      const float s1 = row_scores[kTopKCap + min(head1, kTopKCap - 1)];
+      const int id1 = head1 < kTopKCap ? row_ids[kTopKCap + min(head1, kTopKCap - 1)] : -1;
+      const bool take0 = ranks_before(s0, id0, s1, id1) || id1 < 0;
+      out_score[p] = take0 ? s0 : s1;
+      out_id[p] = take0 ? id0 : id1;  // -1 once both lists ran out
+      head0 += take0 && id0 >= 0;
+      head1 += !take0 && id1 >= 0;
     }
   }
   if (trace != nullptr && thread == 0) trace[kTraceListWritten] = global_timer_ns();
