@@ -45,31 +45,21 @@ struct CacheGeometry {
 // rows (M3: up to 4 tokens), else 64.
 inline int decode_select_block_q(int rows) { return rows <= 16 ? 16 : 64; }
 
-// Indexer CTAs per SM: three for an fp8 index-key cache with 16-row tiles and lists of up to 16
-// (decode_traits.cuh; a 32-entry list does not fit its consumer's registers), else two;
-// MSA_DECODE_CTAS_PER_SM overrides it (for measuring; 3 picks the three-CTA kernel where it
-// exists, other values only change the split count).
-inline int decode_select_ctas_per_sm(const DecodeParams& p) {
-  const bool fp8_small = p.k_idx_scale != nullptr && p.topk <= 16 &&
-                         decode_select_block_q(p.s_new * p.num_heads_kv) == 16;
-  int ctas_per_sm = fp8_small ? 3 : 2;
-  if (const char* env = std::getenv("MSA_DECODE_CTAS_PER_SM")) {
-    const long value = std::strtol(env, nullptr, 10);
-    if (value > 0) ctas_per_sm = static_cast<int>(value < 8 ? value : 8);
-  }
-  return ctas_per_sm;
-}
-
-// Splits of the indexer: enough CTAs to fill every SM's CTA slots once, whatever the batch
+// Splits of the indexer: enough CTAs to fill every SM's two CTA slots once, whatever the batch
 // (they are memory-bound and equal in work: each takes an equal share of its request's blocks);
 // bounded so the merge's lists fit in shared memory. A function of the shapes (and of
-// MSA_DECODE_CTAS_PER_SM), so a captured step keeps its launch shape.
+// MSA_DECODE_CTAS_PER_SM, which overrides the two, for measuring), so a captured step keeps its
+// launch shape.
 inline int decode_select_splits(const DecodeParams& p) {
   const int rows = p.s_new * p.num_heads_kv;
   const int block_q = decode_select_block_q(rows);
   const int m_tiles = (rows + block_q - 1) / block_q;
   const int max_blocks = (p.capacity + p.block_size - 1) / p.block_size;
-  const int ctas_per_sm = decode_select_ctas_per_sm(p);
+  int ctas_per_sm = 2;
+  if (const char* env = std::getenv("MSA_DECODE_CTAS_PER_SM")) {
+    const long value = std::strtol(env, nullptr, 10);
+    if (value > 0) ctas_per_sm = static_cast<int>(value < 8 ? value : 8);
+  }
   int splits = ctas_per_sm * p.num_sms / (p.batch * m_tiles);
   splits = splits < 1 ? 1 : (splits > 256 ? 256 : splits);  // <= the merge's kMaxSplits
   return splits < max_blocks ? splits : (max_blocks < 1 ? 1 : max_blocks);

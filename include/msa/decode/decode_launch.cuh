@@ -18,10 +18,10 @@
 
 namespace msa::decode {
 
-template <class Element, int kHeadDimIdx, int kTopKCap, bool kFp8Keys, int kBlockQ, int kCtasPerSm = 2>
+template <class Element, int kHeadDimIdx, int kTopKCap, bool kFp8Keys, int kBlockQ>
 cudaError_t launch_decode_select_tile(const DecodeParams& p, const DecodeWorkspace& ws, int num_splits,
                                       cudaStream_t stream) {
-  using Traits = DecodeSelectTraits<Element, kHeadDimIdx, kTopKCap, kFp8Keys, kBlockQ, kCtasPerSm>;
+  using Traits = DecodeSelectTraits<Element, kHeadDimIdx, kTopKCap, kFp8Keys, kBlockQ>;
   using KeyElement = typename Traits::KeyElement;
   if (num_splits > kMaxSplits) return cudaErrorInvalidValue;
   const int rows = p.s_new * p.num_heads_kv;
@@ -65,15 +65,9 @@ cudaError_t launch_decode_select_tile(const DecodeParams& p, const DecodeWorkspa
 template <class Element, int kHeadDimIdx, int kTopKCap, bool kFp8Keys>
 cudaError_t launch_decode_select_cap(const DecodeParams& p, const DecodeWorkspace& ws, int num_splits,
                                      cudaStream_t stream) {
-  if (decode_select_block_q(p.s_new * p.num_heads_kv) == 64) {
-    return launch_decode_select_tile<Element, kHeadDimIdx, kTopKCap, kFp8Keys, 64>(p, ws, num_splits, stream);
-  }
-  if constexpr (kFp8Keys && kTopKCap <= 16) {
-    if (decode_select_ctas_per_sm(p) >= 3) {
-      return launch_decode_select_tile<Element, kHeadDimIdx, kTopKCap, kFp8Keys, 16, 3>(p, ws, num_splits, stream);
-    }
-  }
-  return launch_decode_select_tile<Element, kHeadDimIdx, kTopKCap, kFp8Keys, 16>(p, ws, num_splits, stream);
+  return decode_select_block_q(p.s_new * p.num_heads_kv) == 16
+             ? launch_decode_select_tile<Element, kHeadDimIdx, kTopKCap, kFp8Keys, 16>(p, ws, num_splits, stream)
+             : launch_decode_select_tile<Element, kHeadDimIdx, kTopKCap, kFp8Keys, 64>(p, ws, num_splits, stream);
 }
 
 template <class Element, int kHeadDimIdx, bool kFp8Keys>

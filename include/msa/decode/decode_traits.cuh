@@ -47,14 +47,7 @@ constexpr bool kDecodeProfileNoScales = false;
 // fp16 value) and feeds them to a register-sourced WGMMA; the query tile is fp16 (bf16 queries
 // are converted once: exact for values of normal fp16 range). Score rows are multiplied by their
 // key's scale in fp32, so a score is q_idx . (k_e4m3 x scale) as the reference defines it.
-//
-// CTAs per SM (kCtasPerSm): two, each with 80 KB of keys in flight; or three with 64 KB each
-// (fp8 keys, 16-row tiles). A consumer warpgroup scores an 8 KB fp8 stage in about 0.47 us, about
-// the rate at which a CTA's share of the memory bandwidth delivers it at two CTAs per SM, so a
-// CTA that fell behind (at 1M x 2 one CTA of every SM ended 5-6 us after its partner) could not
-// catch up; a third consumer per SM gives the SM's consumers headroom over its memory share.
-template <class Element_, int kHeadDimIdx_, int kTopKCap_, bool kFp8Keys_ = false, int kBlockQ_ = 64,
-          int kCtasPerSm_ = 2>
+template <class Element_, int kHeadDimIdx_, int kTopKCap_, bool kFp8Keys_ = false, int kBlockQ_ = 64>
 struct DecodeSelectTraits {
   using Element = Element_;
   static constexpr int kHeadDimIdx = kHeadDimIdx_;
@@ -68,16 +61,15 @@ struct DecodeSelectTraits {
   static_assert(kBlockQ == 16 || kBlockQ == 64, "16 or 64 rows per CTA");
   static constexpr int kBlockKV = 64;       // keys per stage: the WGMMA's M
   static constexpr int kNumThreads = 2 * common::kThreadsPerWarpGroup;  // producer + consumer warpgroups
-  static constexpr int kCtasPerSm = kCtasPerSm_;
-  static_assert(kCtasPerSm == 2 || kCtasPerSm == 3, "two or three CTAs per SM");
+  static constexpr int kCtasPerSm = 2;
   static constexpr bool kProfileNoScales = kDecodeProfileNoScales;
-  // Stages: 80 KB of keys in flight per CTA at two per SM (MSA_DECODE_RING_KB), 64 KB at three.
-  static constexpr int kStages = (kCtasPerSm == 2 ? MSA_DECODE_RING_KB : 64) * 1024 /
-                                 (kBlockKV * kHeadDimIdx * static_cast<int>(sizeof(KeyElement)));
+  // Stages: 80 KB of keys in flight per CTA (MSA_DECODE_RING_KB).
+  static constexpr int kStages =
+      MSA_DECODE_RING_KB * 1024 / (kBlockKV * kHeadDimIdx * static_cast<int>(sizeof(KeyElement)));
   // The producer warpgroup gives registers to the consumer (fp8: the widened keys live in
-  // registers): 40 + 216 = 2 x the 128 per thread of a 2-CTA launch; 32 + 128 = 2 x 80 at three.
-  static constexpr int kProducerRegs = kCtasPerSm == 2 ? 40 : 32;
-  static constexpr int kConsumerRegs = kCtasPerSm == 2 ? 216 : 128;
+  // registers); 40 + 216 = 2 x the 128 per thread of a 2-CTA launch.
+  static constexpr int kProducerRegs = 40;
+  static constexpr int kConsumerRegs = 216;
   using MmaElement = std::conditional_t<kFp8Keys, cutlass::half_t, Element>;
 
   using TiledMma = std::conditional_t<
@@ -128,7 +120,7 @@ struct DecodeSelectTraits {
     typename MainloopPipeline::SharedStorage pipeline_k;
   };
   static constexpr int kSmemBytes = sizeof(SharedStorage);
-  static_assert((kSmemBytes + 1024) * kCtasPerSm <= 228 * 1024, "shared memory budget exceeded");
+  static_assert(kSmemBytes * kCtasPerSm <= 226 * 1024, "shared memory budget exceeded");
   // The epilogue's list buffer ([kBlockQ][2][kTopKCap] scores and ids) reuses the key stages.
   static_assert(cute::cosize_v<SmemLayoutK> * sizeof(KeyElement) >= kBlockQ * 2 * kTopKCap * 8,
                 "the epilogue's lists must fit in the key stages");
