@@ -132,20 +132,6 @@ def test_decode_topk_and_forced_blocks(topk, init_blocks, local_blocks):
     _check_step(seqs, out, aux, s_new, block_size=64, topk=topk, init_blocks=init_blocks, local_blocks=local_blocks)
 
 
-@pytest.mark.parametrize("pool", ["0", "25", "100"])
-@pytest.mark.parametrize("lengths,append", [([70001], False), ([2, 77, 1000, 2600, 5000], True)])
-def test_decode_select_pool(monkeypatch, pool, lengths, append):
-    """The indexer's CTAs take the last pool% of each request's candidate blocks from a shared
-    counter (zeroed by the append, or by the reset kernel when nothing is appended): static shares
-    only, the default 25%, and every block from the pool, against the reference."""
-    monkeypatch.setenv("MSA_DECODE_SELECT_POOL", pool)
-    s_new = 2 if append else 1
-    seqs, args, kw = _make_step(lengths, s_new, 64, 4, 128, 128, torch.bfloat16, 256 if append else None, append,
-                                seed=int(pool) + len(lengths))
-    out, aux = _step(args, kw, block_size=128, topk=16)
-    _check_step(seqs, out, aux, s_new, block_size=128, topk=16, min_agree=0.75)
-
-
 @pytest.mark.parametrize("cluster_merge", ["1", "0"], ids=["cluster", "global"])
 @pytest.mark.parametrize("hq,topk,lengths", [(64, 16, [70001]), (64, 16, [9000, 130]), (32, 16, [9000, 40]),
                                              (16, 5, [2, 77, 1000, 2600]), (32, 32, [9000]), (64, 8, [5000] * 12)])

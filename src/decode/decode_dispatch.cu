@@ -15,7 +15,6 @@
 #include <vector>
 
 #include "msa/decode/decode_cache.cuh"
-#include "msa/common/launch.h"
 #include "msa/decode/decode_trace.h"
 #include "msa/msa.h"
 
@@ -34,12 +33,8 @@ namespace {
 
 __global__ void __launch_bounds__(128) decode_append_kernel(const AppendParams p) {
   // The indexer may launch now (programmatic dependent launch). It reads nothing this grid writes
-  // before waiting for it (it only loads key rows below the old length early, and takes pool
-  // blocks only after waiting).
+  // before waiting for it (it only loads key rows below the old length early).
   asm volatile("griddepcontrol.launch_dependents;");
-  if (blockIdx.x == 0) {
-    for (int i = threadIdx.x; i < p.num_select_pool_counters; i += blockDim.x) p.select_pool_counters[i] = 0;
-  }
   const int b = blockIdx.x / p.s_new;
   const int i = blockIdx.x % p.s_new;
   const int64_t pos = static_cast<int64_t>(p.cache.cache_seqlens[b]) + i;
@@ -80,19 +75,6 @@ __global__ void __launch_bounds__(128) decode_append_kernel(const AppendParams p
   if (threadIdx.x == 0) p.k_idx_scale[dst] = scale;
 }
 
-// Zeroes the indexer's pool counters when no append runs before it. A programmatic dependent of
-// the caller's last kernel: it lets the indexer launch at once, and completes only after that
-// kernel has (the indexer's first wait is for this grid, and must cover the caller's writes).
-struct ResetParams {
-  int32_t* counters;
-  int num_counters;
-};
-__global__ void __launch_bounds__(128) decode_reset_kernel(const ResetParams p) {
-  asm volatile("griddepcontrol.launch_dependents;");
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  for (int i = threadIdx.x; i < p.num_counters; i += blockDim.x) p.counters[i] = 0;
-}
-
 constexpr int kTopKListCap = 32;  // workspace sized for the longest list
 
 size_t align_up(size_t x) { return (x + 255) / 256 * 256; }
@@ -114,10 +96,6 @@ size_t carve(const DecodeParams& p, void* base, DecodeWorkspace& w) {
   w.part_o = take(pairs * p.head_dim * 2);
   w.part_stats = static_cast<float2*>(take(pairs * sizeof(float2)));
   w.row_arrivals = static_cast<int32_t*>(take(rows * sizeof(int32_t)));
-  const int select_rows = p.s_new * p.num_heads_kv;
-  const int block_q = decode_select_block_q(select_rows);
-  w.num_select_pool_counters = p.batch * ((select_rows + block_q - 1) / block_q);
-  w.select_pool_counters = static_cast<int32_t*>(take(w.num_select_pool_counters * sizeof(int32_t)));
   return off;
 }
 
@@ -222,8 +200,6 @@ cudaError_t run_decode(const DecodeParams& params, void* workspace, cudaStream_t
                             static_cast<uint4*>(p.v_cache),
                             static_cast<uint4*>(p.k_idx_cache),
                             p.k_idx_scale,
-                            w.select_pool_counters,
-                            w.num_select_pool_counters,
                             p.s_new,
                             p.num_heads_kv * p.head_dim * 2 / 16,
                             p.head_dim_idx * 2 / 16,
@@ -233,12 +209,6 @@ cudaError_t run_decode(const DecodeParams& params, void* workspace, cudaStream_t
     if (err != cudaSuccess) return err;
   }
 
-  if (p.appended_tokens == 0 && decode::decode_select_pool_percent() > 0) {
-    const decode::ResetParams rp{w.select_pool_counters, w.num_select_pool_counters};
-    cudaError_t err =
-        common::launch_dependent(decode::decode_reset_kernel, dim3(1), 128, 0, stream, rp, p.programmatic_launch);
-    if (err != cudaSuccess) return err;
-  }
   const int splits = decode::decode_select_splits(p);
   cudaError_t err;
   const bool idx_bf16 = p.idx_dtype == DType::kBF16;

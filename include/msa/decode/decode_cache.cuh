@@ -73,18 +73,6 @@ inline bool decode_cluster_merge_enabled() {
   return env == nullptr || std::strtol(env, nullptr, 10) != 0;
 }
 
-// Share (percent) of each request's candidate blocks that the indexer's CTAs take from a shared
-// pool instead of equal static shares (decode_select_kernel.cuh, SplitRange);
-// MSA_DECODE_SELECT_POOL overrides it (0: static shares only, for measuring).
-inline int decode_select_pool_percent() {
-  int percent = 25;
-  if (const char* env = std::getenv("MSA_DECODE_SELECT_POOL")) {
-    const long value = std::strtol(env, nullptr, 10);
-    percent = static_cast<int>(value < 0 ? 0 : (value > 100 ? 100 : value));
-  }
-  return percent;
-}
-
 // Scratch of one decoding step (carved from one workspace by run_decode).
 struct DecodeWorkspace {
   float* part_score;      // indexer lists: [B * S_new * Hkv, splits, cap] scores
@@ -92,8 +80,6 @@ struct DecodeWorkspace {
   void* part_o;           // attention partials [B * S_new, Hq, topk, D] (q's dtype)
   float2* part_stats;     // [B * S_new, Hq, topk]
   int32_t* row_arrivals;  // [B * S_new * Hkv]
-  int32_t* select_pool_counters;  // [B * m_tiles]: zeroed by the append or the reset kernel
-  int num_select_pool_counters;
 };
 
 // Append: new token i of request b goes to position cache_seqlens[b] + i of k, v and the
@@ -109,8 +95,6 @@ struct AppendParams {
   uint4* v_cache;
   uint4* k_idx_cache;      // [cache rows, idx_row_chunks] (e4m3: [cache rows, Di] bytes)
   float* k_idx_scale;      // [cache rows] for an e4m3 index-key cache, else null
-  int32_t* select_pool_counters;  // zeroed here for the indexer (null: none)
-  int num_select_pool_counters;
   int s_new;
   int kv_row_chunks;   // Hkv * D * 2 bytes / 16
   int idx_row_chunks;  // Di * 2 bytes / 16 (of the new rows)

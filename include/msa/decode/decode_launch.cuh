@@ -47,14 +47,12 @@ cudaError_t launch_decode_select_tile(const DecodeParams& p, const DecodeWorkspa
       ws.part_id,
       ws.row_arrivals,
       p.select_trace,
-      ws.select_pool_counters,
       p.s_new,
       p.num_heads_kv,
       num_splits,
       p.block_size,
       p.init_blocks,
       p.local_blocks,
-      decode_select_pool_percent(),
   };
   // A programmatic dependent launch: the CTAs become resident while the append kernel (or the
   // caller's last kernel) runs. After an append they load what it cannot write (the query rows,

@@ -58,23 +58,17 @@ struct DecodeSelectParams {
   int32_t* part_id;
   int32_t* row_arrivals; // [B * rows]: zeroed here for the attention's last-CTA count
   unsigned long long* trace;  // null, or [CTAs][kDecodeTraceSlots] (see DecodeTraceSlot)
-  int32_t* pool_counters;     // [B * m_tiles]: blocks of the shared pool taken (zero at launch)
   int s_new, num_idx_heads, num_splits;
   int block_size, init_blocks, local_blocks;
-  int pool_percent;           // share of the candidate blocks in the shared pool (0: none)
 };
 
-// The candidate blocks a CTA scans for the rows of m-tile t of request b. Equal static shares of
-// all but the last pool_percent of the candidates: [blk_begin, blk_end); then blocks of the
-// shared pool [pool_begin, pool_end), taken one at a time from the (request, m-tile)'s counter
-// until it runs out. CTAs do not stream equally fast (an H200 trace of 1M x 2 with fp8 keys: the
-// per-CTA stream time spans 51-65 us, and the kernel ends with the slowest), so the pool lets the
-// fast ones take more. Every CTA scores its blocks in ascending order (its share, then pool
-// blocks, all above every share), so ties keep the lower block id as before.
+// The candidate blocks a CTA scans: [blk_begin, blk_end) of request b for rows of m-tile t.
 struct SplitRange {
-  int blk_begin = 0, blk_end = 0, pool_begin = 0, pool_end = 0;
+  int blk_begin, blk_end;
   __device__ SplitRange(int length, int s_new, int rows, int num_heads, int m_tile, int block_q, int block_size,
-                        int init_blocks, int local_blocks, int split, int num_splits, int pool_percent) {
+                        int init_blocks, int local_blocks, int split, int num_splits) {
+    blk_begin = 0;
+    blk_end = 0;
     const int last_row = min(rows, (m_tile + 1) * block_q) - 1;
     const int pos = length - s_new + last_row / num_heads;  // latest token of the tile
     if (pos < 0) return;
@@ -82,14 +76,9 @@ struct SplitRange {
     const int lo = init_blocks;
     const int n = last.local_begin - lo;
     if (n <= 0) return;
-    const int pooled = static_cast<int>(static_cast<int64_t>(n) * pool_percent / 100);
-    const int shared = n - pooled;
-    blk_begin = lo + static_cast<int>(static_cast<int64_t>(split) * shared / num_splits);
-    blk_end = lo + static_cast<int>(static_cast<int64_t>(split + 1) * shared / num_splits);
-    pool_begin = lo + shared;
-    pool_end = lo + n;
+    blk_begin = lo + static_cast<int>(static_cast<int64_t>(split) * n / num_splits);
+    blk_end = lo + static_cast<int>(static_cast<int64_t>(split + 1) * n / num_splits);
   }
-  __device__ bool empty() const { return blk_end <= blk_begin && pool_end <= pool_begin; }
 };
 
 // fp8 keys: the WGMMA's logical k column that carries index-dimension column `physical`. In a
@@ -194,9 +183,10 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
   const int rows = params.s_new * params.num_idx_heads;  // packed rows of one request
   const int length = params.cache.length(b);
   const SplitRange range(length, params.s_new, rows, params.num_idx_heads, m_tile, kBlockQ, params.block_size,
-                         params.init_blocks, params.local_blocks, split, params.num_splits,
-                         params.pool_counters == nullptr ? 0 : params.pool_percent);
+                         params.init_blocks, params.local_blocks, split, params.num_splits);
   const int tiles_per_block = params.block_size / kBlockKV;
+  const int tile_begin = range.blk_begin * tiles_per_block;
+  const int tile_end = range.blk_end * tiles_per_block;
 
   const int warp_group = common::warp_group_idx();
   const int lane = threadIdx.x % 32;
@@ -218,82 +208,35 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
   if (warp_group == 0) {
     // ---------------- producer ----------------
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
-    if (threadIdx.x != 0 || range.empty()) return;
+    if (threadIdx.x != 0 || tile_end <= tile_begin) return;
     Tensor mK = params.tma_k.get_tma_tensor(make_shape(params.cache_rows, Int<kHeadDimIdx>{}));
     PipelineState write_state = cutlass::make_producer_start_state<MainloopPipeline>();
     const int old_length = length - params.cache.appended_tokens;  // rows below it are not appended
     bool append_done = !prior_grid_is_append;
-    int32_t* pool_counter =
-        params.pool_counters == nullptr ? nullptr : params.pool_counters + static_cast<int64_t>(b) * gridDim.y + m_tile;
-    bool first = true;
-    auto stream_block = [&](int block) {
-      for (int t = 0; t < tiles_per_block; ++t) {
-        const int n = block * tiles_per_block + t;
-        if (!append_done && (n + 1) * kBlockKV > old_length) {
-          asm volatile("griddepcontrol.wait;" ::: "memory");
-          append_done = true;
-        }
-        const int key_row = static_cast<int>(params.cache.row(b, n * kBlockKV));
-        Tensor gK = local_tile(domain_offset(make_coord(key_row, _0{}), mK), Shape<Int<kBlockKV>, Int<kHeadDimIdx>>{},
-                               make_coord(_0{}, _0{}));
-        auto [tKgK, tKsK] = tma_partition(params.tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK),
-                                          group_modes<0, 2>(gK));
-        // The stage's block id goes to shared memory before the full barrier's arrive (whose
-        // release makes it visible to the consumer's wait): wait for the free stage by hand.
-        smem.pipeline_k.empty_barrier_[write_state.index()].wait(write_state.phase());
-        smem.stage_block[write_state.index()] = block;
-        pipeline_k.producer_acquire(write_state, {cutlass::BarrierStatus::WaitDone});
-        copy(params.tma_k.with(*pipeline_k.producer_get_barrier(write_state), 0), tKgK, tKsK(_, write_state.index()));
-        if (trace != nullptr && first) trace[kTraceFirstIssue] = global_timer_ns();
-        first = false;
-        if constexpr (Traits::kFp8Keys && !Traits::kProfileNoScales) {
-          Tensor mS = params.tma_scale.get_tma_tensor(make_shape(params.cache_rows));
-          Tensor sS = make_tensor(make_smem_ptr(smem.fp8.scale.data()), typename Traits::SmemLayoutScale{});
-          Tensor gS = local_tile(domain_offset(make_coord(key_row), mS), Shape<Int<kBlockKV>>{}, make_coord(_0{}));
-          auto [tSgS, tSsS] = tma_partition(params.tma_scale, Int<0>{}, Layout<_1>{}, group_modes<0, 1>(sS),
-                                            group_modes<0, 1>(gS));
-          copy(params.tma_scale.with(*pipeline_k.producer_get_barrier(write_state), 0), tSgS,
-               tSsS(_, write_state.index()));
-        }
-        ++write_state;
-      }
-    };
-    for (int block = range.blk_begin; block < range.blk_end; ++block) stream_block(block);
-    const int pool_size = range.pool_end - range.pool_begin;
-    if (pool_size > 0) {
-      // The counters are zeroed by the kernel before this one (the append, or the reset kernel
-      // that this grid waited for at its start).
-      if (!append_done) {
+    for (int n = tile_begin; n < tile_end; ++n) {
+      if (!append_done && (n + 1) * kBlockKV > old_length) {
         asm volatile("griddepcontrol.wait;" ::: "memory");
         append_done = true;
       }
-      // kClaims claims in flight: a claim's round trip takes microseconds while the memory system
-      // is saturated (one claim at a time left the pool's CTAs waiting on it). A CTA's tickets
-      // come back in the order it asked for them, so its blocks stay ascending.
-      constexpr int kClaims = 4;
-      int claim[kClaims];
-#pragma unroll
-      for (int k = 0; k < kClaims; ++k) claim[k] = atomicAdd(pool_counter, 1);
-      bool more = true;
-      while (more) {
-#pragma unroll
-        for (int k = 0; k < kClaims; ++k) {
-          if (!more) break;
-          const int ticket = claim[k];
-          if (ticket >= pool_size) {
-            more = false;
-          } else {
-            claim[k] = atomicAdd(pool_counter, 1);
-            stream_block(range.pool_begin + ticket);
-          }
-        }
+      const int key_row = static_cast<int>(params.cache.row(b, n * kBlockKV));
+      Tensor gK = local_tile(domain_offset(make_coord(key_row, _0{}), mK), Shape<Int<kBlockKV>, Int<kHeadDimIdx>>{},
+                             make_coord(_0{}, _0{}));
+      auto [tKgK, tKsK] = tma_partition(params.tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK),
+                                        group_modes<0, 2>(gK));
+      pipeline_k.producer_acquire(write_state);
+      copy(params.tma_k.with(*pipeline_k.producer_get_barrier(write_state), 0), tKgK, tKsK(_, write_state.index()));
+      if (trace != nullptr && n == tile_begin) trace[kTraceFirstIssue] = global_timer_ns();
+      if constexpr (Traits::kFp8Keys && !Traits::kProfileNoScales) {
+        Tensor mS = params.tma_scale.get_tma_tensor(make_shape(params.cache_rows));
+        Tensor sS = make_tensor(make_smem_ptr(smem.fp8.scale.data()), typename Traits::SmemLayoutScale{});
+        Tensor gS = local_tile(domain_offset(make_coord(key_row), mS), Shape<Int<kBlockKV>>{}, make_coord(_0{}));
+        auto [tSgS, tSsS] = tma_partition(params.tma_scale, Int<0>{}, Layout<_1>{}, group_modes<0, 1>(sS),
+                                          group_modes<0, 1>(gS));
+        copy(params.tma_scale.with(*pipeline_k.producer_get_barrier(write_state), 0), tSgS,
+             tSsS(_, write_state.index()));
       }
+      ++write_state;
     }
-    // The end: a stage with no bytes and block id -1.
-    smem.pipeline_k.empty_barrier_[write_state.index()].wait(write_state.phase());
-    smem.stage_block[write_state.index()] = -1;
-    smem.pipeline_k.full_barrier_[write_state.index()].arrive();
-    ++write_state;
     pipeline_k.producer_tail(write_state);
     return;
   }
@@ -329,8 +272,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
   common::RunningTopK<kTopKCap> top;
   top.clear();
 
-  int stages_done = 0;
-  if (!range.empty()) {
+  if (tile_end > tile_begin) {
     typename Traits::TiledMma tiled_mma;
     auto thr_mma = tiled_mma.get_thread_slice(thread);
     Tensor tSrQ = thr_mma.partition_fragment_B(sQ);
@@ -359,22 +301,23 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
         key_addr[h][c] = cute::cast_smem_ptr_to_uint(&sK(key_row + 8 * h, kRunBytes * quad + 16 * c, 0));
       }
     }
+    // Trace points: the stages at 1/4, 1/2 and 3/4 of the slice (measurement aid).
+    const int num_tiles = tile_end - tile_begin;
+    int trace_mark = 0;  // quarter marks stamped
+    int trace_next = tile_begin + num_tiles / 4;
     PipelineState read_state;
-    int tile_in_block = 0;  // the stage's place in its block
-    int block = -1;         // the block being scored (the producer names it per stage)
-    int blocks_done = 0;    // picks the block_max buffer
-    while (true) {
+    int tile_in_block = 0;  // stage n's place in its block, and the block (no division per stage)
+    int block = range.blk_begin;
+    for (int n = tile_begin; n < tile_end; ++n) {
       pipeline_k.consumer_wait(read_state);
-      const int stage = read_state.index();
-      const int stage_block = smem.stage_block[stage];
-      if (stage_block < 0) {  // the producer's end marker
-        pipeline_k.consumer_release(read_state);
-        ++read_state;
-        break;
+      if (trace != nullptr && thread == 0) {
+        if (n == tile_begin) trace[kTraceFirstStage] = global_timer_ns();
+        for (; trace_mark < 3 && n >= trace_next; ++trace_mark) {
+          trace[kTraceQuarter + trace_mark] = global_timer_ns();
+          trace_next = tile_begin + (trace_mark + 2) * num_tiles / 4;
+        }
       }
-      if (trace != nullptr && thread == 0 && stages_done == 0) trace[kTraceFirstStage] = global_timer_ns();
-      ++stages_done;
-      if (tile_in_block == 0) block = stage_block;
+      const int stage = read_state.index();
       if constexpr (Traits::kFp8Keys) {
         // This thread's bytes of its two key rows, then the stage is free again.
         uint4 raw[2][kLoads];
@@ -442,7 +385,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
       if (++tile_in_block == tiles_per_block) {
         // Block done: its max per query row over all 64 x tiles_per_block keys.
         tile_in_block = 0;
-        float(&block_max)[4][kBlockQ] = smem.block_max[blocks_done & 1];  // double-buffered: see below
+        float(&block_max)[4][kBlockQ] = smem.block_max[block & 1];  // double-buffered: see below
 #pragma unroll
         for (int i = 0; i < kRowsPerThread; ++i) {
           float m = pending[i];
@@ -466,7 +409,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
                                     fmaxf(block_max[2][own_row], block_max[3][own_row]));
           if (score > top.threshold()) top.insert(score, block);
         }
-        ++blocks_done;
+        ++block;
       }
     }
   }
@@ -476,7 +419,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
     unsigned sm;
     asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
     trace[kTraceSm] = sm;
-    trace[kTraceStages] = static_cast<unsigned long long>(stages_done);
+    trace[kTraceStages] = static_cast<unsigned long long>(max(0, tile_end - tile_begin));
   }
   // Every CTA waits for the append before it finishes, so this grid's completion, which the
   // attention kernel waits for, implies the append's (the attention reads the appended K/V rows).

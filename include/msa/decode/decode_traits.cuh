@@ -117,7 +117,6 @@ struct DecodeSelectTraits {
     cute::array_aligned<MmaElement, cute::cosize_v<SmemLayoutQ>, 1024> q;
     std::conditional_t<kFp8Keys, ScaleStorage, NoStorage> fp8;
     float block_max[2][4][kBlockQ];  // per block: each warp's max over its keys, double-buffered
-    int stage_block[kStages];        // the block each key stage holds (-1: the producer is done)
     typename MainloopPipeline::SharedStorage pipeline_k;
   };
   static constexpr int kSmemBytes = sizeof(SharedStorage);
