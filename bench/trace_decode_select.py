@@ -124,7 +124,8 @@ def main():
     ap.add_argument("--cases", nargs="+", default=["1048576x2", "131072x8"], help="LENGTHxBATCH")
     ap.add_argument("--reps", type=int, default=6)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--raw", action="store_true", help="also keep every CTA's stamps of the last step in the JSON")
+    ap.add_argument("--raw", action="store_true",
+                    help="also keep every indexer and attention CTA's stamps of the last step in the JSON")
     args = ap.parse_args()
     dev = torch.device("cuda")
     rows = []
@@ -160,6 +161,7 @@ def main():
             rows.append(dict(length=length, batch=batch, keys=name, splits=steps[0]["header"][0], **med))
             if args.raw:  # e.g. to relate a CTA's stream time to its SM
                 rows[-1]["last_step_ctas"] = steps[-1]["ctas"]
+                rows[-1]["last_step_attn"] = steps[-1]["attn"]
             print(f"{length:>8} x {batch} {name}: {med['ctas']:.0f} CTAs; last CTA start {med['last_start']:.2f} us; "
                   f"first issue {med['first_issue_after_start']:.2f} us after start, first stage "
                   f"{med['first_stage_after_issue']:.2f} us after issue (earliest {med['first_stage_min']:.2f})")
