@@ -76,9 +76,9 @@ def summarize(step, key_bytes):
 
     attn = step["attn"]
     out = {}
-    if attn and all(c["done"] for c in attn):
+    worked = [c for c in attn if c["blocks"] > 0]
+    if worked and all(c["done"] for c in attn):
         indexer_end = max(c["list_written"] for c in ctas)
-        worked = [c for c in attn if c["blocks"] > 0]
         out = {
             "attn_ctas": len(attn),
             "attn_start_median": us(statistics.median(c["start"] for c in attn)),
