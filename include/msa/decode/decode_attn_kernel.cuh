@@ -27,6 +27,7 @@
 
 #include "msa/common/arch.cuh"
 #include "msa/common/gemm.cuh"
+#include "msa/common/lse.cuh"
 #include "msa/decode/decode_cache.cuh"
 #include "msa/decode/decode_merge.cuh"
 #include "msa/decode/decode_trace.h"
@@ -145,7 +146,7 @@ __device__ __forceinline__ void combine_row_chunks(const Params& params, int64_t
     }
     if (h < G && sub == 0) {
       params.lse[(static_cast<int64_t>(b) * params.num_heads + group * G + h) * params.s_new + token_in_req] =
-          total > 0.f ? (m + __log2f(total)) * 0.69314718055994531f : -CUDART_INF_F;
+          common::natural_lse(m, total);
     }
   }
   attn_sync<Traits>();
@@ -235,7 +236,7 @@ __device__ __forceinline__ void combine_cluster_chunks(const Params& params, int
     *reinterpret_cast<cutlass::Array<Element, 4>*>(params.out + pair * kHeadDim + col) = res;
     if (col == 0) {
       params.lse[(static_cast<int64_t>(b) * params.num_heads + group * G + h) * params.s_new + token_in_req] =
-          total > 0.f ? (m + __log2f(total)) * 0.69314718055994531f : -CUDART_INF_F;
+          common::natural_lse(m, total);
     }
   }
 }

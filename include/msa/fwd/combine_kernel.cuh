@@ -16,6 +16,7 @@
 
 #include <cutlass/array.h>
 
+#include "msa/common/lse.cuh"
 #include "msa/common/seqlen.cuh"
 #include "msa/fwd/fwd_common.cuh"
 
@@ -110,7 +111,7 @@ __device__ __forceinline__ float merge_slots(bool valid, float2 slot_stats,
     for (int d = 0; d < 8; ++d) res[d] = static_cast<Element>(acc[d] * inv_total);
     *reinterpret_cast<cutlass::Array<Element, 8>*>(out + chunk * 8) = res;
   }
-  return total > 0.f ? (m + __log2f(total)) * 0.69314718055994531f : -CUDART_INF_F;
+  return common::natural_lse(m, total);
 }
 
 // Index of (token, head) in the lse output: padded [B, Hq, Sq] or varlen [Hq, total_q].

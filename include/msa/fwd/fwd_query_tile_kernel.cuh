@@ -30,6 +30,7 @@
 
 #include "msa/common/arch.cuh"
 #include "msa/common/gemm.cuh"
+#include "msa/common/lse.cuh"
 #include "msa/common/seqlen.cuh"
 #include "msa/fwd/fwd_collective.cuh"
 #include "msa/fwd/fwd_traits.cuh"
@@ -322,7 +323,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
                                 ? head * params.total_q + tile.seq.q_token_start + tile.first + token
                                 : (static_cast<int64_t>(tile.batch_idx) * params.num_heads + head) * params.seqlen_q +
                                       tile.first + token;
-        params.lse[idx] = row_sum[i] > 0.f ? (row_max[i] + __log2f(row_sum[i])) * 0.69314718055994531f : -CUDART_INF_F;
+        params.lse[idx] = common::natural_lse(row_max[i], row_sum[i]);
       }
     }
     const uint32_t stage_base = q_smem_base + q_stage * kQStageBytes;
