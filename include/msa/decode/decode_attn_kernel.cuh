@@ -264,11 +264,7 @@ __global__ void __launch_bounds__(Traits::kCtaThreads, 1)
   const int query_pos = length - params.s_new + token_in_req;
   const int G = params.group_size;
   const int lane = threadIdx.x % 32;
-  unsigned long long* trace =
-      params.trace == nullptr || threadIdx.x != 0
-          ? nullptr
-          : params.trace + ((static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) *
-                               kDecodeTraceSlots;
+  unsigned long long* trace = cta_trace_row(params.trace, threadIdx.x == 0);
   if (trace != nullptr) trace[kAttnTraceStart] = global_timer_ns();
 
   Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});
@@ -424,9 +420,7 @@ __global__ void __launch_bounds__(Traits::kCtaThreads, 1)
 
   if (trace != nullptr) {
     trace[kAttnTraceLoopEnd] = global_timer_ns();
-    unsigned sm;
-    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-    trace[kAttnTraceSm] = sm;
+    trace[kAttnTraceSm] = sm_id();
     trace[kAttnTraceBlocks] = static_cast<unsigned long long>(num_blocks);
   }
   // The chunk's partial (an empty chunk writes O = 0, lse = -inf).

@@ -168,11 +168,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
   // are final and the producer waits for the append only before a tile that holds one of them:
   // the first key loads and the query rows overlap the append. Otherwise the previous grid is the
   // caller's (it may be writing q_idx): wait now.
-  unsigned long long* trace =
-      params.trace == nullptr
-          ? nullptr
-          : params.trace + ((static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) *
-                               kDecodeTraceSlots;
+  unsigned long long* trace = cta_trace_row(params.trace);
   if (trace != nullptr && threadIdx.x == 0) trace[kTraceStart] = global_timer_ns();
   const bool prior_grid_is_append = params.cache.appended_tokens > 0;
   if (!prior_grid_is_append) asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -416,9 +412,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
 
   if (trace != nullptr && thread == 0) {
     trace[kTraceLoopEnd] = global_timer_ns();
-    unsigned sm;
-    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-    trace[kTraceSm] = sm;
+    trace[kTraceSm] = sm_id();
     trace[kTraceStages] = static_cast<unsigned long long>(max(0, tile_end - tile_begin));
   }
   // Every CTA waits for the append before it finishes, so this grid's completion, which the

@@ -47,6 +47,21 @@ __device__ __forceinline__ unsigned long long global_timer_ns() {
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   return t;
 }
+
+__device__ __forceinline__ unsigned long long sm_id() {
+  unsigned sm;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+  return sm;
+}
+
+// This CTA's row of a kernel's half of the trace buffer; null when tracing is off or the calling
+// thread does not stamp.
+__device__ __forceinline__ unsigned long long* cta_trace_row(unsigned long long* trace, bool stamps = true) {
+  return trace == nullptr || !stamps
+             ? nullptr
+             : trace + ((static_cast<long long>(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) *
+                           kDecodeTraceSlots;
+}
 #endif
 
 }  // namespace msa::decode
