@@ -24,8 +24,8 @@ namespace msa::fwd {
 
 template <class Element>
 struct CombineParams {
-  const Element* part_o;        // [chunk tokens, Hq, topk, D]
-  const float2* part_stats;     // [chunk tokens, Hq, topk]: (max, lse) per partial, log2 units
+  const Element* part_o;        // [chunk tokens, topk, Hq, D]
+  const float2* part_stats;     // [chunk tokens, topk, Hq]: (max, lse) per partial, log2 units
   const int32_t* block_indices; // [total_q, Hkv, topk]
   Element* out;                 // [total_q, Hq, D]
   float* lse;                   // padded [B, Hq, Sq] or varlen [Hq, total_q]
@@ -132,15 +132,17 @@ __global__ void __launch_bounds__(128) combine_kernel(const CombineParams<Elemen
   const int64_t pair = blockIdx.x * 4LL + threadIdx.x / 32;  // (chunk token, head)
   const int lane = threadIdx.x % 32;
   if (pair >= (p.token_end - p.token_begin) * p.num_heads) return;
-  const uint4* rows =
-      reinterpret_cast<const uint4*>(p.part_o + pair * p.topk * kHeadDim) + lane % Chunks::kLanesPerRow;
+  // The pair's first partial row; its slots are Hq rows apart.
+  const int64_t first = (pair / p.num_heads) * p.topk * p.num_heads + pair % p.num_heads;
+  const int64_t slot_stride = p.num_heads;
+  const uint4* rows = reinterpret_cast<const uint4*>(p.part_o + first * kHeadDim) + lane % Chunks::kLanesPerRow;
   uint4 loaded[Chunks::kLoads];
 #pragma unroll
   for (int k = 0; k < Chunks::kLoads; ++k) {
     const int s = Chunks::slot(lane, k);
-    loaded[k] = load_streaming_16(rows + s * Chunks::kLanesPerRow, s < p.topk);
+    loaded[k] = load_streaming_16(rows + s * slot_stride * Chunks::kLanesPerRow, s < p.topk);
   }
-  const float2 stats = lane < p.topk ? p.part_stats[pair * p.topk + lane] : make_float2(0.f, -CUDART_INF_F);
+  const float2 stats = lane < p.topk ? p.part_stats[first + lane * slot_stride] : make_float2(0.f, -CUDART_INF_F);
 
   const int64_t q_local = pair / p.num_heads;
   const int head = static_cast<int>(pair % p.num_heads);

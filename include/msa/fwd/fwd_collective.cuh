@@ -256,6 +256,51 @@ __device__ __forceinline__ void store_staged_rows(uint32_t stage_base, int mma_w
   }
 }
 
+// 16 bytes to global memory, evict-first in L2 (st.global.cs): the forward's partials are read
+// back only by the combine, after the whole chunk, so they should not push the query rows, which
+// later tiles gather again, out of L2.
+__device__ __forceinline__ void store_16_streaming(void* dst, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+  asm volatile("st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
+}
+
+// Epilogue without shared memory: a thread's two accumulator rows of O (fp32) times out_scale per
+// row, straight to global memory (row_dst[i]: the row's first element, null to skip) in 16-byte
+// evict-first stores. A quad holds the 8 columns of each 8-column slice j, two per lane; for each group of four
+// slices, a 4x4 transpose of those 32-bit pairs within the quad (two xor-shuffle rounds, each
+// swapping one bit of the lane index with the same bit of the slot index) leaves lane q holding
+// all of slice 4 g + q. A warp's store then covers 64 contiguous bytes of 8 rows.
+template <class Element, int kCols, class TensorO>
+__device__ __forceinline__ void store_output_rows_direct(TensorO const& tOrO, const float (&out_scale)[2],
+                                                         Element* const (&row_dst)[2], int quad) {
+  static_assert(kCols % 32 == 0);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int g = 0; g < kCols / 32; ++g) {
+      uint32_t r[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int v = 4 * (4 * g + k) + 2 * i;  // value of row i, columns 8 (4 g + k) + 2 quad + {0, 1}
+        r[k] = pack_pair<Element>(tOrO(v) * out_scale[i], tOrO(v + 1) * out_scale[i]);
+      }
+#pragma unroll
+      for (int bit = 1; bit <= 2; bit <<= 1) {
+        const bool upper = quad & bit;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          if (k & bit) continue;
+          // Slots k and k + bit: the lower lane keeps slot k and receives the partner's slot k
+          // into k + bit; the upper lane keeps k + bit and receives into k.
+          const uint32_t sent = upper ? r[k] : r[k + bit];
+          const uint32_t got = __shfl_xor_sync(0xffffffff, sent, bit);
+          if (upper) r[k] = got; else r[k + bit] = got;
+        }
+      }
+      if (row_dst[i] != nullptr) store_16_streaming(row_dst[i] + (4 * g + quad) * 8, r[0], r[1], r[2], r[3]);
+    }
+  }
+}
+
 // Host: TMA copies of K and V ([total_k, Hkv, D] as (token, d, head)) into Traits' K/V tiles.
 template <class Traits, class P>
 std::pair<typename Traits::TmaKV, typename Traits::TmaKV> make_kv_tmas(const P& p) {

@@ -5,7 +5,10 @@
 // contiguous in q, so a row gather is 16-byte vector copies). For each row:
 //   S = scale * q K_kb^T (keys j > p(i) masked), P = exp(S - max), O_part = P V_kb (bf16:
 //   unnormalized; fp16: / sum(P)), with (max, lse_part = max + log(sum(P))) kept next to it,
-// written per (query, head, slot); combine_kernel merges the slots of a query by lse.
+// written per (query, slot, head); combine_kernel merges the slots of a query by lse. The partials
+// are slot-major ([token, slot, Hq, D]) so that a tile's rows of one token (the G heads of its
+// group) land in one contiguous G x D run: scattered 256-byte rows ([token, Hq, slot, D]) cost the
+// DRAM a third more time (main kernel 30.0 -> 23.7 ms at 128K on an H100, bench/RESULTS.md).
 //
 // Grid: persistent, one CTA per SM; CTAs take runs of consecutive tiles of the work list
 // fwd_plan_kernel.cuh produced (sorted by list, i.e. by key block) from a global counter
@@ -16,7 +19,7 @@
 // each signals the stage's full barrier when its copies land (cp.async.mbarrier.arrive.noinc; the
 // TMA bytes are expected on the same barrier). Warpgroups 1-2 = consumers, 64 rows of every tile each:
 // WGMMA S = Q K^T (SS), the softmax in registers, WGMMA O = P V (P from registers, V^T read
-// MN-major from the TMA tile), then the partial output through shared memory and the lse. Each
+// MN-major from the TMA tile), then the partial output and the lse straight from registers. Each
 // consumer pipelines its own tiles: the next tile's S = Q K^T runs during this tile's stores.
 #pragma once
 
@@ -52,8 +55,8 @@ struct FwdKernelParams {
   const int4* work;          // (list, first entry, entries, 0) per tile
   const int32_t* num_work;   // [1]
   int32_t* work_counter;     // [1], zeroed by the plan: the dynamic scheduler's next free tile
-  Element* part_o;           // [chunk tokens, Hq, topk, D], unnormalized partial outputs P V
-  float2* part_stats;        // [chunk tokens, Hq, topk]: (row max, lse) of each partial, log2 units
+  Element* part_o;           // [chunk tokens, topk, Hq, D], unnormalized partial outputs P V
+  float2* part_stats;        // [chunk tokens, topk, Hq]: (row max, lse) of each partial, log2 units
   int64_t token_begin;       // first flat query token of the chunk
   const int32_t* cu_seqlens_q;
   const int32_t* cu_seqlens_k;
@@ -62,6 +65,7 @@ struct FwdKernelParams {
   cutlass::FastDivmod num_blocks_max_div, num_heads_kv_div;
   float scale_log2;  // softmax_scale * log2(e)
   int group_shift;  // log2(G): G is a power of two, so row / G and row % G are a shift and a mask
+  int pingpong;      // the two consumer warpgroups take turns issuing their GEMMs (MSA_FWD_PINGPONG)
 };
 
 template <class Traits>
@@ -264,13 +268,6 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   // current tile's partial output, and its softmax overlaps the other warpgroup's GEMMs.
   //   wait S(t) -> softmax(t) -> issue P V(t) -> [load tile t+1] issue Q K^T(t+1)
   //   -> wait P V(t) (Q K^T(t+1) still running) -> epilogue(t) -> wait S(t+1) -> ...
-  const int epilogue_barrier = static_cast<int>(mma_wg == 0 ? FwdBarrier::Epilogue0 : FwdBarrier::Epilogue1);
-  // Double-buffered by tile parity: a thread writing tile k+2's rows has passed tile k+1's epilogue
-  // barrier, which every thread reaches only after its tile-k stores, so no second barrier.
-  int out_parity = 0;
-  // The epilogue stages a warpgroup's partial rows in its own rows of the tile's query stage
-  // (stage_output_rows), then stores them with 16-byte rows (store_staged_rows).
-  const uint32_t q_smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem.q.data()));
 
   QState q_state;
   QState loaded_q_state;
@@ -309,7 +306,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         const int32_t entry = smem.rows[stage][row];
         const int local_token = entry_token(entry);
         const int head = tc.group * G + (row & (G - 1));
-        part[i] = (local_token * params.num_heads + head) * params.topk + entry_slot(entry);
+        part[i] = (local_token * params.topk + entry_slot(entry)) * params.num_heads + head;
         last_col[i] = seq.query_position(static_cast<int>(params.token_begin + local_token - seq.q_token_start)) -
                       tc.block * kBlockN;
       } else {
@@ -336,13 +333,20 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
                                                                  tSrK(_, _, _, kv_stage), tSrS);
   };
 
+  // Turns: a warpgroup issues P V(t) and Q K^T(t+1) only after the other one has issued its pair,
+  // so one's softmax and epilogue run under the other's GEMMs. Warpgroup 1 hands the first turn to
+  // warpgroup 0; warpgroup 0 takes the one left over at the end.
+  const int own_turn = static_cast<int>(mma_wg == 0 ? FwdBarrier::Turn0 : FwdBarrier::Turn1);
+  const int other_turn = static_cast<int>(mma_wg == 0 ? FwdBarrier::Turn1 : FwdBarrier::Turn0);
+  if (params.pingpong && mma_wg == 1) cutlass::arch::NamedBarrier::arrive(Traits::kNumMmaThreads, other_turn);
   bool have_tile = load_tile();
   issue_qk();
   while (have_tile) {
     warpgroup_wait<0>();
     warpgroup_fence_operand(tSrS);
-    const QState tile_q_state = loaded_q_state;  // released once the partial output has left
-    const int tile_q_stage = q_stage;
+    // The epilogue stores from registers, so the query stage is free once S = Q K^T has read it:
+    // the producer refills it about two tiles before it is needed.
+    q_pipeline.consumer_release(loaded_q_state);
     const int pv_kv_stage = kv_stage;
     const int tile_part[2] = {part[0], part[1]};
 
@@ -363,9 +367,11 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
 
     // O = P V, then (overlapping it) the next tile's S = Q K^T.
     warpgroup_fence_operand(tOrP);
+    if (params.pingpong) cutlass::arch::NamedBarrier::sync(Traits::kNumMmaThreads, own_turn);
     common::warpgroup_gemm</*kZeroInit=*/true, /*kWait=*/false>(tiled_mma_pv, tOrP, tOrVt(_, _, _, pv_kv_stage), tOrO);
     have_tile = load_tile();
     issue_qk();
+    if (params.pingpong) cutlass::arch::NamedBarrier::arrive(Traits::kNumMmaThreads, other_turn);
     warpgroup_wait<1>();  // P V done; Q K^T of the next tile may still run
     warpgroup_fence_operand(tOrO);
     if (release_kv) {
@@ -373,35 +379,26 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       release_kv = false;
     }
 
-    // Epilogue: partial rows -> shared memory (stmatrix) -> 16-byte global stores; each row's
-    // (max, lse) in log2 units straight to global. The combine weighs slot s by 2^(max_s - LSE),
-    // which normalizes P V, so bf16 partials skip the division. fp16 partials are normalized here
-    // (P V can exceed fp16's range) and record max = lse, which makes the same weight exact.
+    // Epilogue: partial rows straight from registers to global memory in 16-byte stores (a quad
+    // transpose, store_output_rows_direct); each row's (max, lse) in log2 units. The combine weighs
+    // slot s by 2^(max_s - LSE), which normalizes P V, so bf16 partials skip the division. fp16
+    // partials are normalized here (P V can exceed fp16's range) and record max = lse, which makes
+    // the same weight exact.
     constexpr bool kNormalize = cute::is_same_v<Element, cutlass::half_t>;
     float out_scale[2];
+    Element* row_dst[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const float lse2 = row_sum[i] > 0.f ? row_max[i] + __log2f(row_sum[i]) : -CUDART_INF_F;
       out_scale[i] = kNormalize ? (row_sum[i] > 0.f ? 1.f / row_sum[i] : 0.f) : 1.f;
-      if (quad == 0) {
-        smem.out_rows[mma_wg][out_parity][row_base + 8 * i] = tile_part[i];
-        if (tile_part[i] >= 0) params.part_stats[tile_part[i]] = make_float2(kNormalize ? lse2 : row_max[i], lse2);
+      if (quad == 0 && tile_part[i] >= 0) {
+        params.part_stats[tile_part[i]] = make_float2(kNormalize ? lse2 : row_max[i], lse2);
       }
+      row_dst[i] = tile_part[i] >= 0 ? params.part_o + static_cast<int64_t>(tile_part[i]) * kHeadDim : nullptr;
     }
-    const uint32_t stage_base = q_smem_base + tile_q_stage * Traits::kQStageBytes;
-    stage_output_rows<Traits>(tOrO, out_scale, stage_base, mma_wg, warp_in_wg, lane);
-    cutlass::arch::NamedBarrier::sync(kThreadsPerWG, epilogue_barrier);
-    asm volatile("" ::: "memory");  // the out_rows reads below stay after the barrier
-    store_staged_rows<Traits>(stage_base, mma_wg, wg_thread, [&](int row) -> Element* {
-      const int dst = smem.out_rows[mma_wg][out_parity][row];
-      return dst >= 0 ? params.part_o + static_cast<int64_t>(dst) * kHeadDim : nullptr;
-    });
-    // The producer may refill this stage by TMA (async proxy) after the release: order this
-    // thread's generic-proxy staging writes and reads before it.
-    cutlass::arch::fence_view_async_shared();
-    q_pipeline.consumer_release(tile_q_state);  // this thread's reads of the staged rows are done
-    out_parity ^= 1;
+    store_output_rows_direct<Element, kHeadDim>(tOrO, out_scale, row_dst, quad);
   }
+  if (params.pingpong && mma_wg == 0) cutlass::arch::NamedBarrier::sync(Traits::kNumMmaThreads, own_turn);
   warpgroup_wait<0>();  // the discarded product issued after the sentinel
 #endif
 }

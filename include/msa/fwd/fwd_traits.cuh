@@ -14,10 +14,12 @@ using namespace cute;
 
 // Named barriers of the forward (cutlass::arch::NamedBarrier adds CUTLASS's reserved count).
 enum class FwdBarrier : int {
-  Epilogue0 = 0,     // consumer warpgroup 0's partial-output tile is complete in shared memory
+  Epilogue0 = 0,     // query-outer: consumer warpgroup 0's output tile is complete in shared memory
   Epilogue1 = 1,
   ProducerGrab = 2,  // the producer warpgroup has published the scheduler's next run
   ProducerUnion = 3, // query-outer: every producer warp has written its part of the tile's block union
+  Turn0 = 4,         // consumer warpgroup 0 may issue its GEMMs (the other one has issued)
+  Turn1 = 5,
 };
 
 // The tile types both forward kernels share (KV-outer fwd_kernel and query-outer
@@ -89,8 +91,7 @@ struct AttnTileTypes {
 // chose it. Two rings: gathered queries (one stage per tile) and K/V (one stage per key block). A
 // CTA takes runs of consecutive tiles of the block-sorted work list, so consecutive tiles mostly
 // share their block and K/V is loaded once per run of tiles, not once per tile. A query stage is
-// held until the tile's partial output has left: the epilogue stages each warpgroup's 64 output
-// rows in that warpgroup's own (already consumed) query rows.
+// freed as soon as S = Q K^T has read it (the epilogue stores from registers).
 template <class Element_, int kHeadDim_, int kBlockN_>
 struct FwdTraits
     : AttnTileTypes<Element_, kHeadDim_, kBlockN_, (kHeadDim_ == 128 && kBlockN_ == 128) ? 3 : 4, /*kKVStages=*/2> {
@@ -113,7 +114,6 @@ struct FwdTraits
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutKV>, 1024> v;
     int4 tile[kQStages];                          // (list, first entry, entries, 0) of each stage's tile
     int32_t rows[kQStages][kBlockM];              // pack_entry(local token, slot) of each gathered row
-    int32_t out_rows[kNumMmaWarpGroups][2][kRowsPerWarpGroup];  // partial index of each staged row, -1 = none
     int grab_slot;                                // DynamicTileScheduler's hand-over
     typename QPipeline::SharedStorage q_pipeline;
     typename KVPipeline::SharedStorage kv_pipeline;
