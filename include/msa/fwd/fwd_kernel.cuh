@@ -65,7 +65,6 @@ struct FwdKernelParams {
   cutlass::FastDivmod num_blocks_max_div, num_heads_kv_div;
   float scale_log2;  // softmax_scale * log2(e)
   int group_shift;  // log2(G): G is a power of two, so row / G and row % G are a shift and a mask
-  int pingpong;      // the two consumer warpgroups take turns issuing their GEMMs (MSA_FWD_PINGPONG)
 };
 
 template <class Traits>
@@ -333,12 +332,6 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
                                                                  tSrK(_, _, _, kv_stage), tSrS);
   };
 
-  // Turns: a warpgroup issues P V(t) and Q K^T(t+1) only after the other one has issued its pair,
-  // so one's softmax and epilogue run under the other's GEMMs. Warpgroup 1 hands the first turn to
-  // warpgroup 0; warpgroup 0 takes the one left over at the end.
-  const int own_turn = static_cast<int>(mma_wg == 0 ? FwdBarrier::Turn0 : FwdBarrier::Turn1);
-  const int other_turn = static_cast<int>(mma_wg == 0 ? FwdBarrier::Turn1 : FwdBarrier::Turn0);
-  if (params.pingpong && mma_wg == 1) cutlass::arch::NamedBarrier::arrive(Traits::kNumMmaThreads, other_turn);
   bool have_tile = load_tile();
   issue_qk();
   while (have_tile) {
@@ -367,11 +360,9 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
 
     // O = P V, then (overlapping it) the next tile's S = Q K^T.
     warpgroup_fence_operand(tOrP);
-    if (params.pingpong) cutlass::arch::NamedBarrier::sync(Traits::kNumMmaThreads, own_turn);
     common::warpgroup_gemm</*kZeroInit=*/true, /*kWait=*/false>(tiled_mma_pv, tOrP, tOrVt(_, _, _, pv_kv_stage), tOrO);
     have_tile = load_tile();
     issue_qk();
-    if (params.pingpong) cutlass::arch::NamedBarrier::arrive(Traits::kNumMmaThreads, other_turn);
     warpgroup_wait<1>();  // P V done; Q K^T of the next tile may still run
     warpgroup_fence_operand(tOrO);
     if (release_kv) {
@@ -398,7 +389,6 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     }
     store_output_rows_direct<Element, kHeadDim>(tOrO, out_scale, row_dst, quad);
   }
-  if (params.pingpong && mma_wg == 0) cutlass::arch::NamedBarrier::sync(Traits::kNumMmaThreads, own_turn);
   warpgroup_wait<0>();  // the discarded product issued after the sentinel
 #endif
 }

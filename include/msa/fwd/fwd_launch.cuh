@@ -137,7 +137,6 @@ cudaError_t launch_fwd_main(const FwdParams& p, const WorkspaceLayout& ws, char*
       cutlass::FastDivmod(p.num_heads_kv),
       p.softmax_scale * 1.4426950408889634f,
       __builtin_ctz(static_cast<unsigned>(p.num_heads / p.num_heads_kv)),
-      std::getenv("MSA_FWD_PINGPONG") ? std::atoi(std::getenv("MSA_FWD_PINGPONG")) : 0,
   };
   // Persistent: one CTA per SM walks the work list (its length is only known on the device).
   return common::launch_with_smem(fwd_kernel<Traits>, p.num_sms, Traits::kNumThreads, Traits::kSmemBytes, stream, kp);

@@ -18,8 +18,6 @@ enum class FwdBarrier : int {
   Epilogue1 = 1,
   ProducerGrab = 2,  // the producer warpgroup has published the scheduler's next run
   ProducerUnion = 3, // query-outer: every producer warp has written its part of the tile's block union
-  Turn0 = 4,         // consumer warpgroup 0 may issue its GEMMs (the other one has issued)
-  Turn1 = 5,
 };
 
 // The tile types both forward kernels share (KV-outer fwd_kernel and query-outer
