@@ -8,7 +8,8 @@
 // written per (query, slot, head); combine_kernel merges the slots of a query by lse. The partials
 // are slot-major ([token, slot, Hq, D]) so that a tile's rows of one token (the G heads of its
 // group) land in one contiguous G x D run: scattered 256-byte rows ([token, Hq, slot, D]) cost the
-// DRAM a third more time (main kernel 30.0 -> 23.7 ms at 128K on an H100, bench/RESULTS.md).
+// DRAM more time (main kernel at 128K: 30.0 -> 23.7 ms on an H100, 23.5 -> 22.0 ms on an H200;
+// bench/RESULTS.md).
 //
 // Grid: persistent, one CTA per SM; CTAs take runs of consecutive tiles of the work list
 // fwd_plan_kernel.cuh produced (sorted by list, i.e. by key block) from a global counter
