@@ -265,10 +265,10 @@ __device__ __forceinline__ void store_16_streaming(void* dst, uint32_t a, uint32
 
 // Epilogue without shared memory: a thread's two accumulator rows of O (fp32) times out_scale per
 // row, straight to global memory (row_dst[i]: the row's first element, null to skip) in 16-byte
-// evict-first stores. A quad holds the 8 columns of each 8-column slice j, two per lane; for each group of four
-// slices, a 4x4 transpose of those 32-bit pairs within the quad (two xor-shuffle rounds, each
-// swapping one bit of the lane index with the same bit of the slot index) leaves lane q holding
-// all of slice 4 g + q. A warp's store then covers 64 contiguous bytes of 8 rows.
+// evict-first stores. A quad holds the 8 columns of each 8-column slice j, two per lane; for each
+// group of four slices, a 4x4 transpose of those 32-bit pairs within the quad (two xor-shuffle
+// rounds, each swapping one bit of the lane index with the same bit of the slot index) leaves
+// lane q holding all of slice 4 g + q. A warp's store then covers 64 contiguous bytes of 8 rows.
 template <class Element, int kCols, class TensorO>
 __device__ __forceinline__ void store_output_rows_direct(TensorO const& tOrO, const float (&out_scale)[2],
                                                          Element* const (&row_dst)[2], int quad) {
