@@ -37,6 +37,7 @@
 #include "msa/common/seqlen.cuh"
 #include "msa/fwd/fwd_collective.cuh"
 #include "msa/fwd/fwd_common.cuh"
+#include "msa/fwd/fwd_phase_clock.h"
 #include "msa/fwd/fwd_scheduler.cuh"
 #include "msa/fwd/fwd_traits.cuh"
 
@@ -164,6 +165,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     int4 item = params.work[scheduler.tile()];
     int4 next_item = params.work[scheduler.peek_next()];
     int32_t entry = load_entry(item);
+    PhaseClock<kProducerPhases> phase_clock;
+    phase_clock.start();
     for (;;) {
       const int w = scheduler.tile();
       const bool last = scheduler.done();
@@ -178,6 +181,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         next_entry = load_entry(next_item);
       }
       const TileCoord tc(item.x, params.num_blocks_max_div, params.num_heads_kv_div);
+      phase_clock.mark(kPrefetch);
       if (!last && item.x != loaded_list) {
         // A new key block: K and V into the next K/V stage (thread 0 only; the other threads go on
         // gathering queries, the consumers wait on both rings).
@@ -196,7 +200,9 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       const int q_row = entry >= 0 ? (static_cast<int>(params.token_begin) + entry_token(entry)) * params.num_heads +
                                          tc.group * G + (use_tma ? tma_rows : (loader_row & (G - 1)))
                                    : -1;
+      phase_clock.mark(kKVLoad);
       q_pipeline.producer_acquire(q_state);
+      phase_clock.mark(kQueryAcquire);
       const int stage = q_state.index();
       auto* full_barrier = q_pipeline.producer_get_barrier(q_state);
       if (tid == 0) {
@@ -232,12 +238,16 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       }
       cutlass::arch::cpasync_barrier_arrive_noinc(full_barrier);
       ++q_state;
+      phase_clock.mark(kQueryCopies);
       if (last) break;
+      phase_clock.tile();
       item = next_item;
       entry = next_entry;
       scheduler.advance();
       next_item = after_next >= 0 ? after_next_item : params.work[scheduler.peek_next()];
+      phase_clock.mark(kAdvance);
     }
+    phase_clock.print("producer", tid == 0);
     return;
   }
 
@@ -335,9 +345,12 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
 
   bool have_tile = load_tile();
   issue_qk();
+  PhaseClock<kConsumerPhases> phase_clock;
+  phase_clock.start();
   while (have_tile) {
     warpgroup_wait<0>();
     warpgroup_fence_operand(tSrS);
+    phase_clock.mark(kWaitS);
     // The epilogue stores from registers, so the query stage is free once S = Q K^T has read it:
     // the producer refills it about two tiles before it is needed.
     q_pipeline.consumer_release(loaded_q_state);
@@ -358,18 +371,23 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     for (int v = 0; v < size(tSrS); ++v) {
       tOrP(v) = static_cast<Element>(tSrS(v));
     }
+    phase_clock.mark(kSoftmax);
 
     // O = P V, then (overlapping it) the next tile's S = Q K^T.
     warpgroup_fence_operand(tOrP);
     common::warpgroup_gemm</*kZeroInit=*/true, /*kWait=*/false>(tiled_mma_pv, tOrP, tOrVt(_, _, _, pv_kv_stage), tOrO);
+    phase_clock.mark(kIssuePV);
     have_tile = load_tile();
+    phase_clock.mark(kLoadTile);
     issue_qk();
+    phase_clock.mark(kIssueQK);
     warpgroup_wait<1>();  // P V done; Q K^T of the next tile may still run
     warpgroup_fence_operand(tOrO);
     if (release_kv) {
       kv_pipeline.consumer_release(old_kv_state);
       release_kv = false;
     }
+    phase_clock.mark(kWaitPV);
 
     // Epilogue: partial rows straight from registers to global memory in 16-byte stores (a quad
     // transpose, store_output_rows_direct); each row's (max, lse) in log2 units. The combine weighs
@@ -389,7 +407,10 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       row_dst[i] = tile_part[i] >= 0 ? params.part_o + static_cast<int64_t>(tile_part[i]) * kHeadDim : nullptr;
     }
     store_output_rows_direct<Element, kHeadDim>(tOrO, out_scale, row_dst, quad);
+    phase_clock.mark(kEpilogue);
+    phase_clock.tile();
   }
+  phase_clock.print(mma_wg == 0 ? "consumer0" : "consumer1", wg_thread == 0);
   warpgroup_wait<0>();  // the discarded product issued after the sentinel
 #endif
 }
