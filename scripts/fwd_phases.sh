@@ -4,7 +4,8 @@
 # sequence length and averages the per-tile cycles CTA 0 printed over every main-kernel launch.
 #   usage: scripts/fwd_phases.sh OUT_DIR [steps: build,phases]   (SEQLENS, default "32768 131072")
 # Consumer columns: wait S, softmax, issue P V, load tile, issue Q K^T, wait P V, epilogue.
-# Producer columns: prefetch, K/V load, query-stage acquire, query copies, scheduler advance.
+# Producer columns: prefetch, K/V load, wait for the tile's entry, query-stage acquire, query copies,
+# scheduler advance.
 set -uo pipefail
 OUT=${1:?usage}; STEPS=${2:-build,phases}
 source "$(dirname "$0")/cycle_common.sh"

@@ -196,11 +196,12 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         ++kv_state;
         loaded_list = item.x;
       }
+      phase_clock.mark(kKVLoad);
       // Row of q ([total_q * Hq, D]; < 2^31, checked on the host) of this lane's entry.
       const int q_row = entry >= 0 ? (static_cast<int>(params.token_begin) + entry_token(entry)) * params.num_heads +
                                          tc.group * G + (use_tma ? tma_rows : (loader_row & (G - 1)))
                                    : -1;
-      phase_clock.mark(kKVLoad);
+      phase_clock.mark_after(kEntryWait, q_row);
       q_pipeline.producer_acquire(q_state);
       phase_clock.mark(kQueryAcquire);
       const int stage = q_state.index();

@@ -13,7 +13,7 @@ namespace msa::fwd {
 // Phases of a consumer warpgroup's tile (fwd_kernel's loop, in order).
 enum ConsumerPhase : int { kWaitS, kSoftmax, kIssuePV, kLoadTile, kIssueQK, kWaitPV, kEpilogue, kConsumerPhases };
 // Phases of the producer's tile.
-enum ProducerPhase : int { kPrefetch, kKVLoad, kQueryAcquire, kQueryCopies, kAdvance, kProducerPhases };
+enum ProducerPhase : int { kPrefetch, kKVLoad, kEntryWait, kQueryAcquire, kQueryCopies, kAdvance, kProducerPhases };
 
 template <int kPhases>
 struct PhaseClock {
@@ -28,6 +28,11 @@ struct PhaseClock {
     sum[phase] += now - last;
     last = now;
   }
+  // mark(phase) once `value` exists: a load's latency lands in the phase that first uses it.
+  __device__ void mark_after(int phase, int value) {
+    asm volatile("" ::"r"(value));
+    mark(phase);
+  }
   __device__ void tile() { ++tiles; }
   __device__ long long per_tile(int phase) const { return phase < kPhases && tiles > 0 ? sum[phase] / tiles : 0; }
   // One line (a single printf, so the roles' lines do not interleave); phases past kPhases print 0.
@@ -40,6 +45,7 @@ struct PhaseClock {
 #else
   __device__ void start() {}
   __device__ void mark(int) {}
+  __device__ void mark_after(int, int) {}
   __device__ void tile() {}
   __device__ void print(const char*, bool) const {}
 #endif
