@@ -248,7 +248,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       next_item = after_next >= 0 ? after_next_item : params.work[scheduler.peek_next()];
       phase_clock.mark(kAdvance);
     }
-    phase_clock.print("producer", tid == 0);
+    phase_clock.save(0, tid == 0);
     return;
   }
 
@@ -411,7 +411,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     phase_clock.mark(kEpilogue);
     phase_clock.tile();
   }
-  phase_clock.print(mma_wg == 0 ? "consumer0" : "consumer1", wg_thread == 0);
+  phase_clock.save(1 + mma_wg, wg_thread == 0);
   warpgroup_wait<0>();  // the discarded product issued after the sentinel
 #endif
 }

@@ -139,7 +139,10 @@ cudaError_t launch_fwd_main(const FwdParams& p, const WorkspaceLayout& ws, char*
       __builtin_ctz(static_cast<unsigned>(p.num_heads / p.num_heads_kv)),
   };
   // Persistent: one CTA per SM walks the work list (its length is only known on the device).
-  return common::launch_with_smem(fwd_kernel<Traits>, p.num_sms, Traits::kNumThreads, Traits::kSmemBytes, stream, kp);
+  const cudaError_t err =
+      common::launch_with_smem(fwd_kernel<Traits>, p.num_sms, Traits::kNumThreads, Traits::kSmemBytes, stream, kp);
+  if (err == cudaSuccess) print_phase_cycles(stream);  // measurement builds only
+  return err;
 }
 
 // Whether the query-outer kernel runs: it needs at most 32 key blocks per sequence. By default it

@@ -1,14 +1,42 @@
 // Where a forward main kernel's loop spends its cycles (a measurement build only).
 //
 // Built with -DMSA_FWD_PROFILE_PHASES (scripts/fwd_phases.sh sets it), each role of CTA 0 sums
-// clock64 deltas between the marks it passes and prints the sums once at the end of the kernel:
-// one line for producer thread 0, one for the first thread of each consumer warpgroup. Without the
-// define every mark compiles to nothing and the kernel is unchanged.
+// clock64 deltas between the marks it passes and saves its cycles per tile at the end of the
+// kernel; a one-thread kernel launched after it prints them: one line for producer thread 0, one
+// for the first thread of each consumer warpgroup. (printf in the main kernel itself would make
+// ptxas serialize its WGMMAs.) Without the define every mark compiles to nothing and the kernel is
+// unchanged.
 #pragma once
 
 #include <cstdio>
 
+#include <cuda_runtime.h>
+
 namespace msa::fwd {
+
+#ifdef MSA_FWD_PROFILE_PHASES
+namespace {  // one copy per translation unit, like the kernels that use it
+// Per role (producer, consumer 0, consumer 1): tiles, then cycles per tile of each phase.
+__device__ long long g_phase_cycles[3][8];
+__global__ void print_phase_cycles_kernel() {
+  const char* roles[3] = {"producer", "consumer0", "consumer1"};
+  for (int r = 0; r < 3; ++r) {
+    const long long* v = g_phase_cycles[r];
+    printf("msa_fwd_phases %s tiles %lld cycles/tile %lld %lld %lld %lld %lld %lld %lld\n", roles[r], v[0], v[1], v[2],
+           v[3], v[4], v[5], v[6], v[7]);
+  }
+}
+}  // namespace
+#endif
+
+// Host, after a main kernel: prints what CTA 0's roles saved (nothing without the define).
+inline void print_phase_cycles(cudaStream_t stream) {
+#ifdef MSA_FWD_PROFILE_PHASES
+  print_phase_cycles_kernel<<<1, 1, 0, stream>>>();
+#else
+  (void)stream;
+#endif
+}
 
 // Phases of a consumer warpgroup's tile (fwd_kernel's loop, in order).
 enum ConsumerPhase : int { kWaitS, kSoftmax, kIssuePV, kLoadTile, kIssueQK, kWaitPV, kEpilogue, kConsumerPhases };
@@ -34,20 +62,20 @@ struct PhaseClock {
     mark(phase);
   }
   __device__ void tile() { ++tiles; }
-  __device__ long long per_tile(int phase) const { return phase < kPhases && tiles > 0 ? sum[phase] / tiles : 0; }
-  // One line (a single printf, so the roles' lines do not interleave); phases past kPhases print 0.
-  __device__ void print(const char* role, bool leader) const {
+  // Role 0 = producer, 1 and 2 = consumer warpgroups; phases past kPhases read 0.
+  __device__ void save(int role, bool leader) const {
     static_assert(kPhases <= 7);
     if (!leader || blockIdx.x != 0) return;
-    printf("msa_fwd_phases %s tiles %d cycles/tile %lld %lld %lld %lld %lld %lld %lld\n", role, tiles, per_tile(0),
-           per_tile(1), per_tile(2), per_tile(3), per_tile(4), per_tile(5), per_tile(6));
+    g_phase_cycles[role][0] = tiles;
+#pragma unroll
+    for (int i = 0; i < 7; ++i) g_phase_cycles[role][i + 1] = i < kPhases && tiles > 0 ? sum[i] / tiles : 0;
   }
 #else
   __device__ void start() {}
   __device__ void mark(int) {}
   __device__ void mark_after(int, int) {}
   __device__ void tile() {}
-  __device__ void print(const char*, bool) const {}
+  __device__ void save(int, bool) const {}
 #endif
 };
 
